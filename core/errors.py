@@ -1,0 +1,203 @@
+"""Every error the engine raises on purpose derives from :class:`EngineError`.
+
+Each subclass carries structured fields so that callers (the web layer, the
+CLI, embedding programs) can report it without parsing messages. The web
+layer maps these classes to HTTP status codes in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem found in a document: a stable code, a JSON path, a message."""
+
+    code: str
+    path: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "path": self.path, "message": self.message}
+
+
+class EngineError(Exception):
+    """Root of every error trioflow raises on purpose.
+
+    ``code`` is a stable machine-readable identifier; ``details`` is JSON-safe.
+    """
+
+    code = "engine_error"
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+
+class GraphValidationError(EngineError):
+    """Raised when a graph document is invalid; ``problems`` lists every problem."""
+
+    code = "graph_invalid"
+
+    def __init__(self, problems: Sequence[Problem], graph_id: str | None = None) -> None:
+        self.problems = tuple(problems)
+        self.graph_id = graph_id
+        n = len(self.problems)
+        first = self.problems[0].message if self.problems else "invalid graph"
+        summary = first if n == 1 else f"{n} problems, first: {first}"
+        super().__init__(
+            f"graph {graph_id or '?'} is invalid: {summary}",
+            details={"graph_id": graph_id, "problems": [p.as_dict() for p in self.problems]},
+        )
+
+
+class ExpressionError(EngineError):
+    """Raised when a condition expression is rejected at validation time."""
+
+    code = "expression_invalid"
+
+    def __init__(self, message: str, *, reason: str, expression: str) -> None:
+        self.reason = reason
+        self.expression = expression
+        super().__init__(message, details={"reason": reason, "expression": expression})
+
+
+class ExpressionEvaluationError(EngineError):
+    """Raised when an accepted expression fails while being evaluated."""
+
+    code = "expression_failed"
+
+
+class RegistryError(EngineError):
+    """Raised on a bad registration: duplicate name, wrong kind of object, bad module path."""
+
+    code = "registry_error"
+
+
+class UnknownGraphError(EngineError):
+    """Raised when a graph id is not registered."""
+
+    code = "graph_not_found"
+
+    def __init__(self, graph_id: str) -> None:
+        self.graph_id = graph_id
+        super().__init__(f"graph {graph_id!r} not found", details={"graph_id": graph_id})
+
+
+class GraphConflictError(EngineError):
+    """Raised when a graph id is registered again with a different document."""
+
+    code = "graph_conflict"
+
+    def __init__(self, graph_id: str) -> None:
+        self.graph_id = graph_id
+        super().__init__(
+            f"graph {graph_id!r} already exists with a different document",
+            details={"graph_id": graph_id},
+        )
+
+
+class UnknownRunError(EngineError):
+    """Raised when a run id is not known to the store."""
+
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id!r} not found", details={"run_id": run_id})
+
+
+class RunStateError(EngineError):
+    """Raised when an operation is not allowed in the run's current status.
+
+    For example cancelling a run that already completed.
+    """
+
+    code = "run_state_conflict"
+
+    def __init__(self, run_id: str, status: str, operation: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        self.operation = operation
+        super().__init__(
+            f"cannot {operation} run {run_id!r}: it is {status}",
+            details={"run_id": run_id, "status": status},
+        )
+
+
+class InvalidTransitionError(EngineError):
+    """Raised by the status guard on an illegal transition. Always a bug."""
+
+    code = "invalid_transition"
+
+
+class StateValidationError(EngineError):
+    """Raised when a state (initial or a node's update) does not fit the state model."""
+
+    code = "state_invalid"
+
+    def __init__(self, message: str, *, node: str | None, errors: list[dict[str, Any]]) -> None:
+        self.node = node
+        self.errors = errors
+        super().__init__(message, details={"node": node, "errors": errors})
+
+
+class LimitExceededError(EngineError):
+    """Raised when an input is over a configured size or count limit."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str, value: int, maximum: int) -> None:
+        self.limit = limit
+        super().__init__(message, details={"limit": limit, "value": value, "maximum": maximum})
+
+
+class CapacityError(EngineError):
+    """Raised when the engine already holds its maximum number of active runs."""
+
+    code = "capacity_exceeded"
+
+
+class StoreError(EngineError):
+    """Raised when a store cannot do what was asked (bad URL, newer schema, ...)."""
+
+    code = "store_error"
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailure:
+    """Why a run failed, as recorded on the run: JSON-safe via :meth:`as_dict`."""
+
+    code: str
+    message: str
+    node: str | None = None
+    edge: str | None = None
+    error_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.node is not None:
+            out["node"] = self.node
+        if self.edge is not None:
+            out["edge"] = self.edge
+        if self.error_type is not None:
+            out["type"] = self.error_type
+        if self.extra:
+            out["details"] = self.extra
+        return out
+
+
+class ConditionError(EngineError):
+    """Raised when a branch condition or loop ``until_expression`` fails to evaluate."""
+
+    code = "condition_failed"
+
+    def __init__(self, message: str, *, node: str, edge: str) -> None:
+        self.node = node
+        self.edge = edge
+        super().__init__(message, details={"node": node, "edge": edge})

@@ -1,0 +1,72 @@
+"""The run log: append-only entries with gapless ``seq`` numbers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Level(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Event(enum.StrEnum):
+    RUN_STARTED = "run_started"
+    RUN_RESUMED = "run_resumed"
+    NODE_STARTED = "node_started"
+    NODE_COMPLETED = "node_completed"
+    NODE_RETRYING = "node_retrying"
+    NODE_FAILED = "node_failed"
+    EDGE_TAKEN = "edge_taken"
+    LOOP_EXHAUSTED = "loop_exhausted"
+    RUN_COMPLETED = "run_completed"
+    RUN_FAILED = "run_failed"
+    RUN_CANCELLED = "run_cancelled"
+    CUSTOM = "custom"
+
+
+TERMINAL_EVENTS = frozenset({Event.RUN_COMPLETED, Event.RUN_FAILED, Event.RUN_CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One log line of a run. ``ts`` is seconds since the Unix epoch."""
+
+    seq: int
+    ts: float
+    level: Level
+    event: str
+    node: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "ts": self.ts,
+            "level": self.level.value,
+            "event": self.event,
+            "node": self.node,
+            "message": self.message,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LogEntry:
+        return cls(
+            seq=int(raw["seq"]),
+            ts=float(raw["ts"]),
+            level=Level(raw["level"]),
+            event=str(raw["event"]),
+            node=raw.get("node"),
+            message=str(raw.get("message", "")),
+            data=dict(raw.get("data") or {}),
+        )

@@ -1,0 +1,80 @@
+"""Choosing the next edge: a pure function of graph, node, state and loop counters.
+
+Kept apart from the actor so that the rules of DESIGN.md (rule 4) can be
+tested without Trio and so the actor only performs effects around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import ConditionError, ExpressionEvaluationError
+from .expressions import truthy
+from .graph import Edge, Graph
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What happens after a node: take ``edge`` (``None``: the run completes).
+
+    ``exhausted`` lists loop edges that would have fired but reached their cap.
+    """
+
+    edge: Edge | None
+    exhausted: tuple[Edge, ...] = ()
+
+
+def _condition(edge: Edge, model: BaseModel, state: Mapping[str, Any]) -> bool:
+    try:
+        if edge.expression is not None:
+            return truthy(edge.expression.evaluate(state))
+        if edge.condition_tool is not None:
+            result = edge.condition_tool.func(model)
+            if hasattr(result, "__await__"):
+                raise TypeError("condition callables must be synchronous")
+            return truthy(result)
+    except ExpressionEvaluationError as exc:
+        raise ConditionError(exc.message, node=edge.source, edge=edge.key) from None
+    except Exception as exc:  # a user callable; Cancelled is not an Exception
+        raise ConditionError(
+            f"condition of edge {edge.key} raised {type(exc).__name__}: {exc}",
+            node=edge.source, edge=edge.key,
+        ) from exc  # fmt: skip
+    return False
+
+
+def decide(
+    graph: Graph,
+    node_id: str,
+    model: BaseModel,
+    state: Mapping[str, Any],
+    loop_counters: Mapping[str, int],
+) -> Decision:
+    """Apply rule 4: the first branch/loop edge that fires, else the sequential one.
+
+    Raises:
+        ConditionError: a condition raised; the run fails naming node and edge.
+    """
+    out = graph.outgoing[node_id]
+    exhausted: list[Edge] = []
+    for edge in out.conditional:
+        if edge.type == "branch":
+            if _condition(edge, model, state):
+                return Decision(edge, tuple(exhausted))
+            continue
+        # loop edge
+        if edge.until is not None:
+            try:
+                done = truthy(edge.until.evaluate(state))
+            except ExpressionEvaluationError as exc:
+                raise ConditionError(exc.message, node=edge.source, edge=edge.key) from None
+            if done:
+                continue
+        if loop_counters.get(edge.key, 0) < edge.max_iterations:
+            return Decision(edge, tuple(exhausted))
+        exhausted.append(edge)
+    return Decision(out.sequential, tuple(exhausted))

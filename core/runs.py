@@ -1,0 +1,100 @@
+"""Run status, its guarded transitions, and the run record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import InvalidTransitionError
+
+
+class RunStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[RunStatus] = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+)
+
+_ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED, RunStatus.FAILED}),
+    RunStatus.RUNNING: frozenset(
+        {RunStatus.WAITING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+    ),
+    RunStatus.WAITING: frozenset({RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED}),
+    RunStatus.COMPLETED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
+}
+
+
+def check_transition(current: RunStatus, new: RunStatus) -> None:
+    """Raise unless ``current -> new`` is a legal transition.
+
+    Raises:
+        InvalidTransitionError: always a bug in the caller.
+    """
+    if new not in _ALLOWED[current]:
+        raise InvalidTransitionError(f"illegal run transition {current} -> {new}")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as stored: its status and its last checkpoint.
+
+    ``state`` is the JSON-safe state after the last completed step;
+    ``current_node`` is the node that runs (or ran last); ``step`` counts
+    node executions started; ``loop_counters`` maps ``"from->to"`` of each
+    loop edge to how often it fired; ``last_seq`` is the seq of the run's
+    newest log entry. Timestamps are seconds since the Unix epoch.
+    """
+
+    run_id: str
+    graph_id: str
+    status: RunStatus
+    state: dict[str, Any]
+    current_node: str | None
+    step: int = 0
+    loop_counters: dict[str, int] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float = 0.0
+    last_seq: int = 0
+    attempt: int = 1
+
+    def evolve(self, **changes: Any) -> RunRecord:
+        """A copy with ``changes``; a status change goes through the transition guard."""
+        new_status = changes.get("status")
+        if new_status is not None and new_status != self.status:
+            check_transition(self.status, new_status)
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "graph_id": self.graph_id,
+            "status": self.status.value,
+            "current_node": self.current_node,
+            "state": self.state,
+            "step": self.step,
+            "loop_counters": self.loop_counters,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "updated_at": self.updated_at,
+            "last_seq": self.last_seq,
+            "attempt": self.attempt,
+        }

@@ -1,0 +1,157 @@
+"""The store interface every backend implements, and the per-run notifier."""
+
+from __future__ import annotations
+
+import base64
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+import trio
+
+from ..errors import EngineError
+from ..logs import LogEntry
+from ..runs import RunRecord, RunStatus
+
+T = TypeVar("T")
+
+PutResult = Literal["created", "exists", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGraph:
+    graph_id: str
+    document: dict[str, Any]
+    digest: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing; pass ``next_cursor`` back to get the next one."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+class InvalidCursorError(EngineError):
+    """Raised when a pagination cursor was not produced by this store."""
+
+    code = "invalid_cursor"
+
+
+class Cursor:
+    """Opaque keyset cursors: ``(sort key, id)`` of the last item of a page."""
+
+    @staticmethod
+    def encode(key: float, ident: str) -> str:
+        raw = json.dumps([key, ident], separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @staticmethod
+    def decode(cursor: str) -> tuple[float, str]:
+        try:
+            padded = cursor + "=" * (-len(cursor) % 4)
+            key, ident = json.loads(base64.urlsafe_b64decode(padded.encode()))
+            if not isinstance(ident, str) or not isinstance(key, int | float):
+                raise ValueError("bad cursor fields")
+            return float(key), ident
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise InvalidCursorError(f"invalid cursor: {exc}") from None
+
+
+class Notifier:
+    """Wakes followers of a run when its log grows.
+
+    A follower takes the run's current event with :meth:`watch` *before*
+    reading the store, then waits on it if the read found nothing new: a
+    write that lands after the read sets that event, a write before it is
+    seen by the read, so no entry is missed. Events are shared by every
+    follower of a run, so memory does not grow with followers.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, trio.Event] = {}
+
+    def watch(self, run_id: str) -> trio.Event:
+        event = self._events.get(run_id)
+        if event is None:
+            event = self._events[run_id] = trio.Event()
+        return event
+
+    def notify(self, run_id: str) -> None:
+        event = self._events.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    def release(self, run_id: str, event: trio.Event) -> None:
+        """Forget ``event`` if nobody waits on it any more (a follower went away)."""
+        if self._events.get(run_id) is event and event.statistics().tasks_waiting == 0:
+            del self._events[run_id]
+
+
+class Store(ABC):
+    """Graphs, runs with their last checkpoint, and append-only run logs.
+
+    All methods are called from the Trio thread. ``save_run`` is the
+    checkpoint: it writes the run record and the step's new log entries in
+    one atomic transaction, then notifies followers.
+    """
+
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect, migrate. Called once before use."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections. Called once after use."""
+
+    # -- graphs ----------------------------------------------------------------
+    @abstractmethod
+    async def put_graph(self, graph: StoredGraph) -> PutResult:
+        """Store a graph unless its id exists. ``exists``: same digest; ``conflict``: other."""
+
+    @abstractmethod
+    async def get_graph(self, graph_id: str) -> StoredGraph | None: ...
+
+    @abstractmethod
+    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+        """Graphs in id order."""
+
+    # -- runs ------------------------------------------------------------------
+    @abstractmethod
+    async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
+        """Insert a new run (and its first log entries) atomically."""
+
+    @abstractmethod
+    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+        """Checkpoint: replace the run record and append ``entries`` atomically."""
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def list_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        status: RunStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[RunRecord]:
+        """Runs, newest first (by ``created_at`` then ``run_id``)."""
+
+    @abstractmethod
+    async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        """Entries with ``seq > after`` in seq order, at most ``limit``."""
+
+    @abstractmethod
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Runs left ``pending``, ``running`` or ``waiting`` (to resume at start)."""
+
+    @abstractmethod
+    async def delete_runs(self, *, finished_before: float) -> int:
+        """Delete terminal runs finished before the given time, and their logs."""

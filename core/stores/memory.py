@@ -1,0 +1,101 @@
+"""The in-memory store: for tests and short-lived embedding. Nothing survives the process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import StoreError
+from ..logs import LogEntry
+from ..runs import TERMINAL, RunRecord, RunStatus
+from .base import Cursor, Page, PutResult, Store, StoredGraph
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self._graphs: dict[str, StoredGraph] = {}
+        self._runs: dict[str, RunRecord] = {}
+        self._logs: dict[str, list[LogEntry]] = {}
+
+    async def put_graph(self, graph: StoredGraph) -> PutResult:
+        existing = self._graphs.get(graph.graph_id)
+        if existing is not None:
+            return "exists" if existing.digest == graph.digest else "conflict"
+        self._graphs[graph.graph_id] = graph
+        return "created"
+
+    async def get_graph(self, graph_id: str) -> StoredGraph | None:
+        return self._graphs.get(graph_id)
+
+    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+        ids = sorted(self._graphs)
+        if cursor is not None:
+            _, after = Cursor.decode(cursor)
+            ids = [i for i in ids if i > after]
+        page = [self._graphs[i] for i in ids[:limit]]
+        more = len(ids) > limit
+        return Page(page, Cursor.encode(0, page[-1].graph_id) if more and page else None)
+
+    async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
+        if run.run_id in self._runs:
+            raise StoreError(f"run {run.run_id!r} already exists")
+        self._runs[run.run_id] = run
+        self._logs[run.run_id] = list(entries)
+        self.notifier.notify(run.run_id)
+
+    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+        log = self._logs.get(run.run_id)
+        if log is None:
+            raise StoreError(f"run {run.run_id!r} does not exist")
+        log.extend(entries)
+        self._runs[run.run_id] = run
+        self.notifier.notify(run.run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return self._runs.get(run_id)
+
+    async def list_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        status: RunStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[RunRecord]:
+        bound = Cursor.decode(cursor) if cursor is not None else None
+        runs = sorted(self._runs.values(), key=lambda r: (r.created_at, r.run_id), reverse=True)
+        out: list[RunRecord] = []
+        more = False
+        for run in runs:
+            if bound is not None and (run.created_at, run.run_id) >= bound:
+                continue
+            if graph_id is not None and run.graph_id != graph_id:
+                continue
+            if status is not None and run.status != status:
+                continue
+            if len(out) == limit:
+                more = True
+                break
+            out.append(run)
+        last = out[-1] if out else None
+        return Page(out, Cursor.encode(last.created_at, last.run_id) if more and last else None)
+
+    async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        log = self._logs.get(run_id, [])
+        # seq is 1-based and gapless, so seq n sits at index n - 1.
+        start = max(after, 0)
+        return log[start : start + limit]
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        return [r for r in self._runs.values() if r.status not in TERMINAL]
+
+    async def delete_runs(self, *, finished_before: float) -> int:
+        doomed = [
+            r.run_id
+            for r in self._runs.values()
+            if r.status in TERMINAL and r.finished_at is not None and r.finished_at < finished_before
+        ]
+        for run_id in doomed:
+            del self._runs[run_id]
+            del self._logs[run_id]
+        return len(doomed)
