@@ -48,7 +48,6 @@ class EngineLimits:
         max_state_bytes: size of an initial state as compact JSON.
         max_followers: concurrent ``follow`` iterators.
         worker_threads: worker threads for sync tools.
-        mailbox_size: commands queued per run.
         log_page: entries a follower reads from the store per query.
     """
 
@@ -57,7 +56,6 @@ class EngineLimits:
     max_state_bytes: int = 1 << 20
     max_followers: int = 10_000
     worker_threads: int = 32
-    mailbox_size: int = 4
     log_page: int = 500
 
 
@@ -168,8 +166,10 @@ class Engine:
             try:
                 size = len(json.dumps(initial_state, separators=(",", ":")))
             except (TypeError, ValueError) as exc:
-                raise LimitExceededError(f"initial state is not JSON: {exc}", limit="state",
-                                         value=0, maximum=self.limits.max_state_bytes) from None  # fmt: skip
+                raise LimitExceededError(
+                    f"initial state is not JSON: {exc}", limit="max_state_bytes",
+                    value=0, maximum=self.limits.max_state_bytes,
+                ) from None  # fmt: skip
             if size > self.limits.max_state_bytes:
                 raise LimitExceededError(
                     f"initial state is {size} bytes; the limit is {self.limits.max_state_bytes}",
@@ -191,7 +191,7 @@ class Engine:
         return record
 
     def _spawn(self, graph: Graph, record: RunRecord) -> None:
-        actor = RunActor(self, graph, record, self.limits.mailbox_size)
+        actor = RunActor(self, graph, record)
         self._actors[record.run_id] = actor
         self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
 
@@ -325,7 +325,8 @@ class Engine:
                              node=record.current_node)  # fmt: skip
         now = time.time()
         entry = LogEntry(record.last_seq + 1, now, Level.ERROR, Event.RUN_FAILED,
-                         record.current_node, failure.message, {"error": failure.as_dict()})  # fmt: skip
+                         record.current_node, failure.message,
+                         {"error": failure.as_dict()})  # fmt: skip
         final = record.evolve(status=RunStatus.FAILED, error=failure.as_dict(), finished_at=now,
                               updated_at=now, last_seq=entry.seq)  # fmt: skip
         await self.store.save_run(final, [entry])

@@ -166,20 +166,20 @@ class _Checker:
         edges: list[Edge] = []
         seen: set[tuple[str, str, str]] = set()
         sequential_from: dict[str, int] = {}
-        for i, spec in enumerate(doc.edges):
-            edge = self.edge(i, spec, node_ids)
-            ident = (spec.source, spec.to, spec.type)
+        for i, espec in enumerate(doc.edges):
+            edge = self.edge(i, espec, node_ids)
+            ident = (espec.source, espec.to, espec.type)
             if ident in seen:
                 self.add("duplicate_edge", f"$.edges[{i}]",
-                         f"edge {spec.source}->{spec.to} ({spec.type}) repeats")  # fmt: skip
+                         f"edge {espec.source}->{espec.to} ({espec.type}) repeats")  # fmt: skip
             seen.add(ident)
-            if spec.type == "sequential":
-                if spec.source in sequential_from:
+            if espec.type == "sequential":
+                if espec.source in sequential_from:
                     self.add("multiple_sequential_edges", f"$.edges[{i}]",
-                             f"node {spec.source!r} already has a sequential edge "
-                             f"($.edges[{sequential_from[spec.source]}])")  # fmt: skip
+                             f"node {espec.source!r} already has a sequential edge "
+                             f"($.edges[{sequential_from[espec.source]}])")  # fmt: skip
                 else:
-                    sequential_from[spec.source] = i
+                    sequential_from[espec.source] = i
             if edge is not None:
                 edges.append(edge)
 
@@ -212,7 +212,8 @@ class _Checker:
         path = f"$.edges[{i}]"
         ok = True
         if spec.source not in node_ids:
-            self.add("unknown_edge_source", f"{path}.from", f"edge source {spec.source!r} is not a node")
+            self.add("unknown_edge_source", f"{path}.from",
+                     f"edge source {spec.source!r} is not a node")  # fmt: skip
             ok = False
         if spec.to not in node_ids:
             self.add("unknown_edge_target", f"{path}.to", f"edge target {spec.to!r} is not a node")
@@ -287,7 +288,8 @@ class _Checker:
             for i, spec in enumerate(doc.nodes):
                 if spec.id not in reached:
                     self.add("unreachable_node", f"$.nodes[{i}]",
-                             f"node {spec.id!r} cannot be reached from {doc.start_node!r}")  # fmt: skip
+                             f"node {spec.id!r} cannot be reached from "
+                             f"{doc.start_node!r}")  # fmt: skip
         for cycle in _cycles(adj_no_loop):
             self.add("unbounded_cycle", "$.edges",
                      "cycle without a loop edge (it could run forever): "

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Level(enum.StrEnum):
@@ -32,17 +31,21 @@ class Event(enum.StrEnum):
 TERMINAL_EVENTS = frozenset({Event.RUN_COMPLETED, Event.RUN_FAILED, Event.RUN_CANCELLED})
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One log line of a run. ``ts`` is seconds since the Unix epoch."""
+class LogEntry(NamedTuple):
+    """One log line of a run. ``ts`` is seconds since the Unix epoch.
+
+    A named tuple rather than a dataclass: entries are created several times
+    per step on the hot path, and a tuple is both immutable and the cheapest
+    immutable record to build.
+    """
 
     seq: int
     ts: float
     level: Level
     event: str
-    node: str | None = None
-    message: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
+    node: str | None
+    message: str
+    data: dict[str, Any]
 
     @property
     def is_terminal(self) -> bool:

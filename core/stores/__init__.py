@@ -10,4 +10,6 @@ from .base import Cursor, Notifier, Page, Store, StoredGraph
 from .memory import MemoryStore
 from .url import open_store_from_url
 
-__all__ = ["Cursor", "MemoryStore", "Notifier", "Page", "Store", "StoredGraph", "open_store_from_url"]
+__all__ = [
+    "Cursor", "MemoryStore", "Notifier", "Page", "Store", "StoredGraph", "open_store_from_url",
+]

@@ -93,7 +93,9 @@ class MemoryStore(Store):
         doomed = [
             r.run_id
             for r in self._runs.values()
-            if r.status in TERMINAL and r.finished_at is not None and r.finished_at < finished_before
+            if r.status in TERMINAL
+            and r.finished_at is not None
+            and r.finished_at < finished_before
         ]
         for run_id in doomed:
             del self._runs[run_id]

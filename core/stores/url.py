@@ -16,7 +16,7 @@ def open_store_from_url(url: str) -> Store:
     if url in ("memory://", "memory:", "memory"):
         return MemoryStore()
     if url.startswith("sqlite://"):
-        from .sqlite import SQLiteStore
+        from .sqlite import SQLiteStore  # imported here: memory-only users skip sqlite3
 
         path = url[len("sqlite://") :]
         if path.startswith("/"):
