@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -178,7 +178,7 @@ class Engine:
         _, state = graph.state.initial(initial_state)
         now = time.time()
         record = RunRecord(
-            run_id=uuid.uuid4().hex,
+            run_id=os.urandom(16).hex(),
             graph_id=graph.id,
             status=RunStatus.PENDING,
             state=state,

@@ -239,6 +239,12 @@ class _Checker:
                 self.add("unknown_condition_callable", f"{path}.condition.callable",
                          f"condition callable {cond.callable!r} is not registered")  # fmt: skip
                 return None
+            if tool.is_async:
+                # Choosing an edge is a pure, synchronous decision (planning.decide).
+                self.add("async_condition_callable", f"{path}.condition.callable",
+                         f"condition callable {cond.callable!r} is async; conditions "
+                         "must be synchronous functions of the state")  # fmt: skip
+                return None
             return Edge(i, spec.source, spec.to, "branch", key, condition_tool=tool) if ok else None
         if spec.condition is not None:
             self.add("unexpected_condition", f"{path}.condition",

@@ -6,7 +6,7 @@ tested without Trio and so the actor only performs effects around it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +28,21 @@ class Decision:
     exhausted: tuple[Edge, ...] = ()
 
 
-def _condition(edge: Edge, model: BaseModel, state: Mapping[str, Any]) -> bool:
+ModelSource = BaseModel | Callable[[], BaseModel]
+
+
+def _condition(edge: Edge, model: ModelSource, state: Mapping[str, Any]) -> bool:
     try:
         if edge.expression is not None:
             return truthy(edge.expression.evaluate(state))
         if edge.condition_tool is not None:
+            if not isinstance(model, BaseModel):
+                model = model()
             result = edge.condition_tool.func(model)
             if hasattr(result, "__await__"):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()  # never awaited: close it so no RuntimeWarning leaks out
                 raise TypeError("condition callables must be synchronous")
             return truthy(result)
     except ExpressionEvaluationError as exc:
@@ -50,11 +58,14 @@ def _condition(edge: Edge, model: BaseModel, state: Mapping[str, Any]) -> bool:
 def decide(
     graph: Graph,
     node_id: str,
-    model: BaseModel,
+    model: ModelSource,
     state: Mapping[str, Any],
     loop_counters: Mapping[str, int],
 ) -> Decision:
     """Apply rule 4: the first branch/loop edge that fires, else the sequential one.
+
+    ``model`` is the state as a model instance, for condition callables, or a
+    function building it (called only if a condition callable needs it).
 
     Raises:
         ConditionError: a condition raised; the run fails naming node and edge.

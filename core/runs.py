@@ -48,9 +48,13 @@ def check_transition(current: RunStatus, new: RunStatus) -> None:
         raise InvalidTransitionError(f"illegal run transition {current} -> {new}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RunRecord:
     """A run as stored: its status and its last checkpoint.
+
+    Records are values: never modify one you received; derive a new one with
+    :meth:`evolve`. (Not a frozen dataclass only because a frozen one costs
+    several microseconds more to build, once per step.)
 
     ``state`` is the JSON-safe state after the last completed step;
     ``current_node`` is the node that runs (or ran last); ``step`` counts
@@ -81,12 +85,16 @@ class RunRecord:
             check_transition(self.status, new_status)
         # Hand-rolled instead of dataclasses.replace, which is several times
         # slower and runs once per step.
-        values = {name: getattr(self, name) for name in _FIELDS}
+        new = RunRecord(
+            self.run_id, self.graph_id, self.status, self.state, self.current_node, self.step,
+            self.loop_counters, self.error, self.created_at, self.started_at, self.finished_at,
+            self.updated_at, self.last_seq, self.attempt,
+        )  # fmt: skip
         for name, value in changes.items():
-            if name not in values:
+            if name not in _FIELD_SET:
                 raise TypeError(f"RunRecord has no field {name!r}")
-            values[name] = value
-        return RunRecord(**values)
+            setattr(new, name, value)
+        return new
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,4 +115,4 @@ class RunRecord:
         }
 
 
-_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RunRecord))
+_FIELD_SET: frozenset[str] = frozenset(f.name for f in fields(RunRecord))
