@@ -1,0 +1,495 @@
+"""The SQLite store: the embedded default. Runs and logs survive a restart.
+
+One file holds graphs, runs (each with its last checkpoint) and run logs.
+Every blocking call runs in a worker thread (``trio.to_thread``), never on
+the event loop. One writer connection, guarded by a :class:`trio.Lock`,
+performs every write inside ``BEGIN IMMEDIATE ... COMMIT``; a small pool of
+read-only connections serves reads concurrently, which WAL mode allows
+alongside the writer. A checkpoint (run row + the step's log entries) is one
+transaction and one thread hop.
+
+Durability:
+
+* The database runs in WAL mode with ``synchronous=NORMAL`` by default: a
+  commit is not fsynced, so a power loss or OS crash may lose the last few
+  committed checkpoints, but never corrupts the database and never leaves a
+  half-written checkpoint. A crash of the *process* loses nothing that was
+  committed. ``synchronous="FULL"`` fsyncs every commit and survives power
+  loss too, at a cost per step.
+* Runs that were ``pending``/``running``/``waiting`` when the process ended
+  are resumed by the next engine from their last checkpoint, so the node
+  that was in flight runs again (at-least-once).
+* One engine process per database file: SQLite serializes writers across
+  processes (``busy_timeout``), but nothing stops two processes from both
+  resuming the same unfinished runs. Several processes on one database is
+  what the PostgreSQL store is for.
+* The file must live on a local filesystem (WAL needs shared memory).
+
+Schema changes are forward migrations applied in :meth:`SQLiteStore.open`;
+``PRAGMA user_version`` records the schema version and ``PRAGMA
+application_id`` marks the file as a trioflow database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from ..errors import StoreError
+from ..logs import Level, LogEntry
+from ..runs import TERMINAL, RunRecord, RunStatus
+from .base import Cursor, Page, PutResult, Store, StoredGraph
+
+T = TypeVar("T")
+
+#: Marks a file as a trioflow database (``PRAGMA application_id``): "TFLW".
+APPLICATION_ID = 0x54464C57
+
+# Each migration takes the schema from version ``i`` to ``i + 1`` and is
+# applied in one transaction together with the new ``user_version``.
+# Append new migrations; never edit one that has shipped.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        f"PRAGMA application_id = {APPLICATION_ID}",
+        """CREATE TABLE graphs (
+            graph_id   TEXT PRIMARY KEY,
+            document   TEXT NOT NULL,
+            digest     TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE runs (
+            run_id        TEXT PRIMARY KEY,
+            graph_id      TEXT NOT NULL,
+            status        TEXT NOT NULL,
+            current_node  TEXT,
+            state         TEXT NOT NULL,
+            step          INTEGER NOT NULL,
+            loop_counters TEXT NOT NULL,
+            error         TEXT,
+            created_at    REAL NOT NULL,
+            started_at    REAL,
+            finished_at   REAL,
+            updated_at    REAL NOT NULL,
+            last_seq      INTEGER NOT NULL,
+            attempt       INTEGER NOT NULL
+        )""",
+        "CREATE INDEX runs_by_created ON runs (created_at DESC, run_id DESC)",
+        "CREATE INDEX runs_by_graph ON runs (graph_id, created_at, run_id)",
+        "CREATE INDEX runs_by_status ON runs (status, created_at, run_id)",
+        "CREATE INDEX runs_by_finished ON runs (status, finished_at)",
+        """CREATE TABLE logs (
+            run_id  TEXT NOT NULL,
+            seq     INTEGER NOT NULL,
+            ts      REAL NOT NULL,
+            level   TEXT NOT NULL,
+            event   TEXT NOT NULL,
+            node    TEXT,
+            message TEXT NOT NULL,
+            data    TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+#: The schema version this code writes and reads.
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+_loads = json.loads
+
+_RUN_COLUMNS = (
+    "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
+    "created_at, started_at, finished_at, updated_at, last_seq, attempt"
+)
+_INSERT_RUN = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"  # noqa: E501
+_UPDATE_RUN = (
+    "UPDATE runs SET graph_id = ?2, status = ?3, current_node = ?4, state = ?5, step = ?6, "
+    "loop_counters = ?7, error = ?8, created_at = ?9, started_at = ?10, finished_at = ?11, "
+    "updated_at = ?12, last_seq = ?13, attempt = ?14 WHERE run_id = ?1"
+)
+_INSERT_LOG = (
+    "INSERT INTO logs (run_id, seq, ts, level, event, node, message, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
+_UNFINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(set(RunStatus) - TERMINAL))
+
+Row = tuple[Any, ...]
+
+
+def _run_params(run: RunRecord) -> Row:
+    return (
+        run.run_id, run.graph_id, run.status.value, run.current_node, _dumps(run.state),
+        run.step, _dumps(run.loop_counters), None if run.error is None else _dumps(run.error),
+        run.created_at, run.started_at, run.finished_at, run.updated_at, run.last_seq, run.attempt,
+    )  # fmt: skip
+
+
+def _run_from_row(row: Row) -> RunRecord:
+    error = row[7]
+    return RunRecord(
+        run_id=row[0], graph_id=row[1], status=RunStatus(row[2]), current_node=row[3],
+        state=_loads(row[4]), step=row[5], loop_counters=_loads(row[6]),
+        error=None if error is None else _loads(error), created_at=row[8], started_at=row[9],
+        finished_at=row[10], updated_at=row[11], last_seq=row[12], attempt=row[13],
+    )  # fmt: skip
+
+
+def _entry_rows(run_id: str, entries: Sequence[LogEntry]) -> list[Row]:
+    return [
+        (run_id, e.seq, e.ts, e.level.value, str(e.event), e.node, e.message, _dumps(e.data))
+        for e in entries
+    ]
+
+
+def _entry_from_row(row: Row) -> LogEntry:
+    return LogEntry(row[0], row[1], Level(row[2]), row[3], row[4], row[5], _loads(row[6]))
+
+
+def _graph_from_row(row: Row) -> StoredGraph:
+    return StoredGraph(row[0], _loads(row[1]), row[2], row[3])
+
+
+class SQLiteStore(Store):
+    """Graphs, runs and logs in one SQLite file (WAL mode).
+
+    Args:
+        path: the database file; created (with its schema) if missing.
+        readers: read connections, i.e. reads that may run at once.
+        busy_timeout_ms: how long a statement waits for a lock held by
+            another connection (another process) before failing.
+        synchronous: ``"NORMAL"`` (default; see the module docs for what a
+            power loss may cost) or ``"FULL"`` (fsync on every commit).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        readers: int = 4,
+        busy_timeout_ms: int = 5000,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+    ) -> None:
+        super().__init__()
+        if path == ":memory:" or path.startswith("file::memory:"):
+            raise StoreError("SQLiteStore needs a file; use MemoryStore for an in-memory store")
+        if readers < 1:
+            raise StoreError("SQLiteStore needs at least one reader connection")
+        self.path = path
+        self._reader_count = readers
+        self._busy_timeout_ms = busy_timeout_ms
+        self._synchronous = synchronous
+        self._writer: sqlite3.Connection | None = None
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._reader_slots = trio.Semaphore(readers)
+        self._write_lock = trio.Lock()
+        # Our own thread budget: store calls never queue behind sync tools.
+        self._limiter = trio.CapacityLimiter(readers + 1)
+
+    # -- lifetime ----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file, migrate the schema forward, open the reader pool.
+
+        Raises:
+            StoreError: the file cannot be opened, is not a trioflow database,
+                or was written by a newer trioflow (its schema version is
+                higher than :data:`SCHEMA_VERSION`); nothing is written then.
+        """
+        if self._writer is not None:
+            raise StoreError(f"SQLite store {self.path!r} is already open")
+        self._writer = await self._call(self._open_writer)
+        try:
+            for _ in range(self._reader_count):
+                reader = await self._call(self._connect, True)
+                self._idle_readers.append(reader)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Wait for in-flight calls, then close every connection."""
+        async with self._write_lock:
+            writer, self._writer = self._writer, None
+        # Taking every reader slot waits for reads still in their threads.
+        for _ in range(self._reader_count):
+            await self._reader_slots.acquire()
+        readers, self._idle_readers = self._idle_readers, []
+        try:
+            await trio.to_thread.run_sync(_close_all, writer, readers, limiter=self._limiter)
+        finally:
+            for _ in range(self._reader_count):
+                self._reader_slots.release()
+
+    def _connect(self, read_only: bool) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions, we issue BEGIN
+        # ourselves. check_same_thread=False: a connection moves between the
+        # worker threads of trio's pool, but is used by one thread at a time
+        # (the write lock, the reader slots).
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               cached_statements=64)  # fmt: skip
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if read_only:
+                conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect(False)
+        try:
+            self._migrate(conn)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"SQLite database {self.path!r} cannot use WAL mode ({mode})")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Check before writing anything: a newer or foreign file stays untouched.
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"SQLite database {self.path!r} has schema version {version}, but this trioflow "
+                f"knows versions up to {SCHEMA_VERSION}; upgrade trioflow to open it",
+                details={"path": self.path, "version": version, "supported": SCHEMA_VERSION},
+            )
+        app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
+        has_tables = conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchone() is not None
+        if app_id != APPLICATION_ID and (version > 0 or has_tables):
+            raise StoreError(f"{self.path!r} is an SQLite database, but not a trioflow one",
+                             details={"path": self.path})  # fmt: skip
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _MIGRATIONS[target - 1]:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread, turning SQLite errors into StoreError."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self.path!r}: {exc}",
+                             details={"path": self.path}) from exc  # fmt: skip
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._reader_slots:
+            if not self._idle_readers:
+                raise StoreError(f"SQLite store {self.path!r} is not open")
+            conn = self._idle_readers.pop()
+            try:
+                # Not abandoned on cancel: the connection comes back only
+                # once its thread is done with it.
+                return await self._call(fn, conn)
+            finally:
+                self._idle_readers.append(conn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise StoreError(f"SQLite store {self.path!r} is not open")
+            return await self._call(_transaction, conn, fn)
+
+    # -- graphs ------------------------------------------------------------------
+
+    async def put_graph(self, graph: StoredGraph) -> PutResult:
+        params = (graph.graph_id, _dumps(graph.document), graph.digest, graph.created_at)
+
+        def put(conn: sqlite3.Connection) -> PutResult:
+            row = conn.execute("SELECT digest FROM graphs WHERE graph_id = ?",
+                               (graph.graph_id,)).fetchone()  # fmt: skip
+            if row is not None:
+                return "exists" if row[0] == graph.digest else "conflict"
+            conn.execute("INSERT INTO graphs (graph_id, document, digest, created_at) "
+                         "VALUES (?, ?, ?, ?)", params)  # fmt: skip
+            return "created"
+
+        return await self._write(put)
+
+    async def get_graph(self, graph_id: str) -> StoredGraph | None:
+        def get(conn: sqlite3.Connection) -> Row | None:
+            return conn.execute(  # type: ignore[no-any-return]
+                "SELECT graph_id, document, digest, created_at FROM graphs WHERE graph_id = ?",
+                (graph_id,),
+            ).fetchone()
+
+        row = await self._read(get)
+        return None if row is None else _graph_from_row(row)
+
+    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+        after = Cursor.decode(cursor)[1] if cursor is not None else None
+
+        def page(conn: sqlite3.Connection) -> list[Row]:
+            sql = "SELECT graph_id, document, digest, created_at FROM graphs"
+            params: list[Any] = []
+            if after is not None:
+                sql += " WHERE graph_id > ?"
+                params.append(after)
+            sql += " ORDER BY graph_id LIMIT ?"
+            params.append(max(limit, 0) + 1)
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._read(page)
+        items = [_graph_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit and bool(items)
+        return Page(items, Cursor.encode(0, items[-1].graph_id) if more else None)
+
+    # -- runs --------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
+        params = _run_params(run)
+        rows = _entry_rows(run.run_id, entries)
+
+        def create(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(_INSERT_RUN, params)
+            except sqlite3.IntegrityError:
+                raise StoreError(f"run {run.run_id!r} already exists") from None
+            if rows:
+                conn.executemany(_INSERT_LOG, rows)
+
+        await self._write(create)
+        self.notifier.notify(run.run_id)
+
+    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+        # Serialise on the Trio thread: the record and entries are a snapshot
+        # of this step, whatever the run does next.
+        params = _run_params(run)
+        rows = _entry_rows(run.run_id, entries)
+
+        def save(conn: sqlite3.Connection) -> None:
+            if conn.execute(_UPDATE_RUN, params).rowcount != 1:
+                raise StoreError(f"run {run.run_id!r} does not exist")
+            if rows:
+                try:
+                    conn.executemany(_INSERT_LOG, rows)
+                except sqlite3.IntegrityError:
+                    seqs = [r[1] for r in rows]
+                    raise StoreError(
+                        f"run {run.run_id!r} already has log entries among seq {seqs}; "
+                        "the checkpoint was not written"
+                    ) from None
+
+        await self._write(save)
+        self.notifier.notify(run.run_id)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        def get(conn: sqlite3.Connection) -> Row | None:
+            return conn.execute(  # type: ignore[no-any-return]
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+
+        row = await self._read(get)
+        return None if row is None else _run_from_row(row)
+
+    async def list_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        status: RunStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[RunRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if graph_id is not None:
+            where.append("graph_id = ?")
+            params.append(graph_id)
+        if status is not None:
+            where.append("status = ?")
+            params.append(RunStatus(status).value)
+        if cursor is not None:
+            # Keyset pagination: strictly after the last item of the previous
+            # page in (created_at DESC, run_id DESC) order; served by an index.
+            where.append("(created_at, run_id) < (?, ?)")
+            params.extend(Cursor.decode(cursor))
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT ?"
+        params.append(max(limit, 0) + 1)
+
+        def page(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._read(page)
+        items = [_run_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit and bool(items)
+        last = items[-1] if more else None
+        return Page(items, Cursor.encode(last.created_at, last.run_id) if last else None)
+
+    async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                "SELECT seq, ts, level, event, node, message, data FROM logs "
+                "WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        return [_entry_from_row(r) for r in await self._read(read)]
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ({_UNFINISHED_SQL}) "
+                "ORDER BY created_at, run_id"
+            ).fetchall()
+
+        return [_run_from_row(r) for r in await self._read(read)]
+
+    async def delete_runs(self, *, finished_before: float) -> int:
+        doomed = f"status IN ({_TERMINAL_SQL}) AND finished_at < ?"
+
+        def delete(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                f"DELETE FROM logs WHERE run_id IN (SELECT run_id FROM runs WHERE {doomed})",
+                (finished_before,),
+            )
+            return conn.execute(f"DELETE FROM runs WHERE {doomed}", (finished_before,)).rowcount
+
+        return await self._write(delete)
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # IMMEDIATE takes the write lock up front, so a busy database is waited
+    # for (busy_timeout) at BEGIN rather than failing half-way through.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _close_all(writer: sqlite3.Connection | None, readers: list[sqlite3.Connection]) -> None:
+    for reader in readers:
+        reader.close()
+    if writer is not None:
+        try:
+            # Lets SQLite refresh its planner statistics where they went stale.
+            writer.execute("PRAGMA analysis_limit = 400")
+            writer.execute("PRAGMA optimize")
+        finally:
+            writer.close()

@@ -1,0 +1,38 @@
+"""Store fixtures: every backend the contract suite runs against.
+
+Backend-specific set-up lives here and nowhere else, so adding a backend
+(PostgreSQL) is adding one branch to :func:`make_store`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from core.stores.base import Store
+from core.stores.memory import MemoryStore
+from core.stores.sqlite import SQLiteStore
+
+BACKENDS = ["memory", "sqlite"]
+
+
+def make_store(backend: str, tmp_path: pathlib.Path) -> Store:
+    """A new, unopened store of ``backend`` with no data."""
+    if backend == "memory":
+        return MemoryStore()
+    if backend == "sqlite":
+        return SQLiteStore(str(tmp_path / "contract.db"))
+    raise ValueError(f"unknown store backend {backend!r}")
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Store]:
+    """An opened, empty store of each backend; closed after the test."""
+    backend = make_store(request.param, tmp_path)
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()

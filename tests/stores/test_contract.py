@@ -1,0 +1,295 @@
+"""The store contract: the same tests against every backend (see conftest.BACKENDS)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from core.errors import StoreError
+from core.logs import Event, Level, LogEntry
+from core.runs import RunRecord, RunStatus
+from core.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
+
+
+def _graph(graph_id: str, digest: str = "d1") -> StoredGraph:
+    return StoredGraph(graph_id, {"id": graph_id, "nodes": [{"id": "a"}], "n": 1.5}, digest, 10.0)
+
+
+def _run(run_id: str, *, created_at: float = 100.0, graph_id: str = "g",
+         status: RunStatus = RunStatus.PENDING, **fields: Any) -> RunRecord:  # fmt: skip
+    return RunRecord(run_id=run_id, graph_id=graph_id, status=status, state={"x": 1},
+                     current_node="a", created_at=created_at, updated_at=created_at,
+                     **fields)  # fmt: skip
+
+
+def _entries(first: int, last: int, node: str | None = "a") -> list[LogEntry]:
+    return [
+        LogEntry(seq, 1000.0 + seq, Level.INFO, Event.CUSTOM, node, f"line {seq}", {"seq": seq})
+        for seq in range(first, last + 1)
+    ]
+
+
+async def _all_pages(store: Store, **filters: Any) -> tuple[list[RunRecord], int]:
+    items: list[RunRecord] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page = await store.list_runs(cursor=cursor, **filters)
+        items.extend(page.items)
+        pages += 1
+        if page.next_cursor is None:
+            return items, pages
+        cursor = page.next_cursor
+
+
+# -- graphs ----------------------------------------------------------------------
+
+
+async def test_put_graph_then_get_returns_the_document(store: Store) -> None:
+    graph = _graph("g1")
+    assert await store.put_graph(graph) == "created"
+    assert await store.get_graph("g1") == graph
+    assert await store.get_graph("missing") is None
+
+
+async def test_put_graph_again_is_exists_or_conflict_and_keeps_the_first(store: Store) -> None:
+    first = _graph("g1", digest="d1")
+    await store.put_graph(first)
+    assert await store.put_graph(_graph("g1", digest="d1")) == "exists"
+    assert await store.put_graph(_graph("g1", digest="other")) == "conflict"
+    assert await store.get_graph("g1") == first
+
+
+async def test_list_graphs_pages_in_id_order(store: Store) -> None:
+    ids = [f"g{i:03d}" for i in range(23)]
+    for graph_id in reversed(ids):
+        await store.put_graph(_graph(graph_id))
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        page = await store.list_graphs(cursor=cursor, limit=5)
+        assert len(page.items) <= 5
+        seen.extend(g.graph_id for g in page.items)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == ids
+
+
+async def test_list_graphs_exact_fit_has_no_next_cursor(store: Store) -> None:
+    for i in range(4):
+        await store.put_graph(_graph(f"g{i}"))
+    page = await store.list_graphs(limit=4)
+    assert len(page.items) == 4
+    assert page.next_cursor is None
+    assert (await store.list_graphs()).items == page.items
+
+
+async def test_list_graphs_rejects_a_garbage_cursor(store: Store) -> None:
+    with pytest.raises(InvalidCursorError):
+        await store.list_graphs(cursor="not-a-cursor!")
+
+
+# -- runs and checkpoints ------------------------------------------------------------
+
+
+async def test_create_run_roundtrips_every_field(store: Store) -> None:
+    run = RunRecord(
+        run_id="r1", graph_id="g", status=RunStatus.WAITING,
+        state={"nested": {"list": [1, 2.5, None, True]}, "text": "héllo ✓"},
+        current_node="review", step=7, loop_counters={"fix->review": 2},
+        error={"code": "x", "message": "m"}, created_at=1700000000.123456,
+        started_at=1700000001.5, finished_at=None, updated_at=1700000002.25, last_seq=3, attempt=2,
+    )  # fmt: skip
+    await store.create_run(run, _entries(1, 3))
+    assert await store.get_run("r1") == run
+    assert await store.read_log("r1") == _entries(1, 3)
+    assert await store.get_run("missing") is None
+
+
+async def test_create_run_twice_is_an_error(store: Store) -> None:
+    await store.create_run(_run("r1"))
+    with pytest.raises(StoreError):
+        await store.create_run(_run("r1"))
+
+
+async def test_save_run_replaces_the_record_and_appends_entries(store: Store) -> None:
+    run = _run("r1")
+    await store.create_run(run, _entries(1, 2))
+    saved = run.evolve(
+        status=RunStatus.FAILED, state={"x": 2, "y": [1]}, current_node="b", step=4,
+        loop_counters={"a->b": 3}, error={"code": "node_failed", "node": "b"},
+        started_at=101.0, finished_at=102.5, updated_at=102.5, last_seq=5, attempt=3,
+    )  # fmt: skip
+    await store.save_run(saved, _entries(3, 5))
+    assert await store.get_run("r1") == saved
+    assert await store.read_log("r1") == _entries(1, 5)
+
+
+async def test_save_run_with_no_entries_updates_only_the_record(store: Store) -> None:
+    run = _run("r1")
+    await store.create_run(run, _entries(1, 1))
+    saved = run.evolve(status=RunStatus.RUNNING, step=1)
+    await store.save_run(saved, [])
+    assert await store.get_run("r1") == saved
+    assert [e.seq for e in await store.read_log("r1")] == [1]
+
+
+async def test_save_run_of_an_unknown_run_is_an_error(store: Store) -> None:
+    with pytest.raises(StoreError):
+        await store.save_run(_run("ghost"), _entries(1, 1))
+    assert await store.get_run("ghost") is None
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+async def test_read_log_by_cursor(store: Store) -> None:
+    await store.create_run(_run("r1"), _entries(1, 4))
+    await store.save_run(_run("r1", last_seq=10), _entries(5, 10))
+    assert [e.seq for e in await store.read_log("r1")] == list(range(1, 11))
+    assert [e.seq for e in await store.read_log("r1", after=3)] == list(range(4, 11))
+    assert [e.seq for e in await store.read_log("r1", after=3, limit=2)] == [4, 5]
+    assert await store.read_log("r1", after=10) == []
+    assert await store.read_log("missing") == []
+
+
+async def test_read_log_keeps_every_entry_field(store: Store) -> None:
+    entries = [
+        LogEntry(1, 5.5, Level.WARNING, Event.LOOP_EXHAUSTED, "fix", "loop done",
+                 {"edge": "fix->review", "max_iterations": 3}),
+        LogEntry(2, 6.25, Level.ERROR, "my_event", None, "", {}),
+    ]  # fmt: skip
+    await store.create_run(_run("r1"), entries)
+    got = await store.read_log("r1")
+    assert got == entries
+    assert [e.level for e in got] == [Level.WARNING, Level.ERROR]
+
+
+async def test_logs_of_runs_do_not_mix(store: Store) -> None:
+    await store.create_run(_run("r1"), _entries(1, 3, node="one"))
+    await store.create_run(_run("r2"), _entries(1, 2, node="two"))
+    assert {e.node for e in await store.read_log("r1")} == {"one"}
+    assert [e.seq for e in await store.read_log("r2")] == [1, 2]
+
+
+# -- listing -------------------------------------------------------------------------
+
+
+async def test_list_runs_is_newest_first_with_id_as_tiebreak(store: Store) -> None:
+    await store.create_run(_run("b", created_at=1.0))
+    await store.create_run(_run("a", created_at=2.0))
+    await store.create_run(_run("c", created_at=2.0))
+    page = await store.list_runs()
+    assert [r.run_id for r in page.items] == ["c", "a", "b"]
+    assert page.next_cursor is None
+
+
+async def test_list_runs_pages_without_duplicates_or_gaps(store: Store) -> None:
+    # Many runs sharing timestamps, so pages split inside groups of ties.
+    expected: list[tuple[float, str]] = []
+    for i in range(137):
+        created = float(i // 4)
+        run_id = f"run-{(i * 37) % 137:03d}"
+        await store.create_run(_run(run_id, created_at=created))
+        expected.append((created, run_id))
+    expected.sort(reverse=True)
+    items, pages = await _all_pages(store, limit=10)
+    assert [(r.created_at, r.run_id) for r in items] == expected
+    assert pages == 14
+
+
+async def test_list_runs_filters_by_graph_and_status(store: Store) -> None:
+    statuses = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPLETED]
+    for i in range(30):
+        await store.create_run(_run(f"r{i:02d}", created_at=float(i), graph_id=f"g{i % 2}",
+                                    status=statuses[i % 3]))  # fmt: skip
+    items, _ = await _all_pages(store, graph_id="g1", limit=4)
+    assert [r.run_id for r in items] == [f"r{i:02d}" for i in range(29, -1, -1) if i % 2 == 1]
+    items, _ = await _all_pages(store, status=RunStatus.COMPLETED, limit=3)
+    assert [r.run_id for r in items] == [f"r{i:02d}" for i in range(29, -1, -1) if i % 3 == 2]
+    items, _ = await _all_pages(store, graph_id="g0", status=RunStatus.PENDING, limit=2)
+    assert [r.run_id for r in items] == [f"r{i:02d}" for i in range(29, -1, -1) if i % 6 == 0]
+    assert (await store.list_runs(graph_id="nope")).items == []
+
+
+async def test_list_runs_cursor_from_a_deleted_run_still_continues(store: Store) -> None:
+    for i in range(6):
+        await store.create_run(_run(f"r{i}", created_at=float(i)))
+    page = await store.list_runs(limit=2)
+    assert [r.run_id for r in page.items] == ["r5", "r4"]
+    assert page.next_cursor == Cursor.encode(4.0, "r4")
+    rest = await store.list_runs(cursor=page.next_cursor, limit=10)
+    assert [r.run_id for r in rest.items] == ["r3", "r2", "r1", "r0"]
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "", Cursor.encode(1.0, "x")[:-3] + "@@@"])
+async def test_list_runs_rejects_an_invalid_cursor(store: Store, cursor: str) -> None:
+    await store.create_run(_run("r1"))
+    with pytest.raises(InvalidCursorError):
+        await store.list_runs(cursor=cursor)
+
+
+# -- resume and retention -------------------------------------------------------------
+
+
+async def test_unfinished_runs_are_the_non_terminal_ones(store: Store) -> None:
+    for i, status in enumerate(RunStatus):
+        await store.create_run(_run(f"r-{status.value}", created_at=float(i), status=status))
+    unfinished = await store.unfinished_runs()
+    assert sorted(r.run_id for r in unfinished) == ["r-pending", "r-running", "r-waiting"]
+
+
+async def test_delete_runs_removes_only_terminal_runs_finished_before(store: Store) -> None:
+    await store.create_run(_run("old-done", status=RunStatus.COMPLETED, finished_at=10.0),
+                           _entries(1, 3))  # fmt: skip
+    await store.create_run(_run("old-failed", status=RunStatus.FAILED, finished_at=19.0),
+                           _entries(1, 2))  # fmt: skip
+    await store.create_run(_run("new-done", status=RunStatus.CANCELLED, finished_at=20.0),
+                           _entries(1, 2))  # fmt: skip
+    await store.create_run(_run("running", status=RunStatus.RUNNING), _entries(1, 2))
+    await store.create_run(_run("pending-odd", finished_at=1.0), _entries(1, 1))
+    assert await store.delete_runs(finished_before=20.0) == 2
+    assert await store.get_run("old-done") is None
+    assert await store.get_run("old-failed") is None
+    assert await store.read_log("old-done") == []
+    assert await store.read_log("old-failed") == []
+    for kept in ("new-done", "running", "pending-odd"):
+        assert await store.get_run(kept) is not None
+        assert await store.read_log(kept) != []
+    items, _ = await _all_pages(store)
+    assert sorted(r.run_id for r in items) == ["new-done", "pending-odd", "running"]
+    assert await store.delete_runs(finished_before=20.0) == 0
+
+
+# -- notification ----------------------------------------------------------------------
+
+
+async def test_save_run_wakes_a_follower(store: Store) -> None:
+    await store.create_run(_run("r1"), _entries(1, 1))
+    event = store.notifier.watch("r1")
+    other = store.notifier.watch("r2")
+    assert not event.is_set()
+    await store.save_run(_run("r1", last_seq=2), _entries(2, 2))
+    assert event.is_set()
+    assert not other.is_set()
+
+
+async def test_create_run_wakes_a_follower_and_the_waiter_sees_the_entries(store: Store) -> None:
+    seen: list[int] = []
+
+    async def follower() -> None:
+        event = store.notifier.watch("r1")
+        if not await store.read_log("r1"):
+            await event.wait()
+        seen.extend(e.seq for e in await store.read_log("r1"))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower)
+            await trio.testing.wait_all_tasks_blocked()
+            await store.create_run(_run("r1"), _entries(1, 2))
+    assert seen == [1, 2]

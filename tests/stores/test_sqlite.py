@@ -1,0 +1,149 @@
+"""What only the SQLite store promises: schema migrations, WAL, atomic checkpoints, persistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sqlite3
+from typing import Any
+
+import pytest
+import trio
+
+from core.errors import StoreError
+from core.logs import Event, Level, LogEntry
+from core.runs import RunRecord, RunStatus
+from core.stores.base import StoredGraph
+from core.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
+from core.stores.url import open_store_from_url
+
+
+def _pragma(path: pathlib.Path, name: str) -> object:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def _run(run_id: str = "r1", **fields: Any) -> RunRecord:
+    base = RunRecord(run_id=run_id, graph_id="g", status=RunStatus.RUNNING, state={"n": 0},
+                     current_node="a", created_at=1.0, updated_at=1.0)  # fmt: skip
+    return dataclasses.replace(base, **fields)
+
+
+def _entry(seq: int) -> LogEntry:
+    return LogEntry(seq, float(seq), Level.INFO, Event.NODE_STARTED, "a", f"entry {seq}", {})
+
+
+@pytest.fixture
+def db(tmp_path: pathlib.Path) -> pathlib.Path:
+    return tmp_path / "trioflow.db"
+
+
+async def test_a_fresh_database_gets_the_current_schema_in_wal_mode(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    await store.aclose()
+    assert _pragma(db, "user_version") == SCHEMA_VERSION
+    assert _pragma(db, "application_id") == APPLICATION_ID
+    assert _pragma(db, "journal_mode") == "wal"
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='index'")}
+    assert {"graphs", "runs", "logs"} <= tables
+    assert {"runs_by_created", "runs_by_graph", "runs_by_status", "runs_by_finished"} <= indexes
+
+
+async def test_reopening_keeps_the_version_and_the_data(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    graph = StoredGraph("g", {"id": "g"}, "digest", 5.0)
+    await store.put_graph(graph)
+    await store.create_run(_run(), [_entry(1)])
+    await store.save_run(_run(step=2, last_seq=2), [_entry(2)])
+    await store.aclose()
+
+    again = SQLiteStore(str(db))
+    await again.open()
+    try:
+        assert _pragma(db, "user_version") == SCHEMA_VERSION
+        assert await again.get_graph("g") == graph
+        assert await again.get_run("r1") == _run(step=2, last_seq=2)
+        assert [e.seq for e in await again.read_log("r1")] == [1, 2]
+        assert [r.run_id for r in await again.unfinished_runs()] == ["r1"]
+    finally:
+        await again.aclose()
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    await store.create_run(_run(), [_entry(1)])
+    await store.aclose()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    before = await trio.Path(db).read_bytes()
+
+    newer = SQLiteStore(str(db))
+    with pytest.raises(StoreError, match=r"schema version .*upgrade trioflow"):
+        await newer.open()
+    assert await trio.Path(db).read_bytes() == before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT run_id FROM runs").fetchall() == [("r1",)]
+
+
+async def test_a_foreign_sqlite_database_is_refused(db: pathlib.Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE mine (x)")
+    with pytest.raises(StoreError, match="not a trioflow"):
+        await SQLiteStore(str(db)).open()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+
+
+async def test_a_file_that_is_not_a_database_is_a_store_error(db: pathlib.Path) -> None:
+    await trio.Path(db).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        await SQLiteStore(str(db)).open()
+
+
+async def test_a_failed_checkpoint_writes_nothing(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    try:
+        first = _run(step=1, last_seq=2)
+        await store.create_run(first, [_entry(1), _entry(2)])
+        event = store.notifier.watch("r1")
+        # seq 2 exists already: the entry insert fails after the run row was
+        # updated and seq 3 inserted in the same transaction.
+        broken = _run(step=2, last_seq=4, state={"n": 99})
+        with pytest.raises(StoreError, match="checkpoint was not written"):
+            await store.save_run(broken, [_entry(3), _entry(2), _entry(4)])
+        assert await store.get_run("r1") == first
+        assert [e.message for e in await store.read_log("r1")] == ["entry 1", "entry 2"]
+        assert not event.is_set()
+        # The store is still usable after the rollback.
+        ok = _run(step=2, last_seq=3)
+        await store.save_run(ok, [_entry(3)])
+        assert await store.get_run("r1") == ok
+    finally:
+        await store.aclose()
+
+
+async def test_calls_after_close_are_store_errors(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    await store.aclose()
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_run("r1")
+    with pytest.raises(StoreError, match="not open"):
+        await store.create_run(_run())
+
+
+def test_an_in_memory_path_is_refused() -> None:
+    with pytest.raises(StoreError, match="MemoryStore"):
+        SQLiteStore(":memory:")
+
+
+def test_sqlite_urls_build_an_sqlite_store(tmp_path: pathlib.Path) -> None:
+    store = open_store_from_url(f"sqlite:///{tmp_path}/x.db")
+    assert isinstance(store, SQLiteStore)
+    assert store.path == f"{tmp_path}/x.db"
