@@ -108,7 +108,10 @@ class Registry:
             raise RegistryError("tool name must be a non-empty string")
         if not callable(func):
             raise RegistryError(f"tool {name!r} is not callable")
-        is_async = inspect.iscoroutinefunction(func)
+        # An object whose __call__ is async is an async tool too.
+        is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+            getattr(func, "__call__", None)
+        )
         if inline and is_async:
             raise RegistryError(f"tool {name!r} is async; inline applies to sync tools only")
         existing = self._tools.get(name)
