@@ -23,6 +23,8 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Callable, Mapping
+from itertools import chain, compress
+from operator import not_
 from typing import Any, Literal
 
 from asteval import Interpreter
@@ -71,10 +73,18 @@ def _safe_round(number: Any, ndigits: Any = None) -> Any:
     return round(number, ndigits)
 
 
+def _safe_sum(iterable: Any, start: Any = 0) -> Any:
+    # sum(xs, []) concatenates without going through the '+' guard, in
+    # quadratic time: only numbers may be summed.
+    if isinstance(start, bool) or not isinstance(start, int | float):
+        raise TypeError("sum() start must be a number")
+    return sum(iterable, start)
+
+
 _BUILTINS: dict[str, Any] = {
     "len": len, "min": min, "max": max, "abs": abs, "any": any, "all": all,
     "int": int, "float": float, "str": str, "bool": bool, "round": _safe_round,
-    "sum": sum, "sorted": sorted,
+    "sum": _safe_sum, "sorted": sorted,
 }  # fmt: skip
 
 
@@ -88,6 +98,43 @@ def _int_bits(value: Any) -> int:
 
 def _is_seq(value: Any) -> bool:
     return isinstance(value, str | bytes | list | tuple)
+
+
+_NESTED = frozenset(
+    {list, tuple, dict, set, frozenset, type({}.keys()), type({}.values()), type({}.items())}
+)
+_SIZED = _NESTED | {str, bytes}
+_DICT = frozenset({dict})
+
+
+def _weight(value: Any, budget: int = MAX_SEQUENCE_LENGTH) -> int:
+    """Items in ``value``, nested containers and string characters included.
+
+    Stops counting once over ``budget``. Counting only the outer length would
+    let ``[[1]*99999]*99999`` through: small to build, but ``str()``, sorting
+    or comparing it walks 10**10 items. The walk goes one nesting level at a
+    time with C-level iteration (map/compress/chain), so it stays cheap even
+    at the budget.
+    """
+    total = 0
+    level: list[Any] = [value]
+    while level:
+        sized = list(compress(level, map(_SIZED.__contains__, map(type, level))))
+        total += sum(map(len, sized))
+        if total > budget:
+            return total
+        nested = list(compress(sized, map(_NESTED.__contains__, map(type, sized))))
+        is_dict = list(map(_DICT.__contains__, map(type, nested)))
+        dicts = list(compress(nested, is_dict))
+        others = compress(nested, map(not_, is_dict))
+        level = list(
+            chain(
+                chain.from_iterable(others),
+                chain.from_iterable(dicts),
+                chain.from_iterable(map(dict.values, dicts)),
+            )
+        )
+    return total
 
 
 def _guard_pow(base: Any, exp: Any) -> Any:
@@ -111,9 +158,9 @@ def _guard_pow(base: Any, exp: Any) -> Any:
 
 
 def _guard_mult(left: Any, right: Any) -> Any:
-    if _is_seq(left) and isinstance(right, int) and len(left) * right > MAX_SEQUENCE_LENGTH:
+    if _is_seq(left) and isinstance(right, int) and _weight(left) * right > MAX_SEQUENCE_LENGTH:
         raise OverflowError(f"repetition would exceed {MAX_SEQUENCE_LENGTH} items")
-    if _is_seq(right) and isinstance(left, int) and len(right) * left > MAX_SEQUENCE_LENGTH:
+    if _is_seq(right) and isinstance(left, int) and _weight(right) * left > MAX_SEQUENCE_LENGTH:
         raise OverflowError(f"repetition would exceed {MAX_SEQUENCE_LENGTH} items")
     if _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
         raise OverflowError(f"product would exceed {MAX_INT_BITS} bits")
@@ -121,7 +168,7 @@ def _guard_mult(left: Any, right: Any) -> Any:
 
 
 def _guard_add(left: Any, right: Any) -> Any:
-    if _is_seq(left) and _is_seq(right) and len(left) + len(right) > MAX_SEQUENCE_LENGTH:
+    if _is_seq(left) and _is_seq(right) and _weight(left) + _weight(right) > MAX_SEQUENCE_LENGTH:
         raise OverflowError(f"concatenation would exceed {MAX_SEQUENCE_LENGTH} items")
     return left + right
 
@@ -323,6 +370,9 @@ def _make_interpreter() -> Interpreter:
         use_numpy=False,
         builtins_readonly=True,
         max_statement_length=MAX_EXPRESSION_LENGTH,
+        # minimal=True turns off conditional expressions, which the whitelist
+        # admits; without this the two evaluators disagree on "a if c else b".
+        with_ifexp=True,
     )
     # Start from an empty symbol table: only what the whitelist admits.
     for name in list(interp.symtable):
