@@ -8,6 +8,14 @@ read-only connections serves reads concurrently, which WAL mode allows
 alongside the writer. A checkpoint (run row + the step's log entries) is one
 transaction and one thread hop.
 
+Group commit: checkpoints that arrive while the writer is busy are written
+together, in one transaction and one thread hop, each inside its own
+SAVEPOINT, so one failing checkpoint rolls back alone. Every ``save_run``
+and ``create_run`` still returns only once its own checkpoint is committed,
+and either raises with nothing written or returns with everything written
+(also when cancelled: a checkpoint already handed to the writer is waited
+for, and the cancellation is delivered at the caller's next checkpoint).
+
 Durability:
 
 * The database runs in WAL mode with ``synchronous=NORMAL`` by default: a
@@ -35,6 +43,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import trio
@@ -154,6 +163,16 @@ def _graph_from_row(row: Row) -> StoredGraph:
     return StoredGraph(row[0], _loads(row[1]), row[2], row[3])
 
 
+@dataclass(slots=True, eq=False)
+class _Checkpoint:
+    """One queued checkpoint write and, once the writer ran it, its outcome."""
+
+    run_id: str
+    write: Callable[[sqlite3.Connection], None]
+    taken: bool = False
+    error: BaseException | None = None
+
+
 class SQLiteStore(Store):
     """Graphs, runs and logs in one SQLite file (WAL mode).
 
@@ -187,6 +206,7 @@ class SQLiteStore(Store):
         self._idle_readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
         self._write_lock = trio.Lock()
+        self._queue: list[_Checkpoint] = []
         # Our own thread budget: store calls never queue behind sync tools.
         self._limiter = trio.CapacityLimiter(readers + 1)
 
@@ -309,6 +329,45 @@ class SQLiteStore(Store):
                 raise StoreError(f"SQLite store {self.path!r} is not open")
             return await self._call(_transaction, conn, fn)
 
+    async def _commit(self, job: _Checkpoint) -> None:
+        """Write one checkpoint, together with any that queue up meanwhile; then notify."""
+        self._queue.append(job)
+        try:
+            async with self._write_lock:
+                if not job.taken:
+                    # Shielded: the batch holds other tasks' checkpoints, and
+                    # they trust whoever took them to write them.
+                    with trio.CancelScope(shield=True):
+                        await self._flush()
+        except trio.Cancelled:
+            if not job.taken:
+                self._queue.remove(job)
+                raise
+            # Another task is writing our checkpoint: its outcome is ours, as
+            # with a thread that cannot be abandoned. The cancel stays pending.
+            with trio.CancelScope(shield=True):
+                async with self._write_lock:
+                    pass
+        if job.error is not None:
+            raise job.error
+
+    async def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        for job in batch:
+            job.taken = True
+        conn = self._writer
+        try:
+            if conn is None:
+                raise StoreError(f"SQLite store {self.path!r} is not open")
+            await self._call(_write_batch, conn, batch)
+        except StoreError as exc:
+            for job in batch:
+                if job.error is None:
+                    job.error = StoreError(exc.message, details=exc.details)
+        for job in batch:
+            if job.error is None:
+                self.notifier.notify(job.run_id)
+
     # -- graphs ------------------------------------------------------------------
 
     async def put_graph(self, graph: StoredGraph) -> PutResult:
@@ -367,8 +426,7 @@ class SQLiteStore(Store):
             if rows:
                 conn.executemany(_INSERT_LOG, rows)
 
-        await self._write(create)
-        self.notifier.notify(run.run_id)
+        await self._commit(_Checkpoint(run.run_id, create))
 
     async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
         # Serialise on the Trio thread: the record and entries are a snapshot
@@ -389,8 +447,7 @@ class SQLiteStore(Store):
                         "the checkpoint was not written"
                     ) from None
 
-        await self._write(save)
-        self.notifier.notify(run.run_id)
+        await self._commit(_Checkpoint(run.run_id, save))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         def get(conn: sqlite3.Connection) -> Row | None:
@@ -481,6 +538,24 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _write_batch(conn: sqlite3.Connection, batch: list[_Checkpoint]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for job in batch:
+            conn.execute("SAVEPOINT checkpoint")
+            try:
+                job.write(conn)
+            except (sqlite3.Error, StoreError) as exc:
+                conn.execute("ROLLBACK TO checkpoint")
+                job.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            conn.execute("RELEASE checkpoint")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _close_all(writer: sqlite3.Connection | None, readers: list[sqlite3.Connection]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from core.errors import StoreError
 from core.logs import Event, Level, LogEntry
@@ -31,6 +32,10 @@ def _run(run_id: str = "r1", **fields: Any) -> RunRecord:
 
 def _entry(seq: int) -> LogEntry:
     return LogEntry(seq, float(seq), Level.INFO, Event.NODE_STARTED, "a", f"entry {seq}", {})
+
+
+def _seqs(entries: list[LogEntry]) -> list[int]:
+    return [e.seq for e in entries]
 
 
 @pytest.fixture
@@ -147,3 +152,66 @@ def test_sqlite_urls_build_an_sqlite_store(tmp_path: pathlib.Path) -> None:
     store = open_store_from_url(f"sqlite:///{tmp_path}/x.db")
     assert isinstance(store, SQLiteStore)
     assert store.path == f"{tmp_path}/x.db"
+
+
+async def test_concurrent_checkpoints_commit_together_but_fail_alone(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    try:
+        for i in range(20):
+            await store.create_run(_run(f"r{i:02d}", last_seq=1), [_entry(1)])
+        errors: dict[str, StoreError] = {}
+
+        async def save(run_id: str, seq: int) -> None:
+            try:
+                await store.save_run(_run(run_id, step=2, last_seq=seq), [_entry(seq)])
+            except StoreError as exc:
+                errors[run_id] = exc
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    # Every fifth run repeats seq 1: that checkpoint must fail alone.
+                    nursery.start_soon(save, f"r{i:02d}", 1 if i % 5 == 0 else 2)
+        assert sorted(errors) == ["r00", "r05", "r10", "r15"]
+        for i in range(20):
+            run = await store.get_run(f"r{i:02d}")
+            assert run is not None
+            failed = i % 5 == 0
+            assert run.step == (0 if failed else 2)
+            assert _seqs(await store.read_log(f"r{i:02d}")) == ([1] if failed else [1, 2])
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_checkpoint_is_either_written_whole_or_not_at_all(
+    db: pathlib.Path,
+) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    try:
+        for i in range(30):
+            await store.create_run(_run(f"r{i:02d}", last_seq=1), [_entry(1)])
+        returned: set[str] = set()
+
+        async def save(run_id: str) -> None:
+            await store.save_run(_run(run_id, step=2, last_seq=2), [_entry(2)])
+            returned.add(run_id)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(save, f"r{i:02d}")
+                # Let some reach the writer, then cancel them all mid-flight.
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+        for i in range(30):
+            run = await store.get_run(f"r{i:02d}")
+            assert run is not None
+            seqs = _seqs(await store.read_log(f"r{i:02d}"))
+            assert (run.step, seqs) in ((0, [1]), (2, [1, 2]))
+            if f"r{i:02d}" in returned:
+                assert run.step == 2
+    finally:
+        await store.aclose()
