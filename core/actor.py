@@ -72,6 +72,8 @@ class RunActor:
         self.record = record
         self.run_id = record.run_id
         self.done = trio.Event()
+        #: Set by the engine when this run may execute (Engine._spawn, Engine._release_slot).
+        self.slot = trio.Event()
         self._scope = trio.CancelScope()
         self._cancel_reason: str | None = None
         self._seq = record.last_seq
@@ -93,6 +95,10 @@ class RunActor:
         if self._cancel_reason is None:
             self._cancel_reason = command.reason
             self._scope.cancel()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_reason is not None
 
     # -- lifetime --------------------------------------------------------------
 
@@ -122,21 +128,15 @@ class RunActor:
     async def _execute(self) -> None:
         failure: RunFailure | None = None
         with self._scope:
-            slots = self.engine._run_slots
             try:
-                # Taking a free slot without a scheduling round trip saves a
-                # third of the fixed cost of a short run.
-                try:
-                    slots.acquire_nowait()
-                except trio.WouldBlock:
-                    await slots.acquire()
-                try:
-                    await self._begin()
-                    await self._steps()
-                finally:
-                    slots.release()
+                if not self.slot.is_set():  # pending: the engine grants slots in FIFO order
+                    await self.slot.wait()
+                await self._begin()
+                await self._steps()
             except _RunFailed as exc:
                 failure = exc.failure
+            finally:
+                self.engine._release_slot(self)
         # Terminal records are written outside the run's scope, so a cancel
         # arriving now cannot interrupt them; only engine shutdown can.
         if failure is not None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .errors import (
     LimitExceededError,
     RunFailure,
     RunStateError,
+    StateValidationError,
     UnknownGraphError,
     UnknownRunError,
 )
@@ -78,7 +80,11 @@ class Engine:
         self._nursery = nursery
         self._graphs: dict[str, Graph] = {}
         self._actors: dict[str, RunActor] = {}
-        self._run_slots = trio.CapacityLimiter(limits.max_running)
+        # Running slots: a counter and a FIFO of runs waiting for one, so that
+        # pending runs start in the order they were created (a CapacityLimiter
+        # would serve them in the order their tasks happened to start).
+        self._running = 0
+        self._waiting: deque[RunActor] = deque()
         self._thread_limiter = trio.CapacityLimiter(limits.worker_threads)
         self._followers = 0
 
@@ -166,9 +172,9 @@ class Engine:
             try:
                 size = len(json.dumps(initial_state, separators=(",", ":")))
             except (TypeError, ValueError) as exc:
-                raise LimitExceededError(
-                    f"initial state is not JSON: {exc}", limit="max_state_bytes",
-                    value=0, maximum=self.limits.max_state_bytes,
+                raise StateValidationError(
+                    f"initial state is not JSON-serialisable: {exc}", node=None,
+                    errors=[{"field": "", "message": str(exc), "type": "json"}],
                 ) from None  # fmt: skip
             if size > self.limits.max_state_bytes:
                 raise LimitExceededError(
@@ -193,7 +199,24 @@ class Engine:
     def _spawn(self, graph: Graph, record: RunRecord) -> None:
         actor = RunActor(self, graph, record)
         self._actors[record.run_id] = actor
+        if self._running < self.limits.max_running:
+            self._running += 1
+            actor.slot.set()
+        else:
+            self._waiting.append(actor)
         self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
+
+    def _release_slot(self, actor: RunActor) -> None:
+        """Called once by every actor when it stops executing."""
+        if not actor.slot.is_set():
+            return  # it never held one (cancelled while pending)
+        self._running -= 1
+        while self._waiting and self._running < self.limits.max_running:
+            nxt = self._waiting.popleft()
+            if nxt.done.is_set() or nxt.cancel_requested:
+                continue
+            self._running += 1
+            nxt.slot.set()
 
     def _forget(self, actor: RunActor) -> None:
         if self._actors.get(actor.run_id) is actor:

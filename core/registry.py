@@ -110,7 +110,7 @@ class Registry:
             raise RegistryError(f"tool {name!r} is not callable")
         # An object whose __call__ is async is an async tool too.
         is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None)
+            getattr(func, "__call__", None)  # noqa: B004 - the method itself, not callability
         )
         if inline and is_async:
             raise RegistryError(f"tool {name!r} is async; inline applies to sync tools only")

@@ -21,6 +21,7 @@ from core import (
     MemoryStore,
     Registry,
     RunStatus,
+    StateValidationError,
     UnknownGraphError,
     open_engine,
 )
@@ -141,6 +142,29 @@ async def test_pending_runs_wait_for_a_running_slot(
         for run in runs:
             assert (await engine.wait(run.run_id)).status is RunStatus.COMPLETED
         assert trio.current_time() - start == pytest.approx(30)  # three waves of 10 s
+
+
+async def test_pending_runs_start_in_creation_order(
+    registry: Registry, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_engine(registry=registry, limits=EngineLimits(max_running=1)) as engine:
+        await engine.register_graph(_doc("slow", "tools.sleep"))
+        runs = [await engine.start_run("slow", {"sleep_s": 1}) for _ in range(8)]
+        # Cancelling a queued run must not disturb the order of the others.
+        await engine.cancel(runs[3].run_id)
+        finals = [await engine.wait(r.run_id) for r in runs]
+        started = [f for f in finals if f.status is RunStatus.COMPLETED]
+        assert [f.run_id for f in started] == [r.run_id for i, r in enumerate(runs) if i != 3]
+        starts = [f.started_at for f in started]
+        assert starts == sorted(starts)
+        assert finals[3].status is RunStatus.CANCELLED and finals[3].started_at is None
+
+
+async def test_a_non_json_initial_state_is_a_state_error(engine: Engine) -> None:
+    await engine.register_graph(_doc("g", "tools.noop"))
+    with pytest.raises(StateValidationError):
+        await engine.start_run("g", {"when": object()})
+    assert (await engine.list_runs()).items == []
 
 
 async def test_initial_state_over_max_state_bytes_is_refused(registry: Registry) -> None:
