@@ -119,6 +119,8 @@ def _weight(value: Any, budget: int = MAX_SEQUENCE_LENGTH) -> int:
     total = 0
     level: list[Any] = [value]
     while level:
+        if _SIZED.isdisjoint(map(type, level)):  # only scalars left
+            return total
         sized = list(compress(level, map(_SIZED.__contains__, map(type, level))))
         total += sum(map(len, sized))
         if total > budget:
@@ -158,9 +160,18 @@ def _guard_pow(base: Any, exp: Any) -> Any:
 
 
 def _guard_mult(left: Any, right: Any) -> Any:
-    if _is_seq(left) and isinstance(right, int) and _weight(left) * right > MAX_SEQUENCE_LENGTH:
-        raise OverflowError(f"repetition would exceed {MAX_SEQUENCE_LENGTH} items")
-    if _is_seq(right) and isinstance(left, int) and _weight(right) * left > MAX_SEQUENCE_LENGTH:
+    seq, times = (left, right) if _is_seq(left) else (right, left)
+    # The outer length first: it is free and rejects the common bombs. A
+    # repetition by 1 or less makes nothing bigger than its operand.
+    if (
+        _is_seq(seq)
+        and isinstance(times, int)
+        and times > 0
+        and (
+            len(seq) * times > MAX_SEQUENCE_LENGTH
+            or (times > 1 and _weight(seq) * times > MAX_SEQUENCE_LENGTH)
+        )
+    ):
         raise OverflowError(f"repetition would exceed {MAX_SEQUENCE_LENGTH} items")
     if _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
         raise OverflowError(f"product would exceed {MAX_INT_BITS} bits")
@@ -168,7 +179,14 @@ def _guard_mult(left: Any, right: Any) -> Any:
 
 
 def _guard_add(left: Any, right: Any) -> Any:
-    if _is_seq(left) and _is_seq(right) and _weight(left) + _weight(right) > MAX_SEQUENCE_LENGTH:
+    if (
+        _is_seq(left)
+        and _is_seq(right)
+        and (
+            len(left) + len(right) > MAX_SEQUENCE_LENGTH
+            or _weight(left) + _weight(right) > MAX_SEQUENCE_LENGTH
+        )
+    ):
         raise OverflowError(f"concatenation would exceed {MAX_SEQUENCE_LENGTH} items")
     return left + right
 
