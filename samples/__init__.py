@@ -1,0 +1,1 @@
+"""Sample graphs and tool modules: what a newcomer runs first (see ``samples/README.md``)."""
