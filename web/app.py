@@ -1,0 +1,95 @@
+"""The Starlette application: routes, error mapping, body limits, and the engine's lifetime."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from core import Engine, EngineError, Registry, default_registry, open_engine, open_store_from_url
+
+from .errors import EXCEPTION_HANDLERS
+from .limits import BodyLimitMiddleware
+from .openapi import openapi_bytes
+from .routes import starlette_routes
+from .services import Lifecycle, Services
+from .settings import Settings
+
+log = logging.getLogger("trioflow.web")
+
+
+def build_registry(tool_modules: tuple[str, ...]) -> Registry:
+    """The built-in tools plus every operator-named tool module.
+
+    Raises:
+        RegistryError: a module cannot be imported or does not register.
+    """
+    registry = default_registry()
+    for module in tool_modules:
+        registry.load_module(module)
+    return registry
+
+
+async def _register_files(engine: Engine, paths: tuple[str, ...]) -> None:
+    for path in paths:
+        try:
+            text = await trio.Path(path).read_text()
+            document = json.loads(text)
+            graph = await engine.register_graph(document)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping graph file %s: %s", path, exc)
+        except EngineError as exc:
+            log.warning("skipping graph file %s: %s", path, exc.message)
+        else:
+            log.info("registered graph %s from %s", graph.id, path)
+
+
+def create_app(engine: Engine | None = None, settings: Settings | None = None) -> Starlette:
+    """Build the trioflow ASGI app.
+
+    Args:
+        engine: an open engine to serve (tests, embedding programs); the app
+            uses it as is and never closes it. Without one, the app's lifespan
+            opens an engine on ``settings.store_url`` with the built-in tools
+            plus ``settings.tool_modules``, and closes it after the server has
+            stopped (runs still in flight stay resumable in a durable store).
+        settings: service settings (default: :class:`Settings()`).
+    """
+    settings = settings or Settings()
+    lifecycle = Lifecycle()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[Mapping[str, Any]]:
+        lifecycle.reset()
+        if engine is not None:
+            yield {"services": Services(engine, settings, lifecycle)}
+            return
+        registry = build_registry(settings.tool_modules)
+        store = open_store_from_url(settings.store_url)
+        async with open_engine(store=store, registry=registry, limits=settings.limits) as owned:
+            await _register_files(owned, settings.graph_files)
+            yield {"services": Services(owned, settings, lifecycle)}
+
+    app = Starlette(
+        routes=starlette_routes(),
+        middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.lifecycle = lifecycle
+    app.state.openapi = openapi_bytes()
+    return app
+
+
+def lifecycle_of(app: Starlette) -> Lifecycle:
+    """The app's :class:`Lifecycle`, for the server that runs it."""
+    lifecycle = app.state.lifecycle
+    if not isinstance(lifecycle, Lifecycle):
+        raise TypeError("not an app made by web.app.create_app")
+    return lifecycle

@@ -1,0 +1,195 @@
+"""REST handlers. Each one parses its input, calls the engine once or twice, answers JSON.
+
+Core errors are not caught here: they propagate to :mod:`web.errors`, which
+maps them to status codes in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import pydantic_core
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+import core
+from core import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
+
+from .errors import RequestError, request_invalid
+from .schemas import PageQuery, RunRequest, RunsQuery
+from .services import services
+
+Q = TypeVar("Q", bound=BaseModel)
+
+LOG_PAGE = 1000
+
+
+# -- input -----------------------------------------------------------------------
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_json(request: Request) -> Any:
+    """The request body parsed as JSON.
+
+    A missing ``Content-Type`` is read as JSON; any other media type is 415.
+    NaN and Infinity are not JSON and are refused.
+
+    Raises:
+        RequestError: 415 for a non-JSON content type, 400 for a body that is not JSON.
+    """
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise RequestError(415, "unsupported_media_type",
+                           f"expected application/json, got {content_type!r}")  # fmt: skip
+    body = await request.body()
+    if not body:
+        raise RequestError(400, "malformed_json", "the request body is empty; expected JSON")
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise RequestError(400, "malformed_json", f"the request body is not JSON: {exc}") from None
+
+
+def parse_query(model: type[Q], request: Request) -> Q:
+    """The query string validated by ``model``. Raises :class:`RequestError` (422)."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise request_invalid(exc, "query") from None
+
+
+# -- output ----------------------------------------------------------------------
+
+
+async def run_with_logs(engine: Engine, record: RunRecord) -> dict[str, Any]:
+    """The record as a dict with every log entry up to its checkpoint."""
+    out = record.as_dict()
+    logs: list[dict[str, Any]] = []
+    after, last = 0, record.last_seq
+    while after < last:
+        page = await engine.read_log(record.run_id, after=after, limit=LOG_PAGE)
+        for entry in page:
+            if entry.seq > last:
+                break
+            logs.append(entry.as_dict())
+        if len(page) < LOG_PAGE:
+            break
+        after = page[-1].seq
+    out["logs"] = logs
+    return out
+
+
+# -- graphs ----------------------------------------------------------------------
+
+
+async def create_graph(request: Request) -> Response:
+    """``POST /graph/create``: 201 when created, 200 when the identical document exists."""
+    engine = services(request).engine
+    document = await read_json(request)
+    if not isinstance(document, dict):
+        raise GraphValidationError([Problem("invalid_value", "$", "a graph must be a JSON object")])
+    existed = False
+    graph_id = document.get("id")
+    if isinstance(graph_id, str):
+        try:
+            await engine.get_graph_document(graph_id)
+            existed = True
+        except UnknownGraphError:
+            pass
+    graph = await engine.register_graph(document)
+    edges = sum(len(o.conditional) + (o.sequential is not None) for o in graph.outgoing.values())
+    body = {"graph_id": graph.id, "digest": graph.digest, "created": not existed,
+            "nodes": len(graph.nodes), "edges": edges}  # fmt: skip
+    return JSONResponse(body, status_code=200 if existed else 201,
+                        headers={"Location": f"/graph/{graph.id}"})  # fmt: skip
+
+
+async def get_graph(request: Request) -> Response:
+    """``GET /graph/{graph_id}``: the stored (normalised) document; ``ETag`` is its digest."""
+    stored = await services(request).engine.get_graph_document(request.path_params["graph_id"])
+    return JSONResponse(stored.document, headers={"ETag": f'"{stored.digest}"'})
+
+
+async def list_graphs(request: Request) -> Response:
+    """``GET /graphs``: graphs in id order, one page."""
+    query = parse_query(PageQuery, request)
+    page = await services(request).engine.list_graphs(cursor=query.cursor, limit=query.limit)
+    items = [
+        {
+            "graph_id": g.graph_id,
+            "name": g.document.get("name"),
+            "digest": g.digest,
+            "created_at": g.created_at,
+        }
+        for g in page.items
+    ]
+    return JSONResponse({"items": items, "next_cursor": page.next_cursor})
+
+
+# -- runs ------------------------------------------------------------------------
+
+
+async def run_graph(request: Request) -> Response:
+    """``POST /graph/run``: 200 with the finished run, or 202 at once when ``background``."""
+    engine = services(request).engine
+    raw = await read_json(request)
+    try:
+        body = RunRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise request_invalid(exc, "body") from None
+    record = await engine.start_run(body.graph_id, body.initial_state)
+    if body.background:
+        accepted = {"run_id": record.run_id, "graph_id": record.graph_id,
+                    "status": record.status.value}  # fmt: skip
+        return JSONResponse(accepted, status_code=202,
+                            headers={"Location": f"/graph/state/{record.run_id}"})  # fmt: skip
+    final = await engine.wait(record.run_id)
+    return JSONResponse(await run_with_logs(engine, final))
+
+
+async def run_state(request: Request) -> Response:
+    """``GET /graph/state/{run_id}``: the run record and its whole log."""
+    engine = services(request).engine
+    record = await engine.get_run(request.path_params["run_id"])
+    return JSONResponse(await run_with_logs(engine, record))
+
+
+async def cancel_run(request: Request) -> Response:
+    """``POST /graph/cancel/{run_id}``: the cancelled run; 409 if it already ended otherwise."""
+    record = await services(request).engine.cancel(request.path_params["run_id"])
+    return JSONResponse(record.as_dict())
+
+
+async def list_runs(request: Request) -> Response:
+    """``GET /runs``: runs newest first, filtered by graph and status, one page."""
+    query = parse_query(RunsQuery, request)
+    status = RunStatus(query.status) if query.status is not None else None
+    page = await services(request).engine.list_runs(
+        graph_id=query.graph_id, status=status, cursor=query.cursor, limit=query.limit
+    )
+    return JSONResponse({"items": [r.as_dict() for r in page.items],
+                         "next_cursor": page.next_cursor})  # fmt: skip
+
+
+# -- service ---------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: 200 while serving, 503 while draining for shutdown."""
+    svc = services(request)
+    draining = svc.lifecycle.is_draining
+    body = {"status": "draining" if draining else "ok", "version": core.__version__,
+            "active_runs": svc.engine.active_runs}  # fmt: skip
+    return JSONResponse(body, status_code=503 if draining else 200)
+
+
+async def openapi(request: Request) -> Response:
+    """``GET /openapi.json``: built once when the app is created."""
+    return Response(request.app.state.openapi, media_type="application/json")

@@ -1,0 +1,165 @@
+"""The routes table: every endpoint once, with what ``/openapi.json`` says about it.
+
+Routes are data. :func:`starlette_routes` turns the table into Starlette
+routes and :mod:`web.openapi` turns the same table into the OpenAPI document,
+so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+
+from core import GraphDocument
+
+from . import handlers, schemas, streaming
+
+Body = type[BaseModel] | dict[str, Any] | None
+"""A response body: a wire model, a raw JSON schema (``{}`` = any JSON), or nothing."""
+
+EVENT_STREAM = "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One HTTP endpoint.
+
+    Attributes:
+        responses: status -> (description, body schema). Error statuses use
+            :class:`~web.schemas.ErrorResponse` unless given otherwise.
+        body: the request body model (``application/json``).
+        query: the query string model.
+        headers: request headers read: name -> (description, JSON schema).
+        media_type: of the success responses.
+    """
+
+    method: str
+    path: str
+    endpoint: Callable[[Request], Awaitable[Response]]
+    operation_id: str
+    summary: str
+    responses: Mapping[int, tuple[str, Body]]
+    tag: str
+    body: type[BaseModel] | None = None
+    body_example: Any = None
+    query: type[BaseModel] | None = None
+    headers: Mapping[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    media_type: str = "application/json"
+
+
+def _errors(*statuses: int) -> dict[int, tuple[str, Body]]:
+    text = {
+        400: "Malformed JSON, bad cursor or bad header",
+        404: "Not found",
+        409: "Conflicts with the current state",
+        413: "Body or state over the configured limit",
+        415: "Body is not application/json",
+        422: "Request or document invalid (every problem listed)",
+        429: "Too many active runs",
+    }
+    return {s: (text[s], schemas.ErrorResponse) for s in statuses}
+
+
+_SPEC_GRAPH: dict[str, Any] = {
+    "id": "code-review-a",
+    "name": "Code Review Loop",
+    "start_node": "submit",
+    "nodes": [
+        {"id": "submit", "callable": "tools.noop"},
+        {"id": "review", "callable": "tools.noop"},
+        {"id": "fix", "callable": "tools.noop"},
+        {"id": "approve", "callable": "tools.approve"},
+    ],
+    "edges": [
+        {"from": "submit", "to": "review", "type": "sequential"},
+        {"from": "review", "to": "approve", "type": "branch",
+         "condition": {"expression": "context.get('issues_open', 0) == 0"}},
+        {"from": "review", "to": "fix", "type": "branch",
+         "condition": {"expression": "context.get('issues_open', 0) > 0"}},
+        {"from": "fix", "to": "review", "type": "loop",
+         "loop": {"max_iterations": 3,
+                  "until_expression": "context.get('issues_open', 0) == 0"}},
+    ],
+}  # fmt: skip
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "POST", "/graph/create", handlers.create_graph, "createGraph",
+        "Register a graph document (idempotent for an identical document)",
+        {201: ("Registered", schemas.GraphCreated),
+         200: ("The identical document was already registered", schemas.GraphCreated),
+         **_errors(400, 409, 413, 415, 422)},
+        tag="graphs", body=GraphDocument, body_example=_SPEC_GRAPH,
+    ),
+    Operation(
+        "GET", "/graphs", handlers.list_graphs, "listGraphs", "Graphs in id order, paginated",
+        {200: ("One page", schemas.GraphPage), **_errors(400, 422)}, tag="graphs",
+        query=schemas.PageQuery,
+    ),
+    Operation(
+        "POST", "/graph/run", handlers.run_graph, "runGraph",
+        "Start a run; wait for it unless background",
+        {200: ("The finished run with its log", schemas.RunWithLogs),
+         202: ("Started in the background", schemas.RunAccepted),
+         **_errors(400, 404, 413, 415, 422, 429)},
+        tag="runs", body=schemas.RunRequest,
+        body_example={"graph_id": "code-review-a", "initial_state": {"issues_open": 1},
+                      "background": False},
+    ),
+    Operation(
+        "GET", "/graph/state/{run_id}", handlers.run_state, "getRunState",
+        "A run's record and its whole log",
+        {200: ("The run", schemas.RunWithLogs), **_errors(404)}, tag="runs",
+    ),
+    Operation(
+        "POST", "/graph/cancel/{run_id}", handlers.cancel_run, "cancelRun",
+        "Cancel a pending or running run (idempotent once cancelled)",
+        {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409)}, tag="runs",
+    ),
+    Operation(
+        "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
+        "The stored, normalised graph document (after the fixed /graph/... routes)",
+        {200: ("The document", GraphDocument), **_errors(404)}, tag="graphs",
+    ),
+    Operation(
+        "GET", "/runs", handlers.list_runs, "listRuns",
+        "Runs newest first, filtered, paginated",
+        {200: ("One page", schemas.RunPage), **_errors(400, 422)}, tag="runs",
+        query=schemas.RunsQuery,
+    ),
+    Operation(
+        "GET", "/sse/logs/{run_id}", streaming.sse_logs, "streamRunLog",
+        "A run's log as Server-Sent Events: replay, live tail, final status",
+        {200: ("Events `log` (id = seq) then one `status`", {"type": "string"}),
+         **_errors(400, 404, 422)},
+        tag="runs", query=schemas.FollowQuery, media_type=EVENT_STREAM,
+        headers={"Last-Event-ID": ("Resume after this seq (wins over ?after=)",
+                                   {"type": "string"})},
+    ),
+    Operation(
+        "GET", "/healthz", handlers.healthz, "health", "Liveness",
+        {200: ("Serving", schemas.Health), 503: ("Draining for shutdown", schemas.Health)},
+        tag="service",
+    ),
+    Operation(
+        "GET", "/openapi.json", handlers.openapi, "openapi", "This document",
+        {200: ("OpenAPI 3.1", {"type": "object"})}, tag="service",
+    ),
+)  # fmt: skip
+
+WEBSOCKET_PATH = "/ws/logs/{run_id}"
+
+
+def starlette_routes() -> list[BaseRoute]:
+    """The Starlette routes of every operation, plus the WebSocket log stream."""
+    routes: list[BaseRoute] = [
+        Route(op.path, op.endpoint, methods=[op.method], name=op.operation_id) for op in OPERATIONS
+    ]
+    routes.append(WebSocketRoute(WEBSOCKET_PATH, streaming.ws_logs, name="followRunLog"))
+    return routes

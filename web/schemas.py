@@ -1,0 +1,184 @@
+"""Wire schemas: what clients send and what they get back.
+
+These models are the HTTP contract and feed ``/openapi.json``. They are kept
+apart from core's domain objects: input models validate requests (every one
+forbids unknown keys); output models describe the JSON the handlers build from
+``RunRecord.as_dict()`` and ``LogEntry.as_dict()`` (handlers do not round-trip
+responses through them, which keeps the hot path lean; the contract tests
+check that responses match). The graph document itself is core's
+:class:`core.GraphDocument`, which already is a wire model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_PAGE = 500
+"""The largest ``limit`` a listing accepts."""
+
+RunStatusName = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
+TerminalStatusName = Literal["completed", "failed", "cancelled"]
+LevelName = Literal["debug", "info", "warning", "error"]
+
+GraphId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _StrictInput(_Input):
+    # JSON bodies: no coercion ("true" is not a boolean, 1 is not a string).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# -- requests ------------------------------------------------------------------
+
+
+class RunRequest(_StrictInput):
+    """Body of ``POST /graph/run``."""
+
+    graph_id: GraphId
+    initial_state: dict[str, Any] | None = Field(
+        default=None, description="The run's first state; a JSON object (default: empty)."
+    )
+    background: bool = Field(
+        default=False,
+        description="false: wait and answer the finished run (200); "
+        "true: answer 202 with the run id at once.",
+    )
+
+
+class PageQuery(_Input):
+    """Query of ``GET /graphs``."""
+
+    cursor: Annotated[str | None, Field(min_length=1, max_length=1000)] = Field(
+        default=None, description="next_cursor of the previous page."
+    )
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 50
+
+
+class RunsQuery(PageQuery):
+    """Query of ``GET /runs``."""
+
+    graph_id: GraphId | None = None
+    status: RunStatusName | None = None
+
+
+class FollowQuery(_Input):
+    """Query of the log streams (``/ws/logs/{run_id}``, ``/sse/logs/{run_id}``)."""
+
+    after: Annotated[int, Field(ge=0, le=2**53)] = Field(
+        default=0, description="Send only entries with seq > after."
+    )
+
+
+# -- responses -----------------------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable identifier.")
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer has this shape."""
+
+    error: ErrorBody
+
+
+class LogEntryOut(BaseModel):
+    """One run log line. ``seq`` is 1, 2, 3, ... without gaps."""
+
+    seq: int
+    ts: float
+    level: LevelName
+    event: str
+    node: str | None
+    message: str
+    data: dict[str, Any]
+
+
+class RunOut(BaseModel):
+    """A run as of its last checkpoint."""
+
+    run_id: str
+    graph_id: str
+    status: RunStatusName
+    current_node: str | None
+    state: dict[str, Any]
+    step: int
+    loop_counters: dict[str, int]
+    error: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+    last_seq: int
+    attempt: int
+
+
+class RunWithLogs(RunOut):
+    """A run with its whole log."""
+
+    logs: list[LogEntryOut]
+
+
+class RunAccepted(BaseModel):
+    """Answer to a background run: poll ``/graph/state/{run_id}`` or follow its log."""
+
+    run_id: str
+    graph_id: str
+    status: RunStatusName
+
+
+class GraphCreated(BaseModel):
+    graph_id: str
+    digest: str = Field(description="sha256 of the normalised document.")
+    created: bool = Field(description="false when the identical document was already registered.")
+    nodes: int
+    edges: int
+
+
+class GraphSummary(BaseModel):
+    graph_id: str
+    name: str | None
+    digest: str
+    created_at: float
+
+
+class GraphPage(BaseModel):
+    items: list[GraphSummary]
+    next_cursor: str | None
+
+
+class RunPage(BaseModel):
+    items: list[RunOut]
+    next_cursor: str | None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining"]
+    version: str
+    active_runs: int
+
+
+# -- stream messages (WebSocket text frames; SSE data lines) -------------------
+
+
+class LogMessage(BaseModel):
+    type: Literal["log"]
+    log: LogEntryOut
+
+
+class StatusMessage(BaseModel):
+    type: Literal["status"]
+    status: TerminalStatusName
+
+
+class ErrorMessage(BaseModel):
+    type: Literal["error"]
+    error: ErrorBody

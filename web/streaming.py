@@ -1,0 +1,237 @@
+"""Live run logs: WebSocket ``/ws/logs/{run_id}`` and Server-Sent Events ``/sse/logs/{run_id}``.
+
+Both are thin relays over :meth:`core.Engine.follow`, which reads the store by
+cursor: replay and live tail are one mechanism, a slow client holds no buffer
+here and never slows the run. Each stream races three things: the relay,
+the client going away, and the server draining for shutdown.
+
+WebSocket close codes: 1000 after the status message; 1001 when the server
+shuts down; ``4000 + HTTP status`` after an error message (4404 unknown run,
+4422 bad query, 4429 too many followers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any, cast
+
+import trio
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from core import Engine, EngineError, LogEntry, RunStatus
+
+from .errors import RequestError, engine_status, error_body, request_invalid
+from .schemas import FollowQuery
+from .services import Lifecycle, services
+
+log = logging.getLogger("trioflow.web")
+
+GOING_AWAY = 1001
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+async def relay(
+    engine: Engine,
+    run_id: str,
+    after: int,
+    on_entry: Callable[[LogEntry], Awaitable[None]],
+) -> RunStatus:
+    """Hand every entry with ``seq > after`` to ``on_entry``; return the run's terminal status.
+
+    Raises:
+        UnknownRunError: no such run.
+        CapacityError: too many followers.
+    """
+    # follow is an async generator: close it here, not whenever it is collected,
+    # so that a cancelled stream releases its follower slot at once.
+    follow = cast(AsyncGenerator[LogEntry, None], engine.follow(run_id, after=after))
+    async with aclosing(follow) as entries:
+        async for entry in entries:
+            await on_entry(entry)
+    # The terminal entry and the terminal record are one checkpoint, so once
+    # follow has ended the record says how the run ended.
+    return (await engine.get_run(run_id)).status
+
+
+async def _race(lifecycle: Lifecycle, wait_gone: Callable[[], Awaitable[None]],
+                work: Callable[[], Awaitable[None]]) -> str:  # fmt: skip
+    """Run ``work`` until it ends, the client goes, or the server drains. Returns which."""
+    outcome = "done"
+    async with trio.open_nursery() as nursery:
+
+        async def watch(what: str, wait: Callable[[], Awaitable[Any]]) -> None:
+            nonlocal outcome
+            await wait()
+            outcome = what
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch, "gone", wait_gone)
+        nursery.start_soon(watch, "draining", lifecycle.draining.wait)
+        await work()
+        nursery.cancel_scope.cancel()
+    return outcome
+
+
+# -- WebSocket -------------------------------------------------------------------
+
+
+async def _error_close(websocket: WebSocket, status: int, body: dict[str, Any]) -> None:
+    await websocket.send_text(_dumps({"type": "error", **body}))
+    await websocket.close(code=4000 + status)
+
+
+async def ws_logs(websocket: WebSocket) -> None:
+    """``WS /ws/logs/{run_id}?after=SEQ``: log messages, one status message, close 1000."""
+    svc = services(websocket)
+    run_id = websocket.path_params["run_id"]
+    await websocket.accept()
+    try:
+        query = FollowQuery.model_validate(dict(websocket.query_params))
+        await svc.engine.get_run(run_id)
+    except ValidationError as exc:
+        err = request_invalid(exc, "query")
+        await _error_close(websocket, err.status, error_body(err.code, err.message, err.details))
+        return
+    except EngineError as exc:
+        await _error_close(websocket, engine_status(exc), error_body(exc.code, exc.message,
+                                                                     exc.details))  # fmt: skip
+        return
+
+    async def wait_gone() -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def send_entry(entry: LogEntry) -> None:
+        await websocket.send_text(_dumps({"type": "log", "log": entry.as_dict()}))
+
+    error: EngineError | None = None
+    final: RunStatus | None = None
+
+    async def work() -> None:
+        nonlocal error, final
+        try:
+            final = await relay(svc.engine, run_id, query.after, send_entry)
+        except EngineError as exc:  # e.g. CapacityError: reported to the client
+            error = exc
+
+    try:
+        outcome = await _race(svc.lifecycle, wait_gone, work)
+    except WebSocketDisconnect:
+        return
+    if outcome == "gone" or websocket.application_state is not WebSocketState.CONNECTED:
+        return
+    if outcome == "draining":
+        await websocket.close(code=GOING_AWAY, reason="server shutting down")
+    elif error is not None:
+        await _error_close(websocket, engine_status(error),
+                           error_body(error.code, error.message, error.details))  # fmt: skip
+    elif final is not None:
+        await websocket.send_text(_dumps({"type": "status", "status": final.value}))
+        await websocket.close(code=1000)
+
+
+# -- Server-Sent Events ----------------------------------------------------------
+
+
+def _last_event_id(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise RequestError(400, "bad_request", "Last-Event-ID must be a log seq (an integer >= 0)",
+                           {"last_event_id": raw[:100]})  # fmt: skip
+    return value
+
+
+class EventStream(Response):
+    """A run's log as ``text/event-stream``.
+
+    Each entry is ``id: <seq>``, ``event: log``, ``data: <entry JSON>``; the
+    stream ends with ``event: status`` (``data: {"status": ...}``). While idle
+    a comment line goes out every ``heartbeat_s`` so proxies keep it open.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, engine: Engine, lifecycle: Lifecycle, run_id: str, after: int,
+                 heartbeat_s: float) -> None:  # fmt: skip
+        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                         media_type="text/event-stream; charset=utf-8")  # fmt: skip
+        self.engine = engine
+        self.lifecycle = lifecycle
+        self.run_id = run_id
+        self.after = after
+        self.heartbeat_s = heartbeat_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Response.__init__ set a zero content-length for the empty body; a stream has none.
+        headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        lock = trio.Lock()
+        last_sent = trio.current_time()
+
+        async def emit(chunk: str) -> None:
+            nonlocal last_sent
+            async with lock:
+                await send({"type": "http.response.body", "body": chunk.encode(),
+                            "more_body": True})  # fmt: skip
+                last_sent = trio.current_time()
+
+        async def send_entry(entry: LogEntry) -> None:
+            await emit(f"id: {entry.seq}\nevent: log\ndata: {_dumps(entry.as_dict())}\n\n")
+
+        async def wait_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        async def heartbeat() -> None:
+            while True:
+                await trio.sleep_until(last_sent + self.heartbeat_s)
+                if trio.current_time() >= last_sent + self.heartbeat_s:
+                    await emit(": keepalive\n\n")
+
+        async def work() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeat)
+                try:
+                    status = await relay(self.engine, self.run_id, self.after, send_entry)
+                except EngineError as exc:
+                    body = _dumps(error_body(exc.code, exc.message, exc.details))
+                    await emit(f"event: error\ndata: {body}\n\n")
+                else:
+                    await emit(f"event: status\ndata: {_dumps({'status': status.value})}\n\n")
+                nursery.cancel_scope.cancel()
+
+        outcome = await _race(self.lifecycle, wait_gone, work)
+        if outcome != "gone":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def sse_logs(request: Request) -> Response:
+    """``GET /sse/logs/{run_id}``: resumes after ``Last-Event-ID`` (or ``?after=``)."""
+    svc = services(request)
+    run_id = request.path_params["run_id"]
+    try:
+        query = FollowQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise request_invalid(exc, "query") from None
+    resume = _last_event_id(request)
+    await svc.engine.get_run(run_id)  # 404 before the stream starts
+    after = resume if resume is not None else query.after
+    return EventStream(svc.engine, svc.lifecycle, run_id, after, svc.settings.heartbeat_s)
