@@ -25,13 +25,14 @@ class RunContext:
     attempt: int
     _lines: list[tuple[float, Level, str, dict[str, Any]]] = field(default_factory=list, repr=False)
 
-    def log(self, message: str, *, level: str = "info", **data: Any) -> None:
+    def log(self, message: str, /, *, level: str = "info", **data: Any) -> None:
         """Add a custom log line (event ``custom``) to the run's log.
 
         Args:
             message: the text of the line.
             level: ``debug``, ``info``, ``warning`` or ``error``.
-            **data: JSON-safe values stored with the line.
+            **data: JSON-safe values stored with the line (any key, even
+                ``message``; only ``level`` is taken by this method).
         """
         self._lines.append((time.time(), Level(level), str(message), data))
 
