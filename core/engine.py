@@ -276,6 +276,9 @@ class Engine:
         actor = self._actors.get(run_id)
         if actor is not None:
             await actor.done.wait()
+            # The actor's record is what it last committed; no store read needed.
+            if actor.record.status.is_terminal:
+                return actor.record
             return await self.get_run(run_id)
         record = await self.get_run(run_id)
         if record.status.is_terminal:

@@ -41,9 +41,11 @@ application_id`` marks the file as a trioflow database.
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import trio
@@ -164,13 +166,114 @@ def _graph_from_row(row: Row) -> StoredGraph:
 
 
 @dataclass(slots=True, eq=False)
-class _Checkpoint:
-    """One queued checkpoint write and, once the writer ran it, its outcome."""
+class _Job:
+    """One write for the writer thread and, once it ran, its outcome.
 
-    run_id: str
-    write: Callable[[sqlite3.Connection], None]
-    taken: bool = False
-    error: BaseException | None = None
+    ``run_id`` names the run a checkpoint belongs to (``None`` for other
+    writes); ``wait`` is whether a task awaits ``done``.
+    """
+
+    run_id: str | None
+    write: Callable[[sqlite3.Connection], Any]
+    wait: bool
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: StoreError | None = None
+
+
+#: Most jobs committed in one transaction.
+_MAX_BATCH = 512
+#: Most jobs handed to the writer and not yet committed (async durability).
+_MAX_IN_FLIGHT = 4096
+
+
+class _WriterThread:
+    """Owns the write connection; commits queued jobs in batches.
+
+    A dedicated thread fed by a queue costs less per checkpoint than a
+    ``trio.to_thread`` call, batches naturally (every job queued while a
+    commit runs goes into the next transaction: group commit), and lets a
+    checkpoint be handed over without waiting for it (``durability="async"``).
+    Outcomes return to the Trio thread through ``TrioToken.run_sync_soon``.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        token: trio.lowlevel.TrioToken,
+        on_done: Callable[[list[_Job]], None],
+    ) -> None:
+        self._conn = conn
+        self._token = token
+        self._on_done = on_done
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Runs whose unawaited (async) checkpoint failed: later checkpoints of
+        # theirs are refused, so a failed step is never followed by a stored
+        # later one (a gap). The run stays at its last committed checkpoint and
+        # is resumed from there by the next engine.
+        self._poisoned: dict[str, StoreError] = {}
+        self._thread = threading.Thread(target=self._loop, name="trioflow-sqlite-writer",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def submit(self, jobs: list[_Job]) -> None:
+        self._queue.put(jobs)
+
+    def stop(self) -> None:
+        """Finish every queued job, then close the connection (blocking)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = list(first)
+            while len(batch) < _MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.extend(more)
+            self._write(batch)
+            self._token.run_sync_soon(self._on_done, batch)
+        _close_writer(self._conn)
+
+    def _write(self, batch: list[_Job]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                if job.run_id is not None and job.run_id in self._poisoned:
+                    job.error = self._poisoned[job.run_id]
+                    continue
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.write(conn)
+                except (sqlite3.Error, StoreError) as exc:
+                    conn.execute("ROLLBACK TO job")
+                    job.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                    if job.run_id is not None and not job.wait:
+                        # Nobody waits for this one, and later steps of the
+                        # run may already be queued behind it.
+                        self._poisoned[job.run_id] = job.error
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreError(f"SQLite commit failed: {exc}")
+            for job in batch:
+                job.result = None
+                if job.error is None:
+                    job.error = error
+                    if job.run_id is not None and not job.wait:
+                        self._poisoned[job.run_id] = error
 
 
 class SQLiteStore(Store):
@@ -183,6 +286,13 @@ class SQLiteStore(Store):
             another connection (another process) before failing.
         synchronous: ``"NORMAL"`` (default; see the module docs for what a
             power loss may cost) or ``"FULL"`` (fsync on every commit).
+        durability: ``"sync"`` (default): a run's next node starts only once
+            the previous step's checkpoint is committed. ``"async"``: step
+            checkpoints are handed to the writer thread and the run goes on;
+            they are still written in order, each atomically, and followers
+            see a step only once it is committed, but a crash may lose the
+            last few steps (they run again on resume). Creating a run and
+            its terminal checkpoint are always waited for.
     """
 
     def __init__(
@@ -192,6 +302,7 @@ class SQLiteStore(Store):
         readers: int = 4,
         busy_timeout_ms: int = 5000,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        durability: Literal["sync", "async"] = "sync",
     ) -> None:
         super().__init__()
         if path == ":memory:" or path.startswith("file::memory:"):
@@ -205,8 +316,20 @@ class SQLiteStore(Store):
         self._writer: sqlite3.Connection | None = None
         self._idle_readers: list[sqlite3.Connection] = []
         self._reader_slots = trio.Semaphore(readers)
-        self._write_lock = trio.Lock()
-        self._queue: list[_Checkpoint] = []
+        if durability not in ("sync", "async"):
+            raise StoreError(f"durability must be 'sync' or 'async', not {durability!r}")
+        self.durability = durability
+        self._writer_thread: _WriterThread | None = None
+        self._in_flight = 0
+        self._room = trio.Event()
+        self._async_errors: dict[str, StoreError] = {}
+        # Jobs submitted during one scheduler tick go to the writer together:
+        # one thread wake-up and one transaction for every checkpoint of that
+        # tick (group commit across runs, and across the steps a run takes
+        # without yielding when durability is "async").
+        self._outbox: list[_Job] = []
+        self._flush_scheduled = False
+        self._token: trio.lowlevel.TrioToken | None = None
         # Our own thread budget: store calls never queue behind sync tools.
         self._limiter = trio.CapacityLimiter(readers + 1)
 
@@ -223,6 +346,8 @@ class SQLiteStore(Store):
         if self._writer is not None:
             raise StoreError(f"SQLite store {self.path!r} is already open")
         self._writer = await self._call(self._open_writer)
+        self._token = trio.lowlevel.current_trio_token()
+        self._writer_thread = _WriterThread(self._writer, self._token, self._jobs_done)
         try:
             for _ in range(self._reader_count):
                 reader = await self._call(self._connect, True)
@@ -233,9 +358,13 @@ class SQLiteStore(Store):
             raise
 
     async def aclose(self) -> None:
-        """Wait for in-flight calls, then close every connection."""
-        async with self._write_lock:
-            writer, self._writer = self._writer, None
+        """Write every queued checkpoint, wait for in-flight calls, close every connection."""
+        self._flush_outbox()
+        writer_thread, self._writer_thread = self._writer_thread, None
+        writer, self._writer = self._writer, None
+        if writer_thread is not None:
+            await trio.to_thread.run_sync(writer_thread.stop)
+            writer = None  # the thread closed it
         # Taking every reader slot waits for reads still in their threads.
         for _ in range(self._reader_count):
             await self._reader_slots.acquire()
@@ -323,50 +452,70 @@ class SQLiteStore(Store):
                 self._idle_readers.append(conn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._write_lock:
-            conn = self._writer
-            if conn is None:
-                raise StoreError(f"SQLite store {self.path!r} is not open")
-            return await self._call(_transaction, conn, fn)
+        """Run ``fn`` in its own savepoint on the writer thread and wait for it."""
+        job = _Job(None, fn, wait=True)
+        await self._submit(job)
+        return job.result  # type: ignore[no-any-return]
 
-    async def _commit(self, job: _Checkpoint) -> None:
-        """Write one checkpoint, together with any that queue up meanwhile; then notify."""
-        self._queue.append(job)
-        try:
-            async with self._write_lock:
-                if not job.taken:
-                    # Shielded: the batch holds other tasks' checkpoints, and
-                    # they trust whoever took them to write them.
-                    with trio.CancelScope(shield=True):
-                        await self._flush()
-        except trio.Cancelled:
-            if not job.taken:
-                self._queue.remove(job)
-                raise
-            # Another task is writing our checkpoint: its outcome is ours, as
-            # with a thread that cannot be abandoned. The cancel stays pending.
-            with trio.CancelScope(shield=True):
-                async with self._write_lock:
-                    pass
+    async def _checkpoint(self, run: RunRecord, write: Callable[[sqlite3.Connection], None],
+                          wait: bool) -> None:  # fmt: skip
+        error = self._async_errors.pop(run.run_id, None)
+        if error is not None:
+            raise error
+        await self._submit(_Job(run.run_id, write, wait=wait))
+
+    async def _submit(self, job: _Job) -> None:
+        writer = self._writer_thread
+        if writer is None:
+            raise StoreError(f"SQLite store {self.path!r} is not open")
+        if not job.wait:
+            # Backpressure before handing over: once queued, a job is written.
+            while self._in_flight >= _MAX_IN_FLIGHT:
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+        self._in_flight += 1
+        self._outbox.append(job)
+        if not self._flush_scheduled and self._token is not None:
+            self._flush_scheduled = True
+            self._token.run_sync_soon(self._flush_outbox)
+        if not job.wait:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        # Shielded: a job handed to the writer will be written; its outcome
+        # is the caller's, as with a thread that cannot be abandoned. A
+        # cancel stays pending and is delivered at the next checkpoint.
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
         if job.error is not None:
             raise job.error
 
-    async def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        for job in batch:
-            job.taken = True
-        conn = self._writer
-        try:
-            if conn is None:
-                raise StoreError(f"SQLite store {self.path!r} is not open")
-            await self._call(_write_batch, conn, batch)
-        except StoreError as exc:
+    def _flush_outbox(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outbox = self._outbox, []
+        writer = self._writer_thread
+        if not batch:
+            return
+        if writer is None:  # closed meanwhile
+            error = StoreError(f"SQLite store {self.path!r} is not open")
             for job in batch:
-                if job.error is None:
-                    job.error = StoreError(exc.message, details=exc.details)
+                job.error = error
+            self._jobs_done(batch)
+            return
+        writer.submit(batch)
+
+    def _jobs_done(self, batch: list[_Job]) -> None:
+        """On the Trio thread: report outcomes, wake followers and waiters."""
         for job in batch:
+            self._in_flight -= 1
             if job.error is None:
-                self.notifier.notify(job.run_id)
+                if job.run_id is not None:
+                    self.notifier.notify(job.run_id)
+            elif not job.wait and job.run_id is not None:
+                self._async_errors.setdefault(job.run_id, job.error)
+            job.done.set()
+        if self._in_flight < _MAX_IN_FLIGHT:
+            self._room.set()
 
     # -- graphs ------------------------------------------------------------------
 
@@ -426,7 +575,7 @@ class SQLiteStore(Store):
             if rows:
                 conn.executemany(_INSERT_LOG, rows)
 
-        await self._commit(_Checkpoint(run.run_id, create))
+        await self._checkpoint(run, create, wait=True)
 
     async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
         # Serialise on the Trio thread: the record and entries are a snapshot
@@ -447,7 +596,8 @@ class SQLiteStore(Store):
                         "the checkpoint was not written"
                     ) from None
 
-        await self._commit(_Checkpoint(run.run_id, save))
+        wait = self.durability == "sync" or run.status in TERMINAL
+        await self._checkpoint(run, save, wait=wait)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         def get(conn: sqlite3.Connection) -> Row | None:
@@ -526,45 +676,17 @@ class SQLiteStore(Store):
         return await self._write(delete)
 
 
-def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    # IMMEDIATE takes the write lock up front, so a busy database is waited
-    # for (busy_timeout) at BEGIN rather than failing half-way through.
-    conn.execute("BEGIN IMMEDIATE")
+def _close_writer(writer: sqlite3.Connection) -> None:
     try:
-        result = fn(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _write_batch(conn: sqlite3.Connection, batch: list[_Checkpoint]) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for job in batch:
-            conn.execute("SAVEPOINT checkpoint")
-            try:
-                job.write(conn)
-            except (sqlite3.Error, StoreError) as exc:
-                conn.execute("ROLLBACK TO checkpoint")
-                job.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
-            conn.execute("RELEASE checkpoint")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        # Lets SQLite refresh its planner statistics where they went stale.
+        writer.execute("PRAGMA analysis_limit = 400")
+        writer.execute("PRAGMA optimize")
+    finally:
+        writer.close()
 
 
 def _close_all(writer: sqlite3.Connection | None, readers: list[sqlite3.Connection]) -> None:
     for reader in readers:
         reader.close()
     if writer is not None:
-        try:
-            # Lets SQLite refresh its planner statistics where they went stale.
-            writer.execute("PRAGMA analysis_limit = 400")
-            writer.execute("PRAGMA optimize")
-        finally:
-            writer.close()
+        _close_writer(writer)

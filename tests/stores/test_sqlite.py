@@ -215,3 +215,65 @@ async def test_a_cancelled_checkpoint_is_either_written_whole_or_not_at_all(
                 assert run.step == 2
     finally:
         await store.aclose()
+
+
+async def test_async_durability_hands_steps_over_and_keeps_the_log_whole(
+    db: pathlib.Path,
+) -> None:
+    from core import open_engine
+
+    graph = {
+        "id": "chain", "start_node": "n0",
+        "nodes": [{"id": f"n{i}", "callable": "tools.noop"} for i in range(50)],
+        "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(49)],
+    }  # fmt: skip
+    store = SQLiteStore(str(db), durability="async")
+    async with open_engine(store=store) as engine:
+        await engine.register_graph(graph)
+        run = await engine.start_run("chain", {"k": 1})
+        final = await engine.wait(run.run_id)
+        assert final.status is RunStatus.COMPLETED and final.step == 50
+    # The terminal checkpoint was waited for and aclose wrote the rest: a new
+    # store on the file sees the whole run.
+    reopened = SQLiteStore(str(db))
+    await reopened.open()
+    try:
+        stored = await reopened.get_run(run.run_id)
+        entries = await reopened.read_log(run.run_id)
+    finally:
+        await reopened.aclose()
+    assert stored == final
+    assert _seqs(entries) == list(range(1, final.last_seq + 1))
+    assert entries[-1].event == Event.RUN_COMPLETED
+
+
+async def test_a_failed_async_checkpoint_stops_later_ones_of_that_run(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db), durability="async")
+    await store.open()
+    try:
+        first = _run(step=1, last_seq=2)
+        await store.create_run(first, [_entry(1), _entry(2)])
+        await store.create_run(_run("r2"), [_entry(1)])
+        # Queued without waiting: a broken step (seq 2 repeats), then a good
+        # later step of the same run, and a step of another run.
+        await store.save_run(_run(step=2, last_seq=3), [_entry(2), _entry(3)])
+        await store.save_run(_run(step=3, last_seq=4), [_entry(4)])
+        await store.save_run(_run("r2", step=2, last_seq=2), [_entry(2)])
+        with pytest.raises(StoreError):
+            # Written with a wait (terminal), so the earlier failure surfaces.
+            await store.save_run(_run(step=4, last_seq=5, status=RunStatus.COMPLETED),
+                                 [_entry(5)])  # fmt: skip
+        # r1 stays at its last committed checkpoint, with no gap after it.
+        assert await store.get_run("r1") == first
+        assert _seqs(await store.read_log("r1")) == [1, 2]
+        # The other run was not affected.
+        other = await store.get_run("r2")
+        assert other is not None and other.step == 2
+        assert _seqs(await store.read_log("r2")) == [1, 2]
+    finally:
+        await store.aclose()
+
+
+async def test_durability_must_be_sync_or_async(db: pathlib.Path) -> None:
+    with pytest.raises(StoreError, match="durability"):
+        SQLiteStore(str(db), durability="later")  # type: ignore[arg-type]
