@@ -116,7 +116,7 @@ class Registry:
             raise RegistryError(f"tool {name!r} is async; inline applies to sync tools only")
         existing = self._tools.get(name)
         if existing is not None:
-            if existing.func is func:
+            if existing.func == func:  # == so that a bound method registered twice matches
                 return existing
             raise RegistryError(f"tool name {name!r} is already registered")
         tool = Tool(

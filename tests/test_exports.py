@@ -39,6 +39,7 @@ EXPECTED = {
     "CapacityError",
     "ConditionError",
     "ExpressionError",
+    "ExpressionEvaluationError",
     "GraphConflictError",
     "GraphValidationError",
     "LimitExceededError",

@@ -410,3 +410,16 @@ def test_fail_raises(registry: Registry) -> None:
         fail.func(JsonState(fail_message="disk on fire"))
     with pytest.raises(ToolFailure, match=r"tools\.fail was called"):
         fail.func(JsonState())
+
+
+def test_the_same_bound_method_may_be_registered_twice() -> None:
+    class Counter:
+        def bump(self, state: object) -> dict[str, int]:
+            return {"n": 1}
+
+    registry = Registry()
+    counter = Counter()
+    first = registry.add_tool("c.bump", counter.bump)
+    assert registry.add_tool("c.bump", counter.bump) is first
+    with pytest.raises(RegistryError):
+        registry.add_tool("c.bump", Counter().bump)
