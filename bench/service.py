@@ -119,6 +119,8 @@ def proc_cpu_s(pid: int | None = None) -> float:
 async def _batch(client: Any, clients: int, total: int, method: str, path: str,
                  body: Any = None) -> tuple[float, list[float], int]:  # fmt: skip
     """``total`` requests from ``clients`` tasks; (wall s, latencies s, errors)."""
+    import httpx
+
     latencies: list[float] = []
     errors = 0
     remaining = total
@@ -128,7 +130,17 @@ async def _batch(client: Any, clients: int, total: int, method: str, path: str,
         while remaining > 0:
             remaining -= 1
             t0 = time.perf_counter()
-            resp = await client.request(method, path, json=body)
+            for attempt in range(3):
+                try:
+                    resp = await client.request(method, path, json=body)
+                    break
+                except httpx.RemoteProtocolError:
+                    # Hypercorn closes a connection idle for keep_alive_timeout
+                    # (5 s); a pooled connection can lose that race. Retried
+                    # and counted as an error.
+                    errors += 1
+                    if attempt == 2:
+                        raise
             latencies.append(time.perf_counter() - t0)
             failed = resp.status_code != 200
             if not failed and body is not None:
@@ -176,7 +188,7 @@ async def _measure(url: str, server_pid: int, quick: bool) -> list[Row]:
             med_r = statistics.median(stats["run"]["rps"])
             share = med_r / med_h
             case = f"{clients} client{'s' if clients > 1 else ''}"
-            err_note = f"; {errors} errors" if errors else ""
+            err_note = f"; {errors} errors/retries" if errors else ""
 
             def cpu(kind: str, stats: dict[str, dict[str, list[float]]] = stats) -> str:
                 return (f"CPU/request: server {statistics.median(stats[kind]['srv']):.2f} ms, "
