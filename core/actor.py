@@ -36,6 +36,11 @@ log = logging.getLogger("trioflow.actor")
 #: Longest a run executes steps without letting other tasks run.
 YIELD_INTERVAL_S = 0.002
 
+_INFO = Level.INFO
+_NODE_COMPLETED = Event.NODE_COMPLETED
+_EDGE_TAKEN = Event.EDGE_TAKEN
+_NODE_STARTED = Event.NODE_STARTED
+
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
@@ -202,8 +207,8 @@ class RunActor:
         await self._finish(RunStatus.FAILED, Event.RUN_FAILED, Level.ERROR, failure.message,
                            entries=entries, node=failure.node, error=failure.as_dict())  # fmt: skip
 
-    def _custom(self, ctx: RunContext) -> list[LogEntry]:
-        if not ctx._lines:
+    def _custom(self, ctx: RunContext | None) -> list[LogEntry]:
+        if ctx is None or not ctx._lines:
             return []
         return [
             self._entry(Event.CUSTOM, msg, level=level, node=ctx.node_id, data=data, ts=ts)
@@ -255,7 +260,9 @@ class RunActor:
             if node_id is None:  # pragma: no cover - _begin always sets it
                 raise _RunFailed(RunFailure("internal_error", "run has no current node"))
             node = graph.nodes[node_id]
-            ctx = RunContext(self.run_id, graph.id, node_id, record.step, 1)
+            # Only a tool that takes (state, ctx) can log custom lines.
+            ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1)
+                   if node.tool.arity == 2 else None)  # fmt: skip
             result = await self._call_node(node, ctx)
             entries = self._custom(ctx)
             try:
@@ -278,7 +285,10 @@ class RunActor:
                 raise _RunFailed(RunFailure("condition_failed", exc.message, node=exc.node,
                                             edge=exc.edge)) from None  # fmt: skip
             self._model = model
-            entries.append(self._completed(node_id, record.step))
+            now = time.time()  # one timestamp for the step's bookkeeping entries
+            self._seq += 1
+            entries.append(LogEntry(self._seq, now, _INFO, _NODE_COMPLETED, node_id,
+                                    node.completed_message, {"step": record.step}))  # fmt: skip
             for spent in decision.exhausted:
                 entries.append(self._entry(
                     Event.LOOP_EXHAUSTED,
@@ -296,19 +306,19 @@ class RunActor:
             if edge.type == "loop":
                 counters = {**counters, edge.key: counters.get(edge.key, 0) + 1}
                 data["iteration"] = counters[edge.key]
-            entries.append(self._entry(Event.EDGE_TAKEN,
-                                       f"{edge.source} -> {edge.target} ({edge.type})",
-                                       node=node_id, data=data))  # fmt: skip
+            self._seq += 1
+            entries.append(LogEntry(self._seq, now, _INFO, _EDGE_TAKEN, node_id,
+                                    edge.taken_message, data))  # fmt: skip
             step = record.step + 1
             if step > graph.max_steps:
                 await self._save(entries, state=state, loop_counters=counters)
                 raise _RunFailed(self._max_steps_failure(edge.target))
             # The hot path: build the next record positionally (evolve() with
             # keyword changes costs several microseconds more per step).
-            now = time.time()
             self._seq += 1
-            entries.append(LogEntry(self._seq, now, Level.INFO, Event.NODE_STARTED, edge.target,
-                                    f"node {edge.target} started", {"step": step}))  # fmt: skip
+            entries.append(LogEntry(self._seq, now, _INFO, _NODE_STARTED, edge.target,
+                                    graph.nodes[edge.target].started_message,
+                                    {"step": step}))  # fmt: skip
             await self._commit(RunRecord(
                 record.run_id, record.graph_id, RunStatus.RUNNING, state, edge.target, step,
                 counters, None, record.created_at, record.started_at, None, now, self._seq,
@@ -329,10 +339,11 @@ class RunActor:
         return self._entry(Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id,
                            data={"step": step})  # fmt: skip
 
-    async def _call_node(self, node: Node, ctx: RunContext) -> Any:
+    async def _call_node(self, node: Node, ctx: RunContext | None) -> Any:
         attempt = 1
         while True:
-            ctx.attempt = attempt
+            if ctx is not None:
+                ctx.attempt = attempt
             try:
                 if node.timeout_s is None:
                     return await self._invoke(node, ctx)
@@ -365,7 +376,7 @@ class RunActor:
             await trio.sleep(delay)
             attempt += 1
 
-    async def _invoke(self, node: Node, ctx: RunContext) -> Any:
+    async def _invoke(self, node: Node, ctx: RunContext | None) -> Any:
         tool = node.tool
         model = self._current_model()
         args: tuple[Any, ...] = (model, ctx)[: tool.arity]

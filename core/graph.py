@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -33,6 +33,13 @@ class Node:
     tool: Tool
     timeout_s: float | None
     retry: RetrySpec
+    # Log messages, built once here rather than on every step.
+    started_message: str = field(init=False, repr=False, compare=False)
+    completed_message: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "started_message", f"node {self.id} started")
+        object.__setattr__(self, "completed_message", f"node {self.id} completed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,11 @@ class Edge:
     condition_tool: Tool | None = None
     max_iterations: int = 0
     until: Expression | None = None
+    #: The ``edge_taken`` log message, built once.
+    taken_message: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "taken_message", f"{self.source} -> {self.target} ({self.type})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +199,11 @@ class _Checker:
         if self.problems:
             return None
 
+        by_source: dict[str, list[Edge]] = {node_id: [] for node_id in nodes}
+        for e in edges:
+            by_source[e.source].append(e)
         outgoing: dict[str, Outgoing] = {}
-        for node_id in nodes:
-            mine = [e for e in edges if e.source == node_id]
+        for node_id, mine in by_source.items():
             outgoing[node_id] = Outgoing(
                 conditional=tuple(e for e in mine if e.type != "sequential"),
                 sequential=next((e for e in mine if e.type == "sequential"), None),
