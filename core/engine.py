@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -259,13 +259,34 @@ class Engine:
         if actor is not None:
             actor.send(Cancel())
             await actor.done.wait()
-        record = await self.get_run(run_id)
+            record = actor.record  # what it committed last
+        else:
+            record = await self.get_run(run_id)
         if record.status is RunStatus.CANCELLED:
             return record
         if record.status.is_terminal:
             raise RunStateError(run_id, record.status.value, "cancel")
         # Not terminal and no actor here: another process owns it.
         raise RunStateError(run_id, record.status.value, "cancel (owned by another process)")
+
+    async def cancel_many(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """Cancel many runs of this engine at once and wait until each is recorded.
+
+        Every run is signalled first, then all are awaited, so the cost per
+        run is only its own cancellation. Runs this engine does not hold
+        (unknown, finished, or owned by another process) are skipped.
+
+        Returns:
+            The final records of the runs that were active here, in the order
+            given; a run that finished before the cancel took effect keeps
+            its own terminal status.
+        """
+        actors = [a for a in (self._actors.get(r) for r in run_ids) if a is not None]
+        for actor in actors:
+            actor.send(Cancel())
+        for actor in actors:
+            await actor.done.wait()
+        return [actor.record for actor in actors]
 
     async def wait(self, run_id: str) -> RunRecord:
         """Wait until the run is terminal and return its final record.

@@ -312,3 +312,25 @@ async def test_wait_and_follow_work_for_runs_finished_by_an_earlier_engine(
         entries = [e async for e in engine.follow(run.run_id)]
         _assert_gapless(entries)
         assert len(entries) == first.last_seq
+
+
+async def test_cancel_many_cancels_every_active_run_and_skips_the_rest(
+    registry: Registry, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_engine(registry=registry, limits=EngineLimits(max_running=3)) as engine:
+        await engine.register_graph(_doc("slow", "tools.sleep"))
+        await engine.register_graph(_doc("quick", "tools.noop"))
+        done = await engine.start_run("quick")
+        await engine.wait(done.run_id)
+        parked = [await engine.start_run("slow", {"sleep_s": 3600}) for _ in range(5)]
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        finals = await engine.cancel_many([done.run_id, "nope", *(r.run_id for r in parked)])
+        assert trio.current_time() == start  # no virtual time passes
+        assert [f.run_id for f in finals] == [r.run_id for r in parked]
+        assert all(f.status is RunStatus.CANCELLED for f in finals)
+        for run in parked:  # running and pending ones alike, recorded in the store
+            stored = await engine.get_run(run.run_id)
+            assert stored.status is RunStatus.CANCELLED
+        assert (await engine.get_run(done.run_id)).status is RunStatus.COMPLETED
+        assert engine.active_runs == 0
