@@ -41,9 +41,9 @@ application_id`` marks the file as a trioflow database.
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -194,7 +194,9 @@ class _WriterThread:
     ``trio.to_thread`` call, batches naturally (every job queued while a
     commit runs goes into the next transaction: group commit), and lets a
     checkpoint be handed over without waiting for it (``durability="async"``).
-    Outcomes return to the Trio thread through ``TrioToken.run_sync_soon``.
+    Jobs are appended under a lock and the thread is woken only when it
+    waits; outcomes return to the Trio thread through
+    ``TrioToken.run_sync_soon``.
     """
 
     def __init__(
@@ -206,7 +208,9 @@ class _WriterThread:
         self._conn = conn
         self._token = token
         self._on_done = on_done
-        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
         # Runs whose unawaited (async) checkpoint failed: later checkpoints of
         # theirs are refused, so a failed step is never followed by a stored
         # later one (a gap). The run stays at its last committed checkpoint and
@@ -216,30 +220,27 @@ class _WriterThread:
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
-    def submit(self, jobs: list[_Job]) -> None:
-        self._queue.put(jobs)
+    def submit(self, job: _Job) -> None:
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify()
 
     def stop(self) -> None:
         """Finish every queued job, then close the connection (blocking)."""
-        self._queue.put(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
         self._thread.join()
 
     def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            batch = list(first)
-            while len(batch) < _MAX_BATCH:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
+        pending = self._pending
+        while True:
+            with self._cond:
+                while not pending and not self._stopping:
+                    self._cond.wait()
+                if not pending:
                     break
-                if more is None:
-                    stopping = True
-                    break
-                batch.extend(more)
+                batch = [pending.popleft() for _ in range(min(len(pending), _MAX_BATCH))]
             self._write(batch)
             self._token.run_sync_soon(self._on_done, batch)
         _close_writer(self._conn)
@@ -323,13 +324,6 @@ class SQLiteStore(Store):
         self._in_flight = 0
         self._room = trio.Event()
         self._async_errors: dict[str, StoreError] = {}
-        # Jobs submitted during one scheduler tick go to the writer together:
-        # one thread wake-up and one transaction for every checkpoint of that
-        # tick (group commit across runs, and across the steps a run takes
-        # without yielding when durability is "async").
-        self._outbox: list[_Job] = []
-        self._flush_scheduled = False
-        self._token: trio.lowlevel.TrioToken | None = None
         # Our own thread budget: store calls never queue behind sync tools.
         self._limiter = trio.CapacityLimiter(readers + 1)
 
@@ -346,8 +340,8 @@ class SQLiteStore(Store):
         if self._writer is not None:
             raise StoreError(f"SQLite store {self.path!r} is already open")
         self._writer = await self._call(self._open_writer)
-        self._token = trio.lowlevel.current_trio_token()
-        self._writer_thread = _WriterThread(self._writer, self._token, self._jobs_done)
+        self._writer_thread = _WriterThread(self._writer, trio.lowlevel.current_trio_token(),
+                                            self._jobs_done)  # fmt: skip
         try:
             for _ in range(self._reader_count):
                 reader = await self._call(self._connect, True)
@@ -359,7 +353,6 @@ class SQLiteStore(Store):
 
     async def aclose(self) -> None:
         """Write every queued checkpoint, wait for in-flight calls, close every connection."""
-        self._flush_outbox()
         writer_thread, self._writer_thread = self._writer_thread, None
         writer, self._writer = self._writer, None
         if writer_thread is not None:
@@ -475,10 +468,7 @@ class SQLiteStore(Store):
                     self._room = trio.Event()
                 await self._room.wait()
         self._in_flight += 1
-        self._outbox.append(job)
-        if not self._flush_scheduled and self._token is not None:
-            self._flush_scheduled = True
-            self._token.run_sync_soon(self._flush_outbox)
+        writer.submit(job)
         if not job.wait:
             await trio.lowlevel.checkpoint_if_cancelled()
             return
@@ -489,20 +479,6 @@ class SQLiteStore(Store):
             await job.done.wait()
         if job.error is not None:
             raise job.error
-
-    def _flush_outbox(self) -> None:
-        self._flush_scheduled = False
-        batch, self._outbox = self._outbox, []
-        writer = self._writer_thread
-        if not batch:
-            return
-        if writer is None:  # closed meanwhile
-            error = StoreError(f"SQLite store {self.path!r} is not open")
-            for job in batch:
-                job.error = error
-            self._jobs_done(batch)
-            return
-        writer.submit(batch)
 
     def _jobs_done(self, batch: list[_Job]) -> None:
         """On the Trio thread: report outcomes, wake followers and waiters."""
