@@ -182,12 +182,13 @@ async def list_runs(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """``GET /healthz``: 200 while serving, 503 while draining for shutdown."""
-    svc = services(request)
-    draining = svc.lifecycle.is_draining
-    body = {"status": "draining" if draining else "ok", "version": core.__version__,
-            "active_runs": svc.engine.active_runs}  # fmt: skip
-    return JSONResponse(body, status_code=503 if draining else 200)
+    """``GET /healthz``: the process serves requests and its engine is open."""
+    engine = services(request).engine
+    return JSONResponse(_health(engine.active_runs))
+
+
+def _health(active_runs: int) -> dict[str, Any]:
+    return {"status": "ok", "version": core.__version__, "active_runs": active_runs}
 
 
 async def openapi(request: Request) -> Response:

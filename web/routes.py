@@ -144,7 +144,7 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET", "/healthz", handlers.healthz, "health", "Liveness",
-        {200: ("Serving", schemas.Health), 503: ("Draining for shutdown", schemas.Health)},
+        {200: ("Serving", schemas.Health)},
         tag="service",
     ),
     Operation(

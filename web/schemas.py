@@ -161,7 +161,7 @@ class RunPage(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "draining"]
+    status: Literal["ok"]
     version: str
     active_runs: int
 

@@ -20,6 +20,7 @@ class Gates:
     """Lets a test hold runs of ``test.gate`` at that node until it opens the gate."""
 
     opened: trio.Event = field(default_factory=trio.Event)
+    reached: trio.Event = field(default_factory=trio.Event)
     entered: int = 0
 
 
@@ -34,6 +35,7 @@ def web_registry(gates: Gates) -> Registry:
 
     async def gate(state: BaseModel) -> None:
         gates.entered += 1
+        gates.reached.set()
         await gates.opened.wait()
 
     def chatty(state: BaseModel, ctx: RunContext) -> None:
