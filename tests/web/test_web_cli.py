@@ -1,0 +1,196 @@
+"""The ``trioflow`` command, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SPEC = ROOT / "samples" / "code_review.json"
+TRIOFLOW = [sys.executable, "-c", "import sys; from web.cli import main; sys.exit(main())"]
+
+
+async def trioflow(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [*TRIOFLOW, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def trioflow_many(*calls: tuple[str, ...]) -> list[subprocess.CompletedProcess[bytes]]:
+    """Several invocations at once (each pays the interpreter's start-up)."""
+    results: list[Any] = [None] * len(calls)
+
+    async def one(i: int) -> None:
+        results[i] = await trioflow(*calls[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(calls)):
+            nursery.start_soon(one, i)
+    return results
+
+
+@asynccontextmanager
+async def spawn(*args: str, **kwargs: Any) -> AsyncIterator[trio.Process]:
+    """A running ``trioflow`` process, killed on the way out if it is still running."""
+    process = await trio.lowlevel.open_process([*TRIOFLOW, *args], **kwargs)
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None:
+                    await pipe.aclose()
+
+
+def write(tmp_path: pathlib.Path, name: str, document: dict[str, Any]) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+async def test_validate(tmp_path: pathlib.Path) -> None:
+    ok = await trioflow("validate", str(SPEC))
+    assert ok.returncode == 0, ok.stderr
+    assert b"code-review-a" in ok.stdout
+
+    bad = write(tmp_path, "bad.json", {
+        "id": "bad", "start_node": "ghost",
+        "nodes": [{"id": "a", "callable": "tools.nope"}],
+        "edges": [{"from": "a", "to": "nowhere"}],
+    })  # fmt: skip
+    result = await trioflow("validate", bad)
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) >= 3  # every problem, one per line, with its path and code
+    assert any("$.start_node: unknown_start_node" in line for line in lines)
+    assert any("$.nodes[0].callable: unknown_callable" in line for line in lines)
+
+    (tmp_path / "broken.json").write_text("{nope")
+    broken, missing = await trioflow_many(
+        ("validate", str(tmp_path / "broken.json")), ("validate", str(tmp_path / "missing.json"))
+    )
+    assert broken.returncode == 1
+    assert missing.returncode == 3
+
+
+async def test_run_exit_codes(tmp_path: pathlib.Path) -> None:
+    done = await trioflow("run", str(SPEC), "--state", '{"issues_open": 0}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"issues_open": 0, "approved": True}
+    log = done.stderr.decode()
+    assert "run_started" in log and "run_completed" in log
+    assert log.index("node_started    submit") < log.index("node_started    approve")
+
+    failing = write(tmp_path, "fail.json", {
+        "id": "f", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.fail"}],
+    })  # fmt: skip
+    failed = await trioflow("run", failing, "--state", '{"fail_message": "kaput"}')
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout) == {"fail_message": "kaput"}
+    assert b"kaput" in failed.stderr
+
+    invalid = write(tmp_path, "invalid.json", {"id": "x", "start_node": "a", "nodes": []})
+    cannot_start = await trioflow_many(
+        ("run", str(SPEC), "--state", "[1"),
+        ("run", str(SPEC), "--state", "[1]"),
+        ("run", invalid),
+        ("run", str(SPEC), "--tools", "no.such.module"),
+        ("run",),  # usage errors are 3 too, never "cancelled"
+    )
+    assert [r.returncode for r in cannot_start] == [3] * 5
+
+
+async def test_run_cancelled_by_ctrl_c(tmp_path: pathlib.Path) -> None:
+    sleepy = write(tmp_path, "sleep.json", {
+        "id": "s", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.sleep"}],
+    })  # fmt: skip
+    with trio.fail_after(30):
+        async with spawn(
+            "run",
+            sleepy,
+            "--state",
+            '{"sleep_s": 60}',
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        ) as process:
+            assert process.stderr is not None and process.stdout is not None
+            err = b""
+            while b"node_started" not in err:
+                err += await process.stderr.receive_some()
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(5):
+                code = await process.wait()
+            out = b""
+            while chunk := await process.stdout.receive_some():
+                out += chunk
+    assert code == 2
+    assert json.loads(out) == {"sleep_s": 60}
+
+
+async def test_serve_logs_and_sigterm(tmp_path: pathlib.Path) -> None:
+    with trio.fail_after(60):
+        async with spawn(
+            "serve", "--port", "0", "--samples", "--log-level", "warning",
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as process:  # fmt: skip
+            assert process.stdout is not None
+            out = b""
+            while b"\n" not in out:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "serve exited before listening"
+                out += chunk
+            line = out.decode().splitlines()[0]
+            assert line.startswith("trioflow listening on http://127.0.0.1:")
+            url = line.removeprefix("trioflow listening on ")
+
+            import httpx
+
+            async with httpx.AsyncClient(base_url=url) as client:
+                ran = await client.post("/graph/run", json={
+                    "graph_id": "code-review-a", "initial_state": {"issues_open": 1}})  # fmt: skip
+                assert ran.status_code == 200  # --samples registered the spec graph
+                run = ran.json()
+
+            logs = await trioflow("logs", run["run_id"], "--url", url)
+            assert logs.returncode == 0, logs.stderr
+            lines = logs.stdout.decode().splitlines()
+            assert len(lines) == run["last_seq"]
+            assert "run_completed" in lines[-1]
+
+            tail = await trioflow("logs", run["run_id"], "--url", url, "--follow", "--json",
+                                  "--after", "27")  # fmt: skip
+            assert tail.returncode == 0
+            entries = [json.loads(x) for x in tail.stdout.decode().splitlines()]
+            assert entries == run["logs"][27:]
+
+            missing = await trioflow("logs", "nope", "--url", url)
+            assert missing.returncode == 3
+            assert b"not found" in missing.stderr
+
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                assert await process.wait() == 0
+
+
+async def test_serve_refuses_bad_configuration() -> None:
+    tools, store = await trioflow_many(
+        ("serve", "--port", "0", "--tools", "no.such.module"),
+        ("serve", "--port", "0", "--store", "redis://nope"),
+    )
+    assert tools.returncode == 3
+    assert b"no.such.module" in tools.stderr
+    assert store.returncode == 3
+    assert b"redis://nope" in store.stderr

@@ -1,0 +1,353 @@
+"""The ``trioflow`` command: serve, validate, run, logs.
+
+Exit codes:
+    ``run``: 0 completed, 1 failed, 2 cancelled (Ctrl-C cancels the run), 3 could
+    not start (unreadable file, invalid graph or state, bad tool module).
+    ``validate``: 0 valid, 1 invalid (every problem is printed), 3 unreadable.
+    ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
+    3 on errors (unknown run, server unreachable or shutting down).
+    ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start.
+    Usage errors exit 3 as well, so that 2 always means "cancelled".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, NoReturn
+
+import trio
+
+from core import (
+    EngineError,
+    GraphValidationError,
+    Registry,
+    RunStatus,
+    open_engine,
+    open_store_from_url,
+)
+
+from .app import build_registry, create_app
+from .serve import SHUTDOWN_SIGNALS, serve
+from .settings import Settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CANCELLED = 2
+EXIT_ERROR = 3
+
+STATUS_EXIT = {
+    RunStatus.COMPLETED: EXIT_OK,
+    RunStatus.FAILED: EXIT_FAILED,
+    RunStatus.CANCELLED: EXIT_CANCELLED,
+}
+
+SAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "samples"
+
+log = logging.getLogger("trioflow.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _fail(message: str) -> int:
+    print(f"trioflow: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def format_entry(entry: dict[str, Any]) -> str:
+    """One log entry as a line: seq, local time, level, event, node, message."""
+    when = datetime.datetime.fromtimestamp(entry["ts"]).strftime("%H:%M:%S.%f")[:-3]
+    node = entry.get("node") or "-"
+    return (
+        f"{entry['seq']:>5} {when} {entry['level']:<7} {entry['event']:<15} "
+        f"{node} {entry['message']}"
+    )
+
+
+def _read_document(path: str) -> Any:
+    """The parsed JSON of ``path``; raises OSError or ValueError."""
+    return json.loads(pathlib.Path(path).read_text())
+
+
+# -- serve -------------------------------------------------------------------------
+
+
+def _sample_settings(tools: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Graph files and tool modules for ``--samples``.
+
+    ``samples/NAME.json`` is registered; if ``samples/NAME.py`` or the package
+    ``samples/NAME/`` exists, the module ``samples.NAME`` is loaded first. A
+    module that fails to load is skipped with a warning (its graph then fails
+    validation and is skipped too).
+    """
+    if not SAMPLES_DIR.is_dir():
+        log.warning("no samples directory at %s", SAMPLES_DIR)
+        return (), ()
+    root = str(SAMPLES_DIR.parent)
+    if root not in sys.path:
+        sys.path.append(root)
+    graphs: list[str] = []
+    modules: list[str] = []
+    for path in sorted(SAMPLES_DIR.glob("*.json")):
+        graphs.append(str(path))
+        stem = path.stem
+        if not ((SAMPLES_DIR / f"{stem}.py").is_file() or (SAMPLES_DIR / stem).is_dir()):
+            continue
+        module = f"samples.{stem}"
+        try:
+            Registry().load_module(module)
+        except EngineError as exc:
+            log.warning("skipping sample tools %s: %s", module, exc.message)
+            continue
+        if module not in tools:
+            modules.append(module)
+    return tuple(graphs), tuple(modules)
+
+
+async def _serve(settings: Settings, host: str, port: int, graceful_timeout: float) -> None:
+    app = create_app(settings=settings)
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(serve, app, host=host, port=port, graceful_timeout=graceful_timeout)
+        )
+        for bind in binds:
+            print(f"trioflow listening on {bind}", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    tools: list[str] = list(args.tools)
+    graphs: tuple[str, ...] = ()
+    if args.samples:
+        graphs, sample_modules = _sample_settings(tools)
+        tools += sample_modules
+    try:
+        open_store_from_url(args.store)  # a bad URL fails here, before binding
+        build_registry(tuple(tools))
+    except EngineError as exc:
+        return _fail(exc.message)
+    settings = Settings(
+        store_url=args.store,
+        tool_modules=tuple(tools),
+        graph_files=graphs,
+        max_body_bytes=args.max_body_bytes,
+    )
+    try:
+        trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
+    except OSError as exc:
+        return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+    return EXIT_OK
+
+
+# -- validate ----------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        registry = build_registry(tuple(args.tools))
+    except EngineError as exc:
+        return _fail(exc.message)
+    try:
+        document = _read_document(args.file)
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror or exc}")
+    except ValueError as exc:
+        print(f"{args.file}: $: invalid_json: {exc}")
+        return EXIT_FAILED
+    from core import compile_graph
+
+    try:
+        graph = compile_graph(document, registry)
+    except GraphValidationError as exc:
+        for problem in exc.problems:
+            print(f"{args.file}: {problem.path}: {problem.code}: {problem.message}")
+        print(f"{len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.file}: graph {graph.id!r} is valid ({len(graph.nodes)} nodes)")
+    return EXIT_OK
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+async def _run(document: Any, state: Any, registry: Registry) -> int:
+    async with open_engine(registry=registry) as engine:
+        try:
+            graph = await engine.register_graph(document)
+            record = await engine.start_run(graph.id, state)
+        except GraphValidationError as exc:
+            for problem in exc.problems:
+                print(f"{problem.path}: {problem.code}: {problem.message}", file=sys.stderr)
+            return EXIT_ERROR
+        except EngineError as exc:
+            return _fail(exc.message)
+        run_id = record.run_id
+
+        async def cancel_on_signal() -> None:
+            with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+                async for _ in signals:
+                    print("trioflow: cancelling the run", file=sys.stderr)
+                    await engine.cancel(run_id)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_signal)
+            async for entry in engine.follow(run_id):
+                print(format_entry(entry.as_dict()), file=sys.stderr, flush=True)
+            nursery.cancel_scope.cancel()
+        final = await engine.get_run(run_id)
+        print(json.dumps(final.state, indent=2, ensure_ascii=False))
+        if final.error is not None:
+            print(f"trioflow: run failed: {final.error.get('message')}", file=sys.stderr)
+        return STATUS_EXIT.get(final.status, EXIT_ERROR)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        registry = build_registry(tuple(args.tools))
+    except EngineError as exc:
+        return _fail(exc.message)
+    try:
+        document = _read_document(args.file)
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return _fail(f"{args.file} is not JSON: {exc}")
+    try:
+        state = json.loads(args.state)
+    except ValueError as exc:
+        return _fail(f"--state is not JSON: {exc}")
+    return trio.run(_run, document, state, registry)
+
+
+# -- logs --------------------------------------------------------------------------
+
+
+async def _logs(url: str, run_id: str, after: int, follow: bool, as_json: bool) -> int:
+    import httpx
+    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+    base = url.rstrip("/")
+    until: int | None = None
+    if not follow:
+        # "What exists": everything up to the run's current checkpoint.
+        try:
+            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                response = await client.get(f"/graph/state/{run_id}")
+        except httpx.HTTPError as exc:
+            return _fail(f"cannot reach {base}: {exc}")
+        if response.status_code != 200:
+            return _fail(_error_text(response.text))
+        until = response.json()["last_seq"]
+        if until <= after:
+            return EXIT_OK
+    ws_url = "ws" + base[len("http") :] if base.startswith("http") else base
+    ws_url = f"{ws_url}/ws/logs/{run_id}?after={after}"
+    status: str | None = None
+    try:
+        async with open_websocket_url(ws_url) as ws:
+            try:
+                while True:
+                    message = json.loads(await ws.get_message())
+                    if message["type"] == "log":
+                        entry = message["log"]
+                        print(json.dumps(entry) if as_json else format_entry(entry), flush=True)
+                        if until is not None and entry["seq"] >= until:
+                            break
+                    elif message["type"] == "status":
+                        status = message["status"]
+                    elif message["type"] == "error":
+                        return _fail(message["error"]["message"])
+            except ConnectionClosed as closed:
+                if closed.reason is not None and closed.reason.code == 1001:
+                    return _fail("the server is shutting down")
+            finally:
+                stream = ws._stream
+        # trio-websocket does not close its socket when the server closes first.
+        await stream.aclose()
+    except (HandshakeError, OSError) as exc:
+        return _fail(f"cannot follow {ws_url}: {exc}")
+    if follow and status is not None:
+        return STATUS_EXIT.get(RunStatus(status), EXIT_ERROR)
+    return EXIT_OK
+
+
+def _error_text(body: str) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200]
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.after < 0:
+        return _fail("--after must be >= 0")
+    return trio.run(_logs, args.url, args.run_id, args.after, args.follow, args.json)
+
+
+# -- main --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trioflow", description="JSON-defined workflow graphs on Trio.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the HTTP API")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one)")
+    p.add_argument("--store", default=os.environ.get("TRIOFLOW_STORE", "memory://"),
+                   help="store URL: memory:// or sqlite:///PATH (env TRIOFLOW_STORE)")  # fmt: skip
+    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE",
+                   help="tool modules to load (each defines register(registry))")  # fmt: skip
+    p.add_argument("--samples", action="store_true",
+                   help="register the graphs in samples/ (and their tool modules)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes)
+    p.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="seconds in-flight requests get on shutdown")  # fmt: skip
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])  # fmt: skip
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("validate", help="validate a graph document")
+    p.add_argument("file")
+    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run a graph here, printing its log (stderr) and state (stdout)")
+    p.add_argument("file")
+    p.add_argument("--state", default="{}", help="initial state as a JSON object")
+    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("logs", help="print a run's log from a server")
+    p.add_argument("run_id")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--follow", "-f", action="store_true", help="wait for new entries until the end")
+    p.add_argument("--after", type=int, default=0, help="only entries with seq > AFTER")
+    p.add_argument("--json", action="store_true", help="one JSON entry per line")
+    p.set_defaults(func=cmd_logs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trioflow`` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
