@@ -1,0 +1,112 @@
+"""The OpenAPI document, and schemathesis fuzzing the live server against it.
+
+Schemathesis is synchronous (``requests``), so the server runs in a thread
+with its own ``trio.run``; the fuzzing is bounded and derandomised.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+import trio
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from core import open_engine
+from web import Settings, create_app, serve
+from web.openapi import build_openapi
+
+DOCUMENT = build_openapi()
+schema = schemathesis.openapi.from_dict(DOCUMENT)
+
+
+@pytest.fixture(scope="module")
+def live_url() -> Iterator[str]:
+    """A real Hypercorn server in a background thread, for the module."""
+    bound: queue.Queue[str | BaseException] = queue.Queue()
+    tokens: list[trio.lowlevel.TrioToken] = []
+    stop: list[trio.Event] = []
+
+    async def main() -> None:
+        stop.append(trio.Event())
+        tokens.append(trio.lowlevel.current_trio_token())
+        async with open_engine() as engine, trio.open_nursery() as nursery:
+            app = create_app(engine, Settings(max_body_bytes=256 * 1024))
+            binds = await nursery.start(
+                lambda task_status: serve(
+                    app, host="127.0.0.1", port=0, task_status=task_status,
+                    shutdown_trigger=stop[0].wait, handle_signals=False, graceful_timeout=1,
+                )
+            )  # fmt: skip
+            bound.put(binds[0])
+
+    def thread_main() -> None:
+        try:
+            trio.run(main)
+        except BaseException as exc:  # reported to the test thread
+            bound.put(exc)
+
+    thread = threading.Thread(target=thread_main, daemon=True)
+    thread.start()
+    url = bound.get(timeout=10)
+    if isinstance(url, BaseException):
+        raise url
+    yield url
+    trio.from_thread.run_sync(stop[0].set, trio_token=tokens[0])
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
+
+
+@schema.parametrize()
+@settings(
+    max_examples=30,
+    derandomize=True,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+def test_fuzz_finds_no_500_and_no_schema_break(case: Any, live_url: str) -> None:
+    case.call_and_validate(base_url=live_url, checks=CHECKS, timeout=10)
+
+
+def test_openapi_covers_every_route() -> None:
+    from web.routes import starlette_routes
+
+    paths = DOCUMENT["paths"]
+    from starlette.routing import Route
+
+    for route in starlette_routes():
+        if not isinstance(route, Route):
+            assert route.path == "/ws/logs/{run_id}"  # type: ignore[attr-defined]
+            continue
+        path = route.path
+        methods = {m.lower() for m in route.methods or ()} - {"head"}
+        assert methods <= set(paths[path]), path
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            assert operation["responses"], (method, path)
+            if method == "post" and path != "/graph/cancel/{run_id}":
+                assert "requestBody" in operation
+    assert DOCUMENT["openapi"].startswith("3.1")
+    for name in ("LogMessage", "StatusMessage", "ErrorMessage", "ErrorResponse", "RunWithLogs"):
+        assert name in DOCUMENT["components"]["schemas"]
