@@ -1,0 +1,138 @@
+"""Crash safety, end to end: SIGKILL a real ``trioflow serve`` on SQLite and start it again.
+
+Everything written before the kill must be there after it, and runs that were
+in flight must be resumed and complete. This runs real processes on real
+time (bounded by ``fail_after``); it cannot use a virtual clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+SLOW = {
+    "id": "slow",
+    "start_node": "a",
+    "nodes": [
+        {"id": "a", "callable": "tools.noop"},
+        {"id": "b", "callable": "tools.sleep"},
+        {"id": "c", "callable": "tools.approve"},
+    ],
+    "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}],
+}
+
+
+@asynccontextmanager
+async def serving(db: pathlib.Path) -> AsyncIterator[tuple[trio.Process, str]]:
+    """Start ``trioflow serve`` on ``db``; yield the process and its base URL."""
+    cmd = [sys.executable, "-m", "web.cli", "serve", "--port", "0",
+           "--store", f"sqlite:///{db}"]  # fmt: skip
+    proc = await trio.lowlevel.open_process(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    buffer = b""
+    try:
+        with trio.fail_after(30):
+            while (match := re.search(rb"listening on (http://\S+)", buffer)) is None:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, f"server exited before listening: {buffer.decode(errors='replace')}"
+                buffer += chunk
+        yield proc, match.group(1).decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.move_on_after(10):
+            await proc.wait()
+
+
+async def _state(client: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
+    response = await client.get(f"/graph/state/{run_id}")
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def _until(client: httpx.AsyncClient, run_id: str, predicate: Any) -> dict[str, Any]:
+    while True:
+        state = await _state(client, run_id)
+        if predicate(state):
+            return state
+        await trio.sleep(0.05)
+
+
+def _comparable(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "updated_at"}
+
+
+async def test_sigkill_loses_nothing_and_in_flight_runs_complete(tmp_path: pathlib.Path) -> None:
+    db = tmp_path / "trioflow.db"
+    spec = json.loads((ROOT / "samples" / "code_review.json").read_text())
+    with trio.fail_after(120):
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                for doc in (spec, SLOW):
+                    assert (await client.post("/graph/create", json=doc)).status_code == 201
+                finished = []
+                for issues in (0, 1, 2):
+                    r = await client.post("/graph/run", json={
+                        "graph_id": "code-review-a", "initial_state": {"issues_open": issues},
+                        "background": False})  # fmt: skip
+                    assert r.status_code == 200 and r.json()["status"] == "completed"
+                    finished.append(r.json()["run_id"])
+                in_flight = []
+                for _ in range(3):
+                    r = await client.post("/graph/run", json={
+                        "graph_id": "slow", "initial_state": {"sleep_s": 1.5},
+                        "background": True})  # fmt: skip
+                    assert r.status_code == 202
+                    in_flight.append(r.json()["run_id"])
+                for run_id in in_flight:
+                    await _until(client, run_id, lambda s: s["current_node"] == "b")
+                cancelled = in_flight.pop()
+                r = await client.post(f"/graph/cancel/{cancelled}")
+                assert r.status_code == 200 and r.json()["status"] == "cancelled"
+                before = {run_id: await _state(client, run_id)
+                          for run_id in [*finished, *in_flight, cancelled]}  # fmt: skip
+                graphs_before = (await client.get("/graphs")).json()["items"]
+
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert (await client.get("/graphs")).json()["items"] == graphs_before
+                for doc in (spec, SLOW):
+                    stored = (await client.get(f"/graph/{doc['id']}")).json()
+                    assert stored["start_node"] == doc["start_node"]
+                # Finished and cancelled runs are exactly as they were.
+                for run_id in [*finished, cancelled]:
+                    assert _comparable(await _state(client, run_id)) == _comparable(before[run_id])
+                # In-flight runs complete; their log before the kill is kept as is,
+                # then run_resumed, and node b ran again (at-least-once).
+                for run_id in in_flight:
+                    after = await _until(client, run_id, lambda s: s["status"] == "completed")
+                    old, new = before[run_id]["logs"], after["logs"]
+                    assert new[: len(old)] == old
+                    assert [e["seq"] for e in new] == list(range(1, len(new) + 1))
+                    events = [(e["event"], e["node"]) for e in new[len(old):]]
+                    assert events[0] == ("run_resumed", "b")
+                    assert ("node_started", "b") in events[1:]
+                    assert after["state"]["approved"] is True
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
