@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from core import (
     CapacityError,
@@ -37,6 +37,8 @@ from core import (
     UnknownRunError,
 )
 from core.stores.base import InvalidCursorError
+
+from .responses import JSON
 
 log = logging.getLogger("trioflow.web")
 
@@ -112,11 +114,11 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
 
 def error_response(status: int, code: str, message: str,
                    details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
-    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None) -> JSON:  # fmt: skip
+    return JSON(error_body(code, message, details), status_code=status, headers=headers)
 
 
-def engine_error_response(exc: EngineError) -> JSONResponse:
+def engine_error_response(exc: EngineError) -> JSON:
     status = engine_status(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message)

@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 import core
 from core import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
 
 from .errors import RequestError, request_invalid
+from .responses import JSON, log_entry
 from .schemas import PageQuery, RunRequest, RunsQuery
 from .services import services
 
@@ -78,7 +79,7 @@ async def run_with_logs(engine: Engine, record: RunRecord) -> dict[str, Any]:
         for entry in page:
             if entry.seq > last:
                 break
-            logs.append(entry.as_dict())
+            logs.append(log_entry(entry))
         if len(page) < LOG_PAGE:
             break
         after = page[-1].seq
@@ -107,14 +108,14 @@ async def create_graph(request: Request) -> Response:
     edges = sum(len(o.conditional) + (o.sequential is not None) for o in graph.outgoing.values())
     body = {"graph_id": graph.id, "digest": graph.digest, "created": not existed,
             "nodes": len(graph.nodes), "edges": edges}  # fmt: skip
-    return JSONResponse(body, status_code=200 if existed else 201,
+    return JSON(body, status_code=200 if existed else 201,
                         headers={"Location": f"/graph/{graph.id}"})  # fmt: skip
 
 
 async def get_graph(request: Request) -> Response:
     """``GET /graph/{graph_id}``: the stored (normalised) document; ``ETag`` is its digest."""
     stored = await services(request).engine.get_graph_document(request.path_params["graph_id"])
-    return JSONResponse(stored.document, headers={"ETag": f'"{stored.digest}"'})
+    return JSON(stored.document, headers={"ETag": f'"{stored.digest}"'})
 
 
 async def list_graphs(request: Request) -> Response:
@@ -130,7 +131,7 @@ async def list_graphs(request: Request) -> Response:
         }
         for g in page.items
     ]
-    return JSONResponse({"items": items, "next_cursor": page.next_cursor})
+    return JSON({"items": items, "next_cursor": page.next_cursor})
 
 
 # -- runs ------------------------------------------------------------------------
@@ -148,23 +149,23 @@ async def run_graph(request: Request) -> Response:
     if body.background:
         accepted = {"run_id": record.run_id, "graph_id": record.graph_id,
                     "status": record.status.value}  # fmt: skip
-        return JSONResponse(accepted, status_code=202,
+        return JSON(accepted, status_code=202,
                             headers={"Location": f"/graph/state/{record.run_id}"})  # fmt: skip
     final = await engine.wait(record.run_id)
-    return JSONResponse(await run_with_logs(engine, final))
+    return JSON(await run_with_logs(engine, final))
 
 
 async def run_state(request: Request) -> Response:
     """``GET /graph/state/{run_id}``: the run record and its whole log."""
     engine = services(request).engine
     record = await engine.get_run(request.path_params["run_id"])
-    return JSONResponse(await run_with_logs(engine, record))
+    return JSON(await run_with_logs(engine, record))
 
 
 async def cancel_run(request: Request) -> Response:
     """``POST /graph/cancel/{run_id}``: the cancelled run; 409 if it already ended otherwise."""
     record = await services(request).engine.cancel(request.path_params["run_id"])
-    return JSONResponse(record.as_dict())
+    return JSON(record.as_dict())
 
 
 async def list_runs(request: Request) -> Response:
@@ -174,7 +175,7 @@ async def list_runs(request: Request) -> Response:
     page = await services(request).engine.list_runs(
         graph_id=query.graph_id, status=status, cursor=query.cursor, limit=query.limit
     )
-    return JSONResponse({"items": [r.as_dict() for r in page.items],
+    return JSON({"items": [r.as_dict() for r in page.items],
                          "next_cursor": page.next_cursor})  # fmt: skip
 
 
@@ -184,7 +185,7 @@ async def list_runs(request: Request) -> Response:
 async def healthz(request: Request) -> Response:
     """``GET /healthz``: the process serves requests and its engine is open."""
     engine = services(request).engine
-    return JSONResponse(_health(engine.active_runs))
+    return JSON(_health(engine.active_runs))
 
 
 def _health(active_runs: int) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 
+import pydantic_core
 import trio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,9 +19,10 @@ class BodyLimitMiddleware:
     """Rejects HTTP request bodies over ``max_bytes`` with 413.
 
     A declared ``Content-Length`` over the limit is refused before the app
-    runs. A body without one (chunked) is counted as it streams in, and the
-    read that crosses the limit aborts the request, so no handler ever holds
-    more than ``max_bytes`` of body.
+    runs (and one within it needs no counting: the HTTP server delivers
+    exactly that many bytes). A body without one (chunked) is counted as it
+    streams in, and the read that crosses the limit aborts the request, so no
+    handler ever holds more than ``max_bytes`` of body.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -38,11 +39,13 @@ class BodyLimitMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    declared = 0  # the HTTP server rejects malformed lengths itself
+                    break  # the HTTP server rejects malformed lengths itself
                 if declared > limit:
                     await self._refuse(send, declared)
-                    return
-                break
+                else:
+                    # The HTTP server delivers exactly the declared length: nothing to count.
+                    await self.app(scope, receive, send)
+                return
 
         received = 0
         started = False
@@ -69,11 +72,11 @@ class BodyLimitMiddleware:
                 await self._refuse(send, received)
 
     async def _refuse(self, send: Send, size: int) -> None:
-        body = json.dumps(error_body(
+        body = pydantic_core.to_json(error_body(
             "body_too_large",
             f"request body is over the limit of {self.max_bytes} bytes",
             {"limit": "max_body_bytes", "value": size, "maximum": self.max_bytes},
-        ), separators=(",", ":")).encode()  # fmt: skip
+        ))  # fmt: skip
         await send({
             "type": "http.response.start",
             "status": 413,

@@ -12,7 +12,7 @@ shuts down; ``4000 + HTTP status`` after an error message (4404 unknown run,
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -28,16 +28,21 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from core import Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
+from .responses import dumps, log_entry
 from .schemas import FollowQuery
 from .services import Lifecycle, services
 
 log = logging.getLogger("trioflow.web")
 
 GOING_AWAY = 1001
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+CLIENT_GONE = (
+    WebSocketDisconnect,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    # Hypercorn 0.18 may be tearing the connection down in another task.
+    trio.BusyResourceError,
+)
+CLOSE_REPLY_TIMEOUT = 2.0
 
 
 async def relay(
@@ -85,16 +90,38 @@ async def _race(lifecycle: Lifecycle, wait_gone: Callable[[], Awaitable[None]],
 # -- WebSocket -------------------------------------------------------------------
 
 
+async def _close(websocket: WebSocket, code: int, reason: str | None = None) -> None:
+    """Close, then wait (briefly) for the client's closing reply before returning.
+
+    Hypercorn 0.18 tears the connection down when the handler returns, and
+    that teardown is not serialised with the close reply its reader task may
+    still have to send; the collision raises inside Hypercorn's connection
+    task and takes the whole server down. Returning only once the closing
+    handshake is complete (or the client is clearly not answering) avoids it.
+    """
+    await websocket.close(code=code, reason=reason)
+    with trio.move_on_after(CLOSE_REPLY_TIMEOUT):
+        while websocket.client_state is WebSocketState.CONNECTED:
+            if (await websocket.receive())["type"] == "websocket.disconnect":
+                break
+
+
 async def _error_close(websocket: WebSocket, status: int, body: dict[str, Any]) -> None:
-    await websocket.send_text(_dumps({"type": "error", **body}))
-    await websocket.close(code=4000 + status)
+    await websocket.send_text(dumps({"type": "error", **body}))
+    await _close(websocket, 4000 + status)
 
 
 async def ws_logs(websocket: WebSocket) -> None:
     """``WS /ws/logs/{run_id}?after=SEQ``: log messages, one status message, close 1000."""
+    await websocket.accept()
+    # A client may hang up at any moment; a send that then fails means it is gone.
+    with contextlib.suppress(*CLIENT_GONE):
+        await _follow(websocket)
+
+
+async def _follow(websocket: WebSocket) -> None:
     svc = services(websocket)
     run_id = websocket.path_params["run_id"]
-    await websocket.accept()
     try:
         query = FollowQuery.model_validate(dict(websocket.query_params))
         await svc.engine.get_run(run_id)
@@ -103,43 +130,41 @@ async def ws_logs(websocket: WebSocket) -> None:
         await _error_close(websocket, err.status, error_body(err.code, err.message, err.details))
         return
     except EngineError as exc:
-        await _error_close(websocket, engine_status(exc), error_body(exc.code, exc.message,
-                                                                     exc.details))  # fmt: skip
+        body = error_body(exc.code, exc.message, exc.details)
+        await _error_close(websocket, engine_status(exc), body)
         return
 
     async def wait_gone() -> None:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
 
     async def send_entry(entry: LogEntry) -> None:
-        await websocket.send_text(_dumps({"type": "log", "log": entry.as_dict()}))
+        await websocket.send_text(dumps({"type": "log", "log": log_entry(entry)}))
 
     error: EngineError | None = None
     final: RunStatus | None = None
+    gone = False
 
     async def work() -> None:
-        nonlocal error, final
+        nonlocal error, final, gone
         try:
             final = await relay(svc.engine, run_id, query.after, send_entry)
         except EngineError as exc:  # e.g. CapacityError: reported to the client
             error = exc
+        except CLIENT_GONE:
+            gone = True
 
-    try:
-        outcome = await _race(svc.lifecycle, wait_gone, work)
-    except WebSocketDisconnect:
-        return
-    if outcome == "gone" or websocket.application_state is not WebSocketState.CONNECTED:
+    outcome = await _race(svc.lifecycle, wait_gone, work)
+    if gone or outcome == "gone" or websocket.application_state is not WebSocketState.CONNECTED:
         return
     if outcome == "draining":
-        await websocket.close(code=GOING_AWAY, reason="server shutting down")
+        await _close(websocket, GOING_AWAY, "server shutting down")
     elif error is not None:
-        await _error_close(websocket, engine_status(error),
-                           error_body(error.code, error.message, error.details))  # fmt: skip
+        body = error_body(error.code, error.message, error.details)
+        await _error_close(websocket, engine_status(error), body)
     elif final is not None:
-        await websocket.send_text(_dumps({"type": "status", "status": final.value}))
-        await websocket.close(code=1000)
+        await websocket.send_text(dumps({"type": "status", "status": final.value}))
+        await _close(websocket, 1000)
 
 
 # -- Server-Sent Events ----------------------------------------------------------
@@ -185,20 +210,34 @@ class EventStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         lock = trio.Lock()
         last_sent = trio.current_time()
+        gone = trio.Event()
 
         async def emit(chunk: str) -> None:
             nonlocal last_sent
             async with lock:
-                await send({"type": "http.response.body", "body": chunk.encode(),
-                            "more_body": True})  # fmt: skip
+                if gone.is_set():
+                    return
+                try:
+                    await send({"type": "http.response.body", "body": chunk.encode(),
+                                "more_body": True})  # fmt: skip
+                except CLIENT_GONE:
+                    gone.set()
                 last_sent = trio.current_time()
 
         async def send_entry(entry: LogEntry) -> None:
-            await emit(f"id: {entry.seq}\nevent: log\ndata: {_dumps(entry.as_dict())}\n\n")
+            await emit(f"id: {entry.seq}\nevent: log\ndata: {dumps(log_entry(entry))}\n\n")
 
         async def wait_gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            async with trio.open_nursery() as nursery:
+
+                async def read() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone.set()
+
+                nursery.start_soon(read)
+                await gone.wait()
+                nursery.cancel_scope.cancel()
 
         async def heartbeat() -> None:
             while True:
@@ -212,15 +251,16 @@ class EventStream(Response):
                 try:
                     status = await relay(self.engine, self.run_id, self.after, send_entry)
                 except EngineError as exc:
-                    body = _dumps(error_body(exc.code, exc.message, exc.details))
+                    body = dumps(error_body(exc.code, exc.message, exc.details))
                     await emit(f"event: error\ndata: {body}\n\n")
                 else:
-                    await emit(f"event: status\ndata: {_dumps({'status': status.value})}\n\n")
+                    await emit(f"event: status\ndata: {dumps({'status': status.value})}\n\n")
                 nursery.cancel_scope.cancel()
 
         outcome = await _race(self.lifecycle, wait_gone, work)
-        if outcome != "gone":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if outcome != "gone" and not gone.is_set():
+            with contextlib.suppress(*CLIENT_GONE):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def sse_logs(request: Request) -> Response:

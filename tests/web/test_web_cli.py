@@ -194,3 +194,39 @@ async def test_serve_refuses_bad_configuration() -> None:
     assert b"no.such.module" in tools.stderr
     assert store.returncode == 3
     assert b"redis://nope" in store.stderr
+
+
+async def test_clients_hanging_up_at_any_moment_do_not_hurt_the_server() -> None:
+    # Hypercorn 0.18 races its connection teardown against a close reply it
+    # still has to send; a client closing while the server sends its status
+    # and close frame used to take the whole server down. Timing matters, so
+    # this runs against a real `trioflow serve` process.
+    from trio_websocket import ConnectionClosed
+    from web_support import open_ws
+
+    with trio.fail_after(60):
+        async with spawn(
+            "serve", "--port", "0", "--samples", "--log-level", "error",
+            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as process:  # fmt: skip
+            assert process.stdout is not None
+            out = b""
+            while b"\n" not in out:
+                out += await process.stdout.receive_some()
+            url = out.decode().split()[3]
+            import httpx
+
+            async with httpx.AsyncClient(base_url=url) as client:
+                body = {"graph_id": "code-review-a", "initial_state": {"issues_open": 1}}
+                ran = await client.post("/graph/run", json=body)
+                run_id = ran.json()["run_id"]
+                ws_url = f"{url.replace('http', 'ws')}/ws/logs/{run_id}?after=25"
+                for i in range(200):
+                    async with open_ws(ws_url) as ws:
+                        try:
+                            for _ in range(i % 6):  # hang up after 0..5 messages
+                                await ws.get_message()
+                        except ConnectionClosed:
+                            pass
+                assert process.returncode is None
+                assert (await client.get("/healthz")).status_code == 200
