@@ -37,9 +37,9 @@ log = logging.getLogger("trioflow.actor")
 YIELD_INTERVAL_S = 0.002
 
 _INFO = Level.INFO
-_NODE_COMPLETED = Event.NODE_COMPLETED
-_EDGE_TAKEN = Event.EDGE_TAKEN
-_NODE_STARTED = Event.NODE_STARTED
+_NODE_COMPLETED = Event.NODE_COMPLETED.value
+_EDGE_TAKEN = Event.EDGE_TAKEN.value
+_NODE_STARTED = Event.NODE_STARTED.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +165,9 @@ class RunActor:
         ts: float | None = None,
     ) -> LogEntry:
         self._seq += 1
-        return LogEntry(self._seq, ts if ts is not None else time.time(), level, event, node,
-                        message, data or {})  # fmt: skip
+        # Plain str, not the Event member: entries are serialised many times.
+        return LogEntry(self._seq, ts if ts is not None else time.time(), level, str(event),
+                        node, message, data or {})  # fmt: skip
 
     async def _save(self, entries: Sequence[LogEntry], **changes: Any) -> None:
         record = self.record.evolve(last_seq=self._seq, updated_at=time.time(), **changes)

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -308,7 +308,7 @@ class Engine:
             pass
         return await self.get_run(run_id)
 
-    async def follow(self, run_id: str, *, after: int = 0) -> AsyncIterator[LogEntry]:
+    async def follow(self, run_id: str, *, after: int = 0) -> AsyncGenerator[LogEntry, None]:
         """Every log entry with ``seq > after``: stored ones, then live ones.
 
         Ends after the run's terminal entry. Reads by cursor from the store,
@@ -371,7 +371,7 @@ class Engine:
         failure = RunFailure("graph_unavailable", f"cannot resume run: {exc.message}",
                              node=record.current_node)  # fmt: skip
         now = time.time()
-        entry = LogEntry(record.last_seq + 1, now, Level.ERROR, Event.RUN_FAILED,
+        entry = LogEntry(record.last_seq + 1, now, Level.ERROR, Event.RUN_FAILED.value,
                          record.current_node, failure.message,
                          {"error": failure.as_dict()})  # fmt: skip
         final = record.evolve(status=RunStatus.FAILED, error=failure.as_dict(), finished_at=now,

@@ -159,10 +159,12 @@ class _Checker:
                 model = found
 
         nodes: dict[str, Node] = {}
+        seen_ids: set[str] = set()
         for i, spec in enumerate(doc.nodes):
-            if spec.id in nodes:
+            if spec.id in seen_ids:
                 self.add("duplicate_node_id", f"$.nodes[{i}].id", f"node id {spec.id!r} repeats")
                 continue
+            seen_ids.add(spec.id)
             tool = self.registry.get_tool(spec.callable)
             if tool is None:
                 self.add("unknown_callable", f"$.nodes[{i}].callable",

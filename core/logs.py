@@ -42,7 +42,7 @@ class LogEntry(NamedTuple):
     seq: int
     ts: float
     level: Level
-    event: str
+    event: str  # an Event value, as a plain str
     node: str | None
     message: str
     data: dict[str, Any]

@@ -525,3 +525,17 @@ def test_condition_callable_is_resolved_at_compile_time(registry: Registry) -> N
     edge = graph.outgoing["a"].conditional[0]
     assert edge.condition_tool is not None and edge.condition_tool.func is has_issues
     assert edge.expression is None
+
+
+def test_a_repeated_node_id_is_reported_even_when_the_first_has_an_unknown_callable(
+    registry: Registry,
+) -> None:
+    doc = {
+        "id": "g", "start_node": "a",
+        "nodes": [{"id": "a", "callable": "nope.missing"}, {"id": "a", "callable": "tools.noop"}],
+    }  # fmt: skip
+    with pytest.raises(GraphValidationError) as info:
+        compile_graph(doc, registry)
+    found = {(p.code, p.path) for p in info.value.problems}
+    assert ("unknown_callable", "$.nodes[0].callable") in found
+    assert ("duplicate_node_id", "$.nodes[1].id") in found

@@ -27,18 +27,43 @@ def dumps(content: Any) -> str:
 
 
 def log_entry(entry: LogEntry) -> dict[str, Any]:
-    """A log entry on the wire (:class:`web.schemas.LogEntryOut`).
+    """A log entry on the wire (:class:`web.schemas.LogEntryOut`)."""
+    return entry.as_dict()
 
-    Like ``entry.as_dict()`` but with plain ``str`` values: the engine stores
-    events as ``Event`` members, and enum members take pydantic-core's slow
-    path (about 4x slower for a whole run's log).
+
+class EncodedEntries:
+    """Each log entry encoded once, whoever follows it.
+
+    A run followed by many clients sends every entry to each of them; the
+    entry is immutable once stored (``(run_id, seq)`` names it for good), so
+    its JSON is built once and shared. Bounded: the oldest encodings are
+    dropped first; a follower far behind just encodes again.
     """
-    return {
-        "seq": entry.seq,
-        "ts": entry.ts,
-        "level": str(entry.level),
-        "event": str(entry.event),
-        "node": entry.node,
-        "message": entry.message,
-        "data": entry.data,
-    }
+
+    def __init__(self, size: int = 16_384) -> None:
+        self._size = size
+        self._ws: dict[tuple[str, int], str] = {}
+        self._sse: dict[tuple[str, int], str] = {}
+
+    def _get(self, cache: dict[tuple[str, int], str], key: tuple[str, int], make: Any) -> str:
+        text = cache.get(key)
+        if text is None:
+            text = make()
+            if len(cache) >= self._size:
+                del cache[next(iter(cache))]
+            cache[key] = text
+        return text
+
+    def websocket(self, run_id: str, entry: LogEntry) -> str:
+        """The ``{"type": "log", "log": {...}}`` text frame."""
+        return self._get(self._ws, (run_id, entry.seq),
+                         lambda: dumps({"type": "log", "log": entry.as_dict()}))  # fmt: skip
+
+    def sse(self, run_id: str, entry: LogEntry) -> str:
+        """The whole ``id:``/``event:``/``data:`` event."""
+        return self._get(self._sse, (run_id, entry.seq),
+                         lambda: f"id: {entry.seq}\nevent: log\ndata: "
+                                 f"{dumps(entry.as_dict())}\n\n")  # fmt: skip
+
+
+ENCODED = EncodedEntries()

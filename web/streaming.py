@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any
 
 import trio
 from pydantic import ValidationError
@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from core import Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
-from .responses import dumps, log_entry
+from .responses import ENCODED, dumps
 from .schemas import FollowQuery
 from .services import Lifecycle, services
 
@@ -59,8 +59,7 @@ async def relay(
     """
     # follow is an async generator: close it here, not whenever it is collected,
     # so that a cancelled stream releases its follower slot at once.
-    follow = cast(AsyncGenerator[LogEntry, None], engine.follow(run_id, after=after))
-    async with aclosing(follow) as entries:
+    async with aclosing(engine.follow(run_id, after=after)) as entries:
         async for entry in entries:
             await on_entry(entry)
     # The terminal entry and the terminal record are one checkpoint, so once
@@ -139,7 +138,7 @@ async def _follow(websocket: WebSocket) -> None:
             pass
 
     async def send_entry(entry: LogEntry) -> None:
-        await websocket.send_text(dumps({"type": "log", "log": log_entry(entry)}))
+        await websocket.send_text(ENCODED.websocket(run_id, entry))
 
     error: EngineError | None = None
     final: RunStatus | None = None
@@ -225,7 +224,7 @@ class EventStream(Response):
                 last_sent = trio.current_time()
 
         async def send_entry(entry: LogEntry) -> None:
-            await emit(f"id: {entry.seq}\nevent: log\ndata: {dumps(log_entry(entry))}\n\n")
+            await emit(ENCODED.sse(self.run_id, entry))
 
         async def wait_gone() -> None:
             async with trio.open_nursery() as nursery:
