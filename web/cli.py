@@ -1,4 +1,4 @@
-"""The ``trioflow`` command: serve, validate, run, logs.
+"""The ``trioflow`` command: serve, validate, run, logs, prune.
 
 Exit codes:
     ``run``: 0 completed, 1 failed, 2 cancelled (Ctrl-C cancels the run), 3 could
@@ -7,6 +7,7 @@ Exit codes:
     ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
     3 on errors (unknown run, server unreachable or shutting down).
     ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start.
+    ``prune``: 0 done, 3 if the store cannot be opened.
     Usage errors exit 3 as well, so that 2 always means "cancelled".
 """
 
@@ -50,6 +51,13 @@ STATUS_EXIT = {
 }
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "samples"
+
+#: Where ``serve`` and ``prune`` keep data unless told otherwise.
+DEFAULT_STORE = "sqlite:///./trioflow.db"
+
+
+def _default_store() -> str:
+    return os.environ.get("TRIOFLOW_STORE", DEFAULT_STORE)
 
 log = logging.getLogger("trioflow.cli")
 
@@ -298,6 +306,43 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return trio.run(_logs, args.url, args.run_id, args.after, args.follow, args.json)
 
 
+# -- prune -------------------------------------------------------------------------
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age(text: str) -> float:
+    """``"30d"`` -> seconds. Plain numbers are seconds."""
+    raw = text.strip().lower()
+    unit = _AGE_UNITS.get(raw[-1:])
+    number = raw[:-1] if unit is not None else raw
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an age: {text!r} (use e.g. 90s, 30m, 12h, 30d)"
+        ) from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"an age must be positive: {text!r}")
+    return value
+
+
+async def _prune(store_url: str, older_than_s: float) -> int:
+    store = open_store_from_url(store_url)
+    # No resume: pruning must not start the runs a stopped server left behind.
+    async with open_engine(store=store, resume=False) as engine:
+        return await engine.delete_runs(older_than_s=older_than_s)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    try:
+        deleted = trio.run(_prune, args.store, args.older_than)
+    except EngineError as exc:
+        return _fail(exc.message)
+    print(f"deleted {deleted} terminal run(s) older than {args.older_than:g} s")
+    return EXIT_OK
+
+
 # -- main --------------------------------------------------------------------------
 
 
@@ -308,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one)")
-    p.add_argument("--store", default=os.environ.get("TRIOFLOW_STORE", "memory://"),
-                   help="store URL: memory:// or sqlite:///PATH (env TRIOFLOW_STORE)")  # fmt: skip
+    p.add_argument("--store", default=_default_store(),
+                   help=f"store URL: sqlite:///PATH or memory:// (default: $TRIOFLOW_STORE, "
+                        f"else {DEFAULT_STORE})")  # fmt: skip
     p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE",
                    help="tool modules to load (each defines register(registry))")  # fmt: skip
     p.add_argument("--samples", action="store_true",
@@ -331,6 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default="{}", help="initial state as a JSON object")
     p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prune", help="delete terminal runs (and their logs) older than an age")
+    p.add_argument("--store", default=_default_store(),
+                   help=f"store URL (default: $TRIOFLOW_STORE, else {DEFAULT_STORE})")  # fmt: skip
+    p.add_argument("--older-than", required=True, type=_age, metavar="AGE",
+                   help="age such as 3600, 90s, 30m, 12h or 30d")  # fmt: skip
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("logs", help="print a run's log from a server")
     p.add_argument("run_id")

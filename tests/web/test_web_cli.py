@@ -143,7 +143,7 @@ async def test_run_cancelled_by_ctrl_c(tmp_path: pathlib.Path) -> None:
 async def test_serve_logs_and_sigterm(tmp_path: pathlib.Path) -> None:
     with trio.fail_after(60):
         async with spawn(
-            "serve", "--port", "0", "--samples", "--log-level", "warning",
+            "serve", "--port", "0", "--samples", "--log-level", "warning", "--store", "memory://",
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         ) as process:  # fmt: skip
             assert process.stdout is not None
@@ -206,7 +206,7 @@ async def test_clients_hanging_up_at_any_moment_do_not_hurt_the_server() -> None
 
     with trio.fail_after(60):
         async with spawn(
-            "serve", "--port", "0", "--samples", "--log-level", "error",
+            "serve", "--port", "0", "--samples", "--log-level", "error", "--store", "memory://",
             stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         ) as process:  # fmt: skip
             assert process.stdout is not None
