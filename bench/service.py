@@ -134,10 +134,10 @@ async def _batch(client: Any, clients: int, total: int, method: str, path: str,
                 try:
                     resp = await client.request(method, path, json=body)
                     break
-                except httpx.RemoteProtocolError:
+                except (httpx.RemoteProtocolError, httpx.ReadError):
                     # Hypercorn closes a connection idle for keep_alive_timeout
-                    # (5 s); a pooled connection can lose that race. Retried
-                    # and counted as an error.
+                    # (5 s); a pooled connection can lose that race (seen as a
+                    # disconnect or a reset). Retried and counted as an error.
                     errors += 1
                     if attempt == 2:
                         raise
