@@ -8,7 +8,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,12 +312,33 @@ class Engine:
         """Every log entry with ``seq > after``: stored ones, then live ones.
 
         Ends after the run's terminal entry. Reads by cursor from the store,
-        so a slow consumer holds no buffer and never slows the run.
+        so a slow consumer holds no buffer and never slows the run. Close it
+        (``contextlib.aclosing``) when you stop early, to free its follower
+        slot at once.
 
         Raises:
             UnknownRunError: no such run.
             CapacityError: ``max_followers`` followers are already active.
         """
+        async with aclosing(self.follow_pages(run_id, after=after)) as pages:
+            async for page in pages:
+                for entry in page:
+                    yield entry
+
+    async def follow_pages(
+        self, run_id: str, *, after: int = 0, limit: int | None = None
+    ) -> AsyncGenerator[list[LogEntry], None]:
+        """Like :meth:`follow`, in pages: every entry available at once, up to ``limit``.
+
+        A consumer that is behind gets big pages and one that keeps up gets
+        what each checkpoint wrote, so a stream can send one message per
+        page instead of one per entry.
+
+        Raises:
+            UnknownRunError: no such run.
+            CapacityError: ``max_followers`` followers are already active.
+        """
+        page_size = min(limit or self.limits.log_page, self.limits.log_page)
         record = await self.get_run(run_id)
         if record.status.is_terminal and after >= record.last_seq:
             return
@@ -330,19 +351,19 @@ class Engine:
         try:
             while True:
                 event = notifier.watch(run_id)
-                entries = await self.store.read_log(run_id, after=cursor,
-                                                    limit=self.limits.log_page)  # fmt: skip
+                entries = await self.store.read_log(run_id, after=cursor, limit=page_size)
                 if not entries:
                     try:
                         await event.wait()
                     finally:
                         notifier.release(run_id, event)
                     continue
-                for entry in entries:
-                    cursor = entry.seq
-                    yield entry
+                for i, entry in enumerate(entries):
                     if entry.is_terminal:
+                        yield entries[: i + 1]
                         return
+                cursor = entries[-1].seq
+                yield entries
         finally:
             self._followers -= 1
 

@@ -36,34 +36,37 @@ class EncodedEntries:
 
     A run followed by many clients sends every entry to each of them; the
     entry is immutable once stored (``(run_id, seq)`` names it for good), so
-    its JSON is built once and shared. Bounded: the oldest encodings are
-    dropped first; a follower far behind just encodes again.
+    its JSON is built once and shared, and frames are put together from it.
+    Bounded: the oldest encodings are dropped first; a follower far behind
+    just encodes again.
     """
 
     def __init__(self, size: int = 16_384) -> None:
         self._size = size
-        self._ws: dict[tuple[str, int], str] = {}
-        self._sse: dict[tuple[str, int], str] = {}
+        self._json: dict[tuple[str, int], str] = {}
 
-    def _get(self, cache: dict[tuple[str, int], str], key: tuple[str, int], make: Any) -> str:
-        text = cache.get(key)
+    def entry(self, run_id: str, entry: LogEntry) -> str:
+        """The entry as compact JSON."""
+        key = (run_id, entry.seq)
+        text = self._json.get(key)
         if text is None:
-            text = make()
-            if len(cache) >= self._size:
-                del cache[next(iter(cache))]
-            cache[key] = text
+            text = dumps(entry.as_dict())
+            if len(self._json) >= self._size:
+                del self._json[next(iter(self._json))]
+            self._json[key] = text
         return text
 
     def websocket(self, run_id: str, entry: LogEntry) -> str:
         """The ``{"type": "log", "log": {...}}`` text frame."""
-        return self._get(self._ws, (run_id, entry.seq),
-                         lambda: dumps({"type": "log", "log": entry.as_dict()}))  # fmt: skip
+        return '{"type":"log","log":' + self.entry(run_id, entry) + "}"
+
+    def websocket_batch(self, run_id: str, entries: list[LogEntry]) -> str:
+        """The ``{"type": "logs", "logs": [...]}`` text frame (``?batch=N``)."""
+        return '{"type":"logs","logs":[' + ",".join(self.entry(run_id, e) for e in entries) + "]}"
 
     def sse(self, run_id: str, entry: LogEntry) -> str:
         """The whole ``id:``/``event:``/``data:`` event."""
-        return self._get(self._sse, (run_id, entry.seq),
-                         lambda: f"id: {entry.seq}\nevent: log\ndata: "
-                                 f"{dumps(entry.as_dict())}\n\n")  # fmt: skip
+        return f"id: {entry.seq}\nevent: log\ndata: {self.entry(run_id, entry)}\n\n"
 
 
 ENCODED = EncodedEntries()

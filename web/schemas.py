@@ -75,6 +75,20 @@ class FollowQuery(_Input):
     )
 
 
+class WebSocketFollowQuery(FollowQuery):
+    """Query of ``/ws/logs/{run_id}``."""
+
+    batch: Annotated[int, Field(ge=1, le=500)] = Field(
+        default=1,
+        description=(
+            "1 (default): one {type: log} message per entry, as the specification "
+            "says. N > 1: {type: logs, logs: [...]} messages of up to N entries, "
+            "as many as are available at once, for followers that must keep up "
+            "with fast runs."
+        ),
+    )
+
+
 # -- responses -----------------------------------------------------------------
 
 

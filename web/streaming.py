@@ -29,7 +29,7 @@ from core import Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps
-from .schemas import FollowQuery
+from .schemas import FollowQuery, WebSocketFollowQuery
 from .services import Lifecycle, services
 
 log = logging.getLogger("trioflow.web")
@@ -64,6 +64,20 @@ async def relay(
             await on_entry(entry)
     # The terminal entry and the terminal record are one checkpoint, so once
     # follow has ended the record says how the run ended.
+    return (await engine.get_run(run_id)).status
+
+
+async def relay_pages(
+    engine: Engine,
+    run_id: str,
+    after: int,
+    batch: int,
+    on_page: Callable[[list[LogEntry]], Awaitable[None]],
+) -> RunStatus:
+    """Like :func:`relay`, handing over pages of up to ``batch`` entries available at once."""
+    async with aclosing(engine.follow_pages(run_id, after=after, limit=batch)) as pages:
+        async for page in pages:
+            await on_page(page)
     return (await engine.get_run(run_id)).status
 
 
@@ -122,7 +136,7 @@ async def _follow(websocket: WebSocket) -> None:
     svc = services(websocket)
     run_id = websocket.path_params["run_id"]
     try:
-        query = FollowQuery.model_validate(dict(websocket.query_params))
+        query = WebSocketFollowQuery.model_validate(dict(websocket.query_params))
         await svc.engine.get_run(run_id)
     except ValidationError as exc:
         err = request_invalid(exc, "query")
@@ -140,6 +154,9 @@ async def _follow(websocket: WebSocket) -> None:
     async def send_entry(entry: LogEntry) -> None:
         await websocket.send_text(ENCODED.websocket(run_id, entry))
 
+    async def send_page(page: list[LogEntry]) -> None:
+        await websocket.send_text(ENCODED.websocket_batch(run_id, page))
+
     error: EngineError | None = None
     final: RunStatus | None = None
     gone = False
@@ -147,7 +164,10 @@ async def _follow(websocket: WebSocket) -> None:
     async def work() -> None:
         nonlocal error, final, gone
         try:
-            final = await relay(svc.engine, run_id, query.after, send_entry)
+            if query.batch > 1:
+                final = await relay_pages(svc.engine, run_id, query.after, query.batch, send_page)
+            else:
+                final = await relay(svc.engine, run_id, query.after, send_entry)
         except EngineError as exc:  # e.g. CapacityError: reported to the client
             error = exc
         except CLIENT_GONE:

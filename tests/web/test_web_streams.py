@@ -53,6 +53,32 @@ async def test_ws_after_skips_what_the_client_has(
         assert code == 1000
 
 
+async def test_ws_batch_sends_pages_of_entries_in_order_exactly_once(
+    server: Server, spec_graph: dict[str, Any]
+) -> None:
+    with trio.fail_after(10):
+        run = await completed_run(server, spec_graph)
+        url = f"{server.ws_url}/ws/logs/{run['run_id']}?batch=10&after=3"
+        async with open_ws(url) as ws:
+            messages, code = await ws_collect(ws)
+    assert code == 1000
+    assert messages[-1] == {"type": "status", "status": "completed"}
+    pages = messages[:-1]
+    assert all(m["type"] == "logs" and 1 <= len(m["logs"]) <= 10 for m in pages)
+    # A finished run is all there at once: full pages, then the rest.
+    assert [len(m["logs"]) for m in pages] == [10, 10, 6]
+    received = [entry for m in pages for entry in m["logs"]]
+    assert received == run["logs"][3:]
+
+
+async def test_ws_batch_out_of_range_is_a_bad_query(server: Server) -> None:
+    with trio.fail_after(10):
+        async with open_ws(f"{server.ws_url}/ws/logs/any?batch=0") as ws:
+            messages, code = await ws_collect(ws)
+    assert code == 4422
+    assert messages[0]["type"] == "error"
+
+
 async def test_ws_unknown_run_and_bad_query(server: Server) -> None:
     with trio.fail_after(10):
         async with open_ws(f"{server.ws_url}/ws/logs/nope") as ws:
