@@ -299,7 +299,9 @@ def test_node_reachable_only_through_a_loop_edge_is_reachable(registry: Registry
     doc = base()
     doc["nodes"].append({"id": "c", "callable": "tools.noop"})
     doc["edges"].append({"from": "b", "to": "c", "type": "loop", "loop": {"max_iterations": 1}})
-    compile_graph(doc, registry)
+    graph = compile_graph(doc, registry)
+    assert "c" in graph.nodes
+    assert [e.target for e in graph.outgoing["b"].conditional] == ["c"]
 
 
 @pytest.mark.parametrize(
@@ -346,7 +348,9 @@ def test_cycle_through_a_loop_edge_is_accepted(registry: Registry) -> None:
 def test_self_loop_through_a_loop_edge_is_accepted(registry: Registry) -> None:
     doc = base()
     doc["edges"].append({"from": "b", "to": "b", "type": "loop", "loop": {"max_iterations": 2}})
-    compile_graph(doc, registry)
+    graph = compile_graph(doc, registry)
+    (loop,) = graph.outgoing["b"].conditional
+    assert (loop.source, loop.target, loop.type, loop.max_iterations) == ("b", "b", "loop", 2)
 
 
 def test_cycle_with_a_loop_edge_and_a_loop_free_path_is_rejected(registry: Registry) -> None:

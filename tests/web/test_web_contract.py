@@ -86,6 +86,8 @@ CHECKS = [
     suppress_health_check=list(HealthCheck),
 )
 def test_fuzz_finds_no_500_and_no_schema_break(case: Any, live_url: str) -> None:
+    # Raises (fails the test) on a 500, a status code the schema does not
+    # list, a wrong content type or a body that breaks the response schema.
     case.call_and_validate(base_url=live_url, checks=CHECKS, timeout=10)
 
 
