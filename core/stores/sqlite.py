@@ -256,18 +256,24 @@ class _WriterThread:
                 conn.execute("SAVEPOINT job")
                 try:
                     job.result = job.write(conn)
-                except (sqlite3.Error, StoreError) as exc:
+                except Exception as exc:  # a worker thread: no Trio cancellation here
+                    # Any failure (SQLite's, or a bug in a write) fails this job
+                    # alone; the thread must live on, or every waiter would hang.
                     conn.execute("ROLLBACK TO job")
-                    job.error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                    job.error = (exc if isinstance(exc, StoreError)
+                                 else StoreError(f"{type(exc).__name__}: {exc}"))  # fmt: skip
                     if job.run_id is not None and not job.wait:
                         # Nobody waits for this one, and later steps of the
                         # run may already be queued behind it.
                         self._poisoned[job.run_id] = job.error
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        except Exception as exc:  # BEGIN, SAVEPOINT or COMMIT failed: nothing was written
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the connection reports the original error below
             error = StoreError(f"SQLite commit failed: {exc}")
             for job in batch:
                 job.result = None

@@ -277,3 +277,21 @@ async def test_a_failed_async_checkpoint_stops_later_ones_of_that_run(db: pathli
 async def test_durability_must_be_sync_or_async(db: pathlib.Path) -> None:
     with pytest.raises(StoreError, match="durability"):
         SQLiteStore(str(db), durability="later")  # type: ignore[arg-type]
+
+
+async def test_a_write_that_raises_fails_alone_and_the_writer_lives_on(db: pathlib.Path) -> None:
+    store = SQLiteStore(str(db))
+    await store.open()
+    try:
+        def broken(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO graphs VALUES ('x', '{}', 'd', 0)")
+            raise ValueError("a bug in a write")
+
+        with pytest.raises(StoreError, match="ValueError: a bug in a write"):
+            await store._write(broken)
+        # Rolled back, and the writer thread still serves writes.
+        assert await store.get_graph("x") is None
+        await store.create_run(_run(), [_entry(1)])
+        assert await store.get_run("r1") == _run()
+    finally:
+        await store.aclose()
