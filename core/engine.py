@@ -351,13 +351,13 @@ class Engine:
         try:
             while True:
                 event = notifier.watch(run_id)
-                entries = await self.store.read_log(run_id, after=cursor, limit=page_size)
-                if not entries:
-                    try:
+                try:
+                    entries = await self.store.read_log(run_id, after=cursor, limit=page_size)
+                    if not entries:
                         await event.wait()
-                    finally:
-                        notifier.release(run_id, event)
-                    continue
+                        continue
+                finally:
+                    notifier.release(run_id, event)
                 for i, entry in enumerate(entries):
                     if entry.is_terminal:
                         yield entries[: i + 1]

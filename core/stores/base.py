@@ -66,30 +66,47 @@ class Notifier:
     """Wakes followers of a run when its log grows.
 
     A follower takes the run's current event with :meth:`watch` *before*
-    reading the store, then waits on it if the read found nothing new: a
-    write that lands after the read sets that event, a write before it is
-    seen by the read, so no entry is missed. Events are shared by every
-    follower of a run, so memory does not grow with followers.
+    reading the store, waits on it if the read found nothing new, and hands
+    it back with :meth:`release` either way. A write that lands after the
+    read sets that event; a write before it is seen by the read; so no entry
+    is missed. One event is shared by every follower of a run, and it is
+    forgotten as soon as the last follower hands it back, so memory does not
+    grow with followers or with runs that were once followed.
     """
 
     def __init__(self) -> None:
-        self._events: dict[str, trio.Event] = {}
+        self._watches: dict[str, _Watch] = {}
 
     def watch(self, run_id: str) -> trio.Event:
-        event = self._events.get(run_id)
-        if event is None:
-            event = self._events[run_id] = trio.Event()
-        return event
+        """The event the next write of ``run_id`` sets. Pair with :meth:`release`."""
+        w = self._watches.get(run_id)
+        if w is None:
+            w = self._watches[run_id] = _Watch(trio.Event())
+        w.holders += 1
+        return w.event
 
     def notify(self, run_id: str) -> None:
-        event = self._events.pop(run_id, None)
-        if event is not None:
-            event.set()
+        w = self._watches.pop(run_id, None)
+        if w is not None:
+            w.event.set()
 
     def release(self, run_id: str, event: trio.Event) -> None:
-        """Forget ``event`` if nobody waits on it any more (a follower went away)."""
-        if self._events.get(run_id) is event and event.statistics().tasks_waiting == 0:
-            del self._events[run_id]
+        """Hand back an event from :meth:`watch` (set or not)."""
+        w = self._watches.get(run_id)
+        if w is not None and w.event is event:
+            w.holders -= 1
+            if w.holders == 0:
+                del self._watches[run_id]
+
+    def watched(self) -> int:
+        """How many runs have an event out (for tests and metrics)."""
+        return len(self._watches)
+
+
+@dataclass(slots=True)
+class _Watch:
+    event: trio.Event
+    holders: int = 0
 
 
 class Store(ABC):
