@@ -77,8 +77,10 @@ class RunActor:
         self.record = record
         self.run_id = record.run_id
         self.done = trio.Event()
-        #: Set by the engine when this run may execute (Engine._spawn, Engine._release_slot).
-        self.slot = trio.Event()
+        #: True once the engine gave this run a running slot (Engine._spawn,
+        #: Engine._grant); a pending run waits on ``_granted``, made only then.
+        self.has_slot = False
+        self._granted: trio.Event | None = None
         self._scope = trio.CancelScope()
         self._cancel_reason: str | None = None
         self._seq = record.last_seq
@@ -100,6 +102,12 @@ class RunActor:
         if self._cancel_reason is None:
             self._cancel_reason = command.reason
             self._scope.cancel()
+
+    def grant_slot(self) -> None:
+        """Called by the engine: this run may execute now."""
+        self.has_slot = True
+        if self._granted is not None:
+            self._granted.set()
 
     @property
     def cancel_requested(self) -> bool:
@@ -134,8 +142,9 @@ class RunActor:
         failure: RunFailure | None = None
         with self._scope:
             try:
-                if not self.slot.is_set():  # pending: the engine grants slots in FIFO order
-                    await self.slot.wait()
+                if not self.has_slot:  # pending: the engine grants slots in FIFO order
+                    self._granted = trio.Event()
+                    await self._granted.wait()
                 await self._begin()
                 await self._steps()
             except _RunFailed as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -12,6 +11,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic_core
 import trio
 
 from .actor import Cancel, RunActor
@@ -170,8 +170,8 @@ class Engine:
             )
         if initial_state is not None:
             try:
-                size = len(json.dumps(initial_state, separators=(",", ":")))
-            except (TypeError, ValueError) as exc:
+                size = len(pydantic_core.to_json(initial_state))
+            except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
                 raise StateValidationError(
                     f"initial state is not JSON-serialisable: {exc}", node=None,
                     errors=[{"field": "", "message": str(exc), "type": "json"}],
@@ -201,14 +201,14 @@ class Engine:
         self._actors[record.run_id] = actor
         if self._running < self.limits.max_running:
             self._running += 1
-            actor.slot.set()
+            actor.grant_slot()
         else:
             self._waiting.append(actor)
         self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
 
     def _release_slot(self, actor: RunActor) -> None:
         """Called once by every actor when it stops executing."""
-        if not actor.slot.is_set():
+        if not actor.has_slot:
             return  # it never held one (cancelled while pending)
         self._running -= 1
         while self._waiting and self._running < self.limits.max_running:
@@ -216,7 +216,7 @@ class Engine:
             if nxt.done.is_set() or nxt.cancel_requested:
                 continue
             self._running += 1
-            nxt.slot.set()
+            nxt.grant_slot()
 
     def _forget(self, actor: RunActor) -> None:
         if self._actors.get(actor.run_id) is actor:
