@@ -15,6 +15,7 @@ from .errors import CapacityError as CapacityError
 from .errors import ConditionError as ConditionError
 from .errors import EngineError as EngineError
 from .errors import ExpressionError as ExpressionError
+from .errors import ExpressionBudgetError as ExpressionBudgetError
 from .errors import ExpressionEvaluationError as ExpressionEvaluationError
 from .errors import GraphConflictError as GraphConflictError
 from .errors import GraphValidationError as GraphValidationError

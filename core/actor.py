@@ -292,7 +292,7 @@ class RunActor:
             except ConditionError as exc:
                 entries.append(self._completed(node_id, record.step))
                 await self._save(entries, state=state)
-                raise _RunFailed(RunFailure("condition_failed", exc.message, node=exc.node,
+                raise _RunFailed(RunFailure(exc.reason, exc.message, node=exc.node,
                                             edge=exc.edge)) from None  # fmt: skip
             self._model = model
             now = time.time()  # one timestamp for the step's bookkeeping entries

@@ -72,6 +72,16 @@ class ExpressionEvaluationError(EngineError):
     code = "expression_failed"
 
 
+class ExpressionBudgetError(ExpressionEvaluationError):
+    """Raised when an evaluation would pass its budget of work or memory.
+
+    Every evaluation has a fixed budget (see ``docs/semantics.md``); an
+    expression that needs more is stopped before the work is done.
+    """
+
+    code = "expression_budget_exceeded"
+
+
 class RegistryError(EngineError):
     """Raised on a bad registration: duplicate name, wrong kind of object, bad module path."""
 
@@ -193,11 +203,18 @@ class RunFailure:
 
 
 class ConditionError(EngineError):
-    """Raised when a branch condition or loop ``until_expression`` fails to evaluate."""
+    """Raised when a branch condition or loop ``until_expression`` fails to evaluate.
+
+    ``reason`` is the failure code the run records: ``condition_failed``, or
+    ``expression_budget_exceeded`` when the expression ran out of budget.
+    """
 
     code = "condition_failed"
 
-    def __init__(self, message: str, *, node: str, edge: str) -> None:
+    def __init__(
+        self, message: str, *, node: str, edge: str, reason: str = "condition_failed"
+    ) -> None:
         self.node = node
         self.edge = edge
-        super().__init__(message, details={"node": node, "edge": edge})
+        self.reason = reason
+        super().__init__(message, details={"node": node, "edge": edge, "reason": reason})

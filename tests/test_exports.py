@@ -39,6 +39,7 @@ EXPECTED = {
     "CapacityError",
     "ConditionError",
     "ExpressionError",
+    "ExpressionBudgetError",
     "ExpressionEvaluationError",
     "GraphConflictError",
     "GraphValidationError",
