@@ -173,9 +173,49 @@ class CapacityError(EngineError):
 
 
 class StoreError(EngineError):
-    """Raised when a store cannot do what was asked (bad URL, newer schema, ...)."""
+    """Raised when a store cannot do what was asked (bad URL, newer schema, a failed write).
+
+    ``transient`` is true for failures that may pass if the same write is
+    tried again later (a lock held by another process, a full disk, an I/O
+    error); the engine retries those, with backoff, for a bounded time.
+    """
 
     code = "store_error"
+
+    def __init__(
+        self, message: str, *, details: dict[str, Any] | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message, details=details)
+        self.transient = transient
+
+
+class StoreConflictError(StoreError):
+    """Raised when a checkpoint does not continue the run as stored.
+
+    A checkpoint is written only on top of the stored record it was built
+    from (its log entries continue the stored log); anything else means
+    another writer got there first, and nothing is written.
+    """
+
+    code = "store_conflict"
+
+
+class RunStalledError(EngineError):
+    """Raised to a follower of a run that stopped because its store failed.
+
+    The run keeps its last stored checkpoint and is resumed from there by the
+    next engine to open the store; cancelling it ends it ``cancelled``.
+    """
+
+    code = "run_stalled"
+
+    def __init__(self, run_id: str, reason: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run {run_id!r} is not executing: {reason}; it resumes when the engine "
+            "restarts, or cancel it",
+            details={"run_id": run_id, "reason": reason},
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,7 +60,10 @@ class RunRecord:
     ``current_node`` is the node that runs (or ran last); ``step`` counts
     node executions started; ``loop_counters`` maps ``"from->to"`` of each
     loop edge to how often it fired; ``last_seq`` is the seq of the run's
-    newest log entry. Timestamps are seconds since the Unix epoch.
+    newest log entry; ``attempt`` counts the executions of the run (1, then
+    one more on every resume); ``crashes`` counts the processes that died
+    while the run was at its current step (reset when a step completes).
+    Timestamps are seconds since the Unix epoch.
     """
 
     run_id: str
@@ -77,6 +80,7 @@ class RunRecord:
     updated_at: float = 0.0
     last_seq: int = 0
     attempt: int = 1
+    crashes: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``; a status change goes through the transition guard."""
@@ -88,7 +92,7 @@ class RunRecord:
         new = RunRecord(
             self.run_id, self.graph_id, self.status, self.state, self.current_node, self.step,
             self.loop_counters, self.error, self.created_at, self.started_at, self.finished_at,
-            self.updated_at, self.last_seq, self.attempt,
+            self.updated_at, self.last_seq, self.attempt, self.crashes,
         )  # fmt: skip
         for name, value in changes.items():
             if name not in _FIELD_SET:

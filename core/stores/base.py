@@ -11,7 +11,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import trio
 
-from ..errors import EngineError
+from ..errors import EngineError, StoreConflictError
 from ..logs import LogEntry
 from ..runs import RunRecord, RunStatus
 
@@ -60,6 +60,15 @@ class Cursor:
             return float(key), ident
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             raise InvalidCursorError(f"invalid cursor: {exc}") from None
+
+
+def checkpoint_conflict(run: RunRecord, entries: int, stored: int) -> StoreConflictError:
+    """The error for a checkpoint of ``run`` that does not continue the stored seq ``stored``."""
+    return StoreConflictError(
+        f"run {run.run_id!r} is stored at seq {stored}, but the checkpoint continues seq "
+        f"{run.last_seq - entries}; nothing was written",
+        details={"run_id": run.run_id, "stored_seq": stored},
+    )
 
 
 class Notifier:
@@ -126,6 +135,27 @@ class Store(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Called once after use."""
 
+    async def begin_session(self) -> bool:
+        """Record that an engine now executes this store's runs.
+
+        Returns:
+            Whether the previous session ended with :meth:`end_session`. False
+            means the process that held it died, and every run it was
+            executing died with it. A store that keeps nothing across
+            processes returns True.
+        """
+        return True
+
+    async def end_session(self) -> None:  # noqa: B027 - optional hook
+        """Record that the engine holding this store stopped cleanly."""
+
+    async def probe(self) -> None:  # noqa: B027 - optional hook
+        """Commit a tiny write now, to learn whether writes work again.
+
+        Raises:
+            StoreError: the write failed.
+        """
+
     # -- graphs ----------------------------------------------------------------
     @abstractmethod
     async def put_graph(self, graph: StoredGraph) -> PutResult:
@@ -145,7 +175,18 @@ class Store(ABC):
 
     @abstractmethod
     async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
-        """Checkpoint: replace the run record and append ``entries`` atomically."""
+        """Checkpoint: replace the run record and append ``entries`` atomically.
+
+        ``entries`` continue the stored log: their seqs run from the stored
+        record's ``last_seq + 1`` to ``run.last_seq``. A checkpoint built on
+        anything else (another writer got there first) raises
+        :class:`~core.errors.StoreConflictError` and writes nothing, so a
+        stored log never has a gap and is never rewritten.
+
+        Raises:
+            StoreError: nothing was written; ``transient`` says whether the
+                same checkpoint may succeed if tried again.
+        """
 
     @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...

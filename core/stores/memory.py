@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from ..errors import StoreError
 from ..logs import LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
-from .base import Cursor, Page, PutResult, Store, StoredGraph
+from .base import Cursor, Page, PutResult, Store, StoredGraph, checkpoint_conflict
 
 
 class MemoryStore(Store):
@@ -47,6 +47,9 @@ class MemoryStore(Store):
         log = self._logs.get(run.run_id)
         if log is None:
             raise StoreError(f"run {run.run_id!r} does not exist")
+        stored = self._runs[run.run_id].last_seq
+        if stored != run.last_seq - len(entries):
+            raise checkpoint_conflict(run, len(entries), stored)
         log.extend(entries)
         self._runs[run.run_id] = run
         self.notifier.notify(run.run_id)
@@ -101,3 +104,4 @@ class MemoryStore(Store):
             del self._runs[run_id]
             del self._logs[run_id]
         return len(doomed)
+

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ import trio
 from ..errors import StoreError
 from ..logs import Level, LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
-from .base import Cursor, Page, PutResult, Store, StoredGraph
+from .base import Cursor, Page, PutResult, Store, StoredGraph, checkpoint_conflict
 
 T = TypeVar("T")
 
@@ -104,6 +105,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run_id, seq)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Consecutive process deaths of a run at its current step (crash loops).
+        "ALTER TABLE runs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+        # Small facts about the store itself, such as whether the last engine
+        # session ended cleanly.
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    ),
 )
 
 #: The schema version this code writes and reads.
@@ -114,13 +122,16 @@ _loads = json.loads
 
 _RUN_COLUMNS = (
     "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
-    "created_at, started_at, finished_at, updated_at, last_seq, attempt"
+    "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes"
 )
-_INSERT_RUN = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"  # noqa: E501
+_INSERT_RUN = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"  # noqa: E501
+# A checkpoint applies only on top of the stored record it continues (?16 is
+# the stored last_seq it expects), so a log never gets a gap or a rewrite.
 _UPDATE_RUN = (
     "UPDATE runs SET graph_id = ?2, status = ?3, current_node = ?4, state = ?5, step = ?6, "
     "loop_counters = ?7, error = ?8, created_at = ?9, started_at = ?10, finished_at = ?11, "
-    "updated_at = ?12, last_seq = ?13, attempt = ?14 WHERE run_id = ?1"
+    "updated_at = ?12, last_seq = ?13, attempt = ?14, crashes = ?15 "
+    "WHERE run_id = ?1 AND last_seq = ?16"
 )
 _INSERT_LOG = (
     "INSERT INTO logs (run_id, seq, ts, level, event, node, message, data) "
@@ -137,6 +148,7 @@ def _run_params(run: RunRecord) -> Row:
         run.run_id, run.graph_id, run.status.value, run.current_node, _dumps(run.state),
         run.step, _dumps(run.loop_counters), None if run.error is None else _dumps(run.error),
         run.created_at, run.started_at, run.finished_at, run.updated_at, run.last_seq, run.attempt,
+        run.crashes,
     )  # fmt: skip
 
 
@@ -147,6 +159,7 @@ def _run_from_row(row: Row) -> RunRecord:
         state=_loads(row[4]), step=row[5], loop_counters=_loads(row[6]),
         error=None if error is None else _loads(error), created_at=row[8], started_at=row[9],
         finished_at=row[10], updated_at=row[11], last_seq=row[12], attempt=row[13],
+        crashes=row[14],
     )  # fmt: skip
 
 
@@ -159,6 +172,15 @@ def _entry_rows(run_id: str, entries: Sequence[LogEntry]) -> list[Row]:
 
 def _entry_from_row(row: Row) -> LogEntry:
     return LogEntry(row[0], row[1], Level(row[2]), row[3], row[4], row[5], _loads(row[6]))
+
+
+def _store_error(exc: Exception, prefix: str = "") -> StoreError:
+    """``exc`` as a StoreError; SQLite's operational errors (locked, busy, disk
+    full, I/O, read-only) may pass, so they are transient."""
+    if isinstance(exc, StoreError):
+        return exc
+    return StoreError(f"{prefix}{type(exc).__name__}: {exc}",
+                      transient=isinstance(exc, sqlite3.OperationalError))  # fmt: skip
 
 
 def _graph_from_row(row: Row) -> StoredGraph:
@@ -211,11 +233,6 @@ class _WriterThread:
         self._pending: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        # Runs whose unawaited (async) checkpoint failed: later checkpoints of
-        # theirs are refused, so a failed step is never followed by a stored
-        # later one (a gap). The run stays at its last committed checkpoint and
-        # is resumed from there by the next engine.
-        self._poisoned: dict[str, StoreError] = {}
         self._thread = threading.Thread(target=self._loop, name="trioflow-sqlite-writer",
                                         daemon=True)  # fmt: skip
         self._thread.start()
@@ -250,22 +267,16 @@ class _WriterThread:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
-                if job.run_id is not None and job.run_id in self._poisoned:
-                    job.error = self._poisoned[job.run_id]
-                    continue
                 conn.execute("SAVEPOINT job")
                 try:
                     job.result = job.write(conn)
                 except Exception as exc:  # a worker thread: no Trio cancellation here
                     # Any failure (SQLite's, or a bug in a write) fails this job
                     # alone; the thread must live on, or every waiter would hang.
+                    # A later checkpoint of the same run (async durability)
+                    # then fails its continuity check: no gap is ever written.
                     conn.execute("ROLLBACK TO job")
-                    job.error = (exc if isinstance(exc, StoreError)
-                                 else StoreError(f"{type(exc).__name__}: {exc}"))  # fmt: skip
-                    if job.run_id is not None and not job.wait:
-                        # Nobody waits for this one, and later steps of the
-                        # run may already be queued behind it.
-                        self._poisoned[job.run_id] = job.error
+                    job.error = _store_error(exc)
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
         except Exception as exc:  # BEGIN, SAVEPOINT or COMMIT failed: nothing was written
@@ -274,13 +285,11 @@ class _WriterThread:
                     conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass  # the connection reports the original error below
-            error = StoreError(f"SQLite commit failed: {exc}")
+            error = _store_error(exc, "SQLite commit failed: ")
             for job in batch:
                 job.result = None
                 if job.error is None:
                     job.error = error
-                    if job.run_id is not None and not job.wait:
-                        self._poisoned[job.run_id] = error
 
 
 class SQLiteStore(Store):
@@ -435,8 +444,8 @@ class SQLiteStore(Store):
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path!r}: {exc}",
-                             details={"path": self.path}) from exc  # fmt: skip
+            raise StoreError(f"SQLite store {self.path!r}: {exc}", details={"path": self.path},
+                             transient=isinstance(exc, sqlite3.OperationalError)) from exc  # fmt: skip
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._reader_slots:
@@ -460,7 +469,11 @@ class SQLiteStore(Store):
                           wait: bool) -> None:  # fmt: skip
         error = self._async_errors.pop(run.run_id, None)
         if error is not None:
-            raise error
+            # An unawaited checkpoint of this run failed, and the steps after
+            # it were refused: retrying this one cannot help. The run stays at
+            # its last committed checkpoint.
+            raise StoreError(f"an earlier checkpoint of run {run.run_id!r} failed: "
+                             f"{error.message}", details=error.details)  # fmt: skip
         await self._submit(_Job(run.run_id, write, wait=wait))
 
     async def _submit(self, job: _Job) -> None:
@@ -498,6 +511,30 @@ class SQLiteStore(Store):
             job.done.set()
         if self._in_flight < _MAX_IN_FLIGHT:
             self._room.set()
+
+    # -- sessions ----------------------------------------------------------------
+
+    async def begin_session(self) -> bool:
+        def begin(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('session', 'open')")
+            return row is None or row[0] != "open"
+
+        return await self._write(begin)
+
+    async def end_session(self) -> None:
+        def end(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('session', 'closed')")
+
+        await self._write(end)
+
+    async def probe(self) -> None:
+        stamp = repr(time.time())
+
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (stamp,))
+
+        await self._write(probe)
 
     # -- graphs ------------------------------------------------------------------
 
@@ -562,12 +599,16 @@ class SQLiteStore(Store):
     async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
         # Serialise on the Trio thread: the record and entries are a snapshot
         # of this step, whatever the run does next.
-        params = _run_params(run)
+        params = (*_run_params(run), run.last_seq - len(entries))
         rows = _entry_rows(run.run_id, entries)
 
         def save(conn: sqlite3.Connection) -> None:
             if conn.execute(_UPDATE_RUN, params).rowcount != 1:
-                raise StoreError(f"run {run.run_id!r} does not exist")
+                row = conn.execute("SELECT last_seq FROM runs WHERE run_id = ?",
+                                   (run.run_id,)).fetchone()  # fmt: skip
+                if row is None:
+                    raise StoreError(f"run {run.run_id!r} does not exist")
+                raise checkpoint_conflict(run, len(rows), row[0])
             if rows:
                 try:
                     conn.executemany(_INSERT_LOG, rows)

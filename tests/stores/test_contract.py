@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from core.errors import StoreError
+from core.errors import StoreConflictError, StoreError
 from core.logs import Event, Level, LogEntry
 from core.runs import RunRecord, RunStatus
 from core.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
@@ -117,7 +117,7 @@ async def test_create_run_twice_is_an_error(store: Store) -> None:
 
 
 async def test_save_run_replaces_the_record_and_appends_entries(store: Store) -> None:
-    run = _run("r1")
+    run = _run("r1", last_seq=2)
     await store.create_run(run, _entries(1, 2))
     saved = run.evolve(
         status=RunStatus.FAILED, state={"x": 2, "y": [1]}, current_node="b", step=4,
@@ -130,12 +130,49 @@ async def test_save_run_replaces_the_record_and_appends_entries(store: Store) ->
 
 
 async def test_save_run_with_no_entries_updates_only_the_record(store: Store) -> None:
-    run = _run("r1")
+    run = _run("r1", last_seq=1)
     await store.create_run(run, _entries(1, 1))
     saved = run.evolve(status=RunStatus.RUNNING, step=1)
     await store.save_run(saved, [])
     assert await store.get_run("r1") == saved
     assert [e.seq for e in await store.read_log("r1")] == [1]
+
+
+async def test_a_checkpoint_must_continue_the_stored_log(store: Store) -> None:
+    # Two writers built checkpoints on the same stored record: the second
+    # one finds the log moved on and writes nothing (no gap, no rewrite).
+    run = _run("r1", last_seq=2)
+    await store.create_run(run, _entries(1, 2))
+    first = run.evolve(step=1, last_seq=4, state={"by": "first"})
+    await store.save_run(first, _entries(3, 4))
+    stale = run.evolve(step=1, last_seq=3, state={"by": "second"})
+    with pytest.raises(StoreConflictError) as info:
+        await store.save_run(stale, _entries(3, 3, node="other"))
+    assert info.value.transient is False
+    assert await store.get_run("r1") == first
+    assert await store.read_log("r1") == _entries(1, 4)
+    # A checkpoint that skips seqs is refused too.
+    with pytest.raises(StoreConflictError):
+        await store.save_run(first.evolve(last_seq=9), _entries(7, 9))
+    # One that continues is written.
+    second = first.evolve(last_seq=5)
+    await store.save_run(second, _entries(5, 5))
+    assert [e.seq for e in await store.read_log("r1")] == [1, 2, 3, 4, 5]
+
+
+async def test_a_record_only_checkpoint_must_match_the_stored_seq(store: Store) -> None:
+    run = _run("r1", last_seq=2)
+    await store.create_run(run, _entries(1, 2))
+    with pytest.raises(StoreConflictError):
+        await store.save_run(run.evolve(last_seq=3, step=9), [])
+    assert await store.get_run("r1") == run
+
+
+async def test_sessions_report_whether_the_last_one_ended_cleanly(store: Store) -> None:
+    assert await store.begin_session() is True  # a new store: nothing crashed
+    await store.end_session()
+    assert await store.begin_session() is True
+    await store.probe()
 
 
 async def test_save_run_of_an_unknown_run_is_an_error(store: Store) -> None:
@@ -148,7 +185,7 @@ async def test_save_run_of_an_unknown_run_is_an_error(store: Store) -> None:
 
 
 async def test_read_log_by_cursor(store: Store) -> None:
-    await store.create_run(_run("r1"), _entries(1, 4))
+    await store.create_run(_run("r1", last_seq=4), _entries(1, 4))
     await store.save_run(_run("r1", last_seq=10), _entries(5, 10))
     assert [e.seq for e in await store.read_log("r1")] == list(range(1, 11))
     assert [e.seq for e in await store.read_log("r1", after=3)] == list(range(4, 11))
@@ -269,7 +306,7 @@ async def test_delete_runs_removes_only_terminal_runs_finished_before(store: Sto
 
 
 async def test_save_run_wakes_a_follower(store: Store) -> None:
-    await store.create_run(_run("r1"), _entries(1, 1))
+    await store.create_run(_run("r1", last_seq=1), _entries(1, 1))
     event = store.notifier.watch("r1")
     other = store.notifier.watch("r2")
     assert not event.is_set()

@@ -62,7 +62,7 @@ async def test_reopening_keeps_the_version_and_the_data(db: pathlib.Path) -> Non
     await store.open()
     graph = StoredGraph("g", {"id": "g"}, "digest", 5.0)
     await store.put_graph(graph)
-    await store.create_run(_run(), [_entry(1)])
+    await store.create_run(_run(last_seq=1), [_entry(1)])
     await store.save_run(_run(step=2, last_seq=2), [_entry(2)])
     await store.aclose()
 
@@ -117,11 +117,11 @@ async def test_a_failed_checkpoint_writes_nothing(db: pathlib.Path) -> None:
         first = _run(step=1, last_seq=2)
         await store.create_run(first, [_entry(1), _entry(2)])
         event = store.notifier.watch("r1")
-        # seq 2 exists already: the entry insert fails after the run row was
-        # updated and seq 3 inserted in the same transaction.
-        broken = _run(step=2, last_seq=4, state={"n": 99})
+        # seq 3 repeats: the entry insert fails after the run row was
+        # updated and seqs 3 and 4 inserted in the same transaction.
+        broken = _run(step=2, last_seq=5, state={"n": 99})
         with pytest.raises(StoreError, match="checkpoint was not written"):
-            await store.save_run(broken, [_entry(3), _entry(2), _entry(4)])
+            await store.save_run(broken, [_entry(3), _entry(4), _entry(3)])
         assert await store.get_run("r1") == first
         assert [e.message for e in await store.read_log("r1")] == ["entry 1", "entry 2"]
         assert not event.is_set()
@@ -253,16 +253,16 @@ async def test_a_failed_async_checkpoint_stops_later_ones_of_that_run(db: pathli
     try:
         first = _run(step=1, last_seq=2)
         await store.create_run(first, [_entry(1), _entry(2)])
-        await store.create_run(_run("r2"), [_entry(1)])
-        # Queued without waiting: a broken step (seq 2 repeats), then a good
+        await store.create_run(_run("r2", last_seq=1), [_entry(1)])
+        # Queued without waiting: a broken step (seq 3 repeats), then a good
         # later step of the same run, and a step of another run.
-        await store.save_run(_run(step=2, last_seq=3), [_entry(2), _entry(3)])
-        await store.save_run(_run(step=3, last_seq=4), [_entry(4)])
+        await store.save_run(_run(step=2, last_seq=4), [_entry(3), _entry(3)])
+        await store.save_run(_run(step=3, last_seq=5), [_entry(5)])
         await store.save_run(_run("r2", step=2, last_seq=2), [_entry(2)])
         with pytest.raises(StoreError):
             # Written with a wait (terminal), so the earlier failure surfaces.
-            await store.save_run(_run(step=4, last_seq=5, status=RunStatus.COMPLETED),
-                                 [_entry(5)])  # fmt: skip
+            await store.save_run(_run(step=4, last_seq=6, status=RunStatus.COMPLETED),
+                                 [_entry(6)])  # fmt: skip
         # r1 stays at its last committed checkpoint, with no gap after it.
         assert await store.get_run("r1") == first
         assert _seqs(await store.read_log("r1")) == [1, 2]
