@@ -6,6 +6,12 @@ entries) through the store. Commands reach it through :meth:`RunActor.send`;
 a cancel cancels the execution scope at once, so an async node sees
 ``trio.Cancelled`` at its next checkpoint and a sync node's worker thread is
 abandoned (its result discarded).
+
+Nothing a node does can take the engine down: any exception it raises,
+``SystemExit`` and ``KeyboardInterrupt`` included, fails its run (only
+Trio's own cancellation passes through). A checkpoint the store cannot
+write is retried for a while; after that the run fails where the failure
+can be written, and otherwise stops where it stands, resumable.
 """
 
 from __future__ import annotations
@@ -14,17 +20,19 @@ import functools
 import logging
 import random
 import time
+import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import pydantic_core
 import trio
 from pydantic import BaseModel
 
 from .context import RunContext
-from .errors import ConditionError, RunFailure, StateValidationError
+from .errors import ConditionError, RunFailure, StateValidationError, StoreError
 from .graph import Graph, Node
-from .logs import Event, Level, LogEntry
+from .logs import Event, Level, LogEntry, bound_data, bound_text
 from .planning import decide
 from .runs import RunRecord, RunStatus
 
@@ -35,6 +43,12 @@ log = logging.getLogger("trioflow.actor")
 
 #: Longest a run executes steps without letting other tasks run.
 YIELD_INTERVAL_S = 0.002
+#: Most frames of a failing tool's traceback that are kept, and most characters.
+TRACEBACK_FRAMES = 20
+TRACEBACK_CHARS = 8192
+#: Backoff between attempts of a checkpoint that failed transiently.
+STORE_RETRY_FIRST_S = 0.05
+STORE_RETRY_MAX_S = 2.0
 
 _INFO = Level.INFO
 _NODE_COMPLETED = Event.NODE_COMPLETED.value
@@ -53,11 +67,20 @@ Command = Cancel
 
 
 class _RunFailed(Exception):
-    """Internal: carries the failure out of the step loop to one place that records it."""
+    """Internal: carries the failure (and the step's unwritten entries) to one place."""
 
-    def __init__(self, failure: RunFailure) -> None:
+    def __init__(self, failure: RunFailure, entries: Sequence[LogEntry] = ()) -> None:
         super().__init__(failure.message)
         self.failure = failure
+        self.entries = entries
+
+
+class _Unwritable(Exception):
+    """Internal: the store refused a checkpoint for good (or for longer than we retry)."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _backoff(node: Node, attempt: int) -> float:
@@ -66,6 +89,32 @@ def _backoff(node: Node, attempt: int) -> float:
     if retry.jitter and delay > 0:
         delay = random.uniform(delay / 2, delay)  # jitter, not crypto
     return delay
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """Trio's cancellation (possibly grouped), which must always pass through."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(trio.Cancelled) is not None
+    return False
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The last frames of ``exc``'s traceback, at most :data:`TRACEBACK_CHARS` characters.
+
+    Each part (a frame, the exception's message) is cut to a tenth of the
+    budget first, so one huge message cannot push the frames out.
+    """
+    part_limit = TRACEBACK_CHARS // 10
+    parts = traceback.TracebackException.from_exception(exc, limit=-TRACEBACK_FRAMES).format()
+    text = "".join(
+        part if len(part) <= part_limit else part[:part_limit] + "… [truncated]\n"
+        for part in parts
+    )
+    if len(text) > TRACEBACK_CHARS:
+        text = "…" + text[-(TRACEBACK_CHARS - 1) :]
+    return text
 
 
 class RunActor:
@@ -119,8 +168,12 @@ class RunActor:
         """The actor's whole life. Never raises except ``Cancelled`` (engine shutdown)."""
         try:
             await self._execute()
+        except _Unwritable as exc:
+            # Not even the run's end could be stored: it stays at its last
+            # checkpoint, resumable, and the engine tells its followers.
+            self.engine._stall(self, exc.error)
         except Exception:
-            # A bug or a store failure: the run must not take the engine down.
+            # A bug: the run must not take the engine down.
             log.exception("run %s crashed", self.run_id)
             await self._record_crash()
         finally:
@@ -132,14 +185,19 @@ class RunActor:
             return
         failure = RunFailure("internal_error",
                              "run stopped on an internal error; see the server log")  # fmt: skip
+        self._seq = self.record.last_seq
         try:
-            await self._finish(RunStatus.FAILED, Event.RUN_FAILED, Level.ERROR,
-                               failure.message, error=failure.as_dict())  # fmt: skip
+            await self._fail(failure)
+        except _Unwritable as exc:
+            self.engine._stall(self, exc.error)
         except Exception:
             log.exception("could not record the failure of run %s", self.run_id)
+            self.engine._stall(self, StoreError("the failure could not be recorded"))
 
     async def _execute(self) -> None:
         failure: RunFailure | None = None
+        entries: Sequence[LogEntry] = ()
+        retry = True
         with self._scope:
             try:
                 if not self.has_slot:  # pending: the engine grants slots in FIFO order
@@ -148,14 +206,22 @@ class RunActor:
                 await self._begin()
                 await self._steps()
             except _RunFailed as exc:
-                failure = exc.failure
+                failure, entries = exc.failure, exc.entries
+            except _Unwritable as exc:
+                # A step's checkpoint could not be written, even after
+                # retrying: fail the run if that much can be stored.
+                failure = RunFailure("store_unavailable",
+                                     f"a checkpoint could not be written: {exc.error.message}",
+                                     node=self.record.current_node)  # fmt: skip
+                retry = False
             finally:
                 self.engine._release_slot(self)
         # Terminal records are written outside the run's scope, so a cancel
         # arriving now cannot interrupt them; only engine shutdown can.
         if failure is not None:
-            await self._fail(failure)
+            await self._fail(failure, entries, retry=retry)
         elif self._scope.cancelled_caught and not self.record.status.is_terminal:
+            self._seq = self.record.last_seq  # entries of an interrupted step are dropped
             await self._finish(
                 RunStatus.CANCELLED, Event.RUN_CANCELLED, Level.WARNING,
                 self._cancel_reason or "cancelled", node=self.record.current_node,
@@ -173,6 +239,10 @@ class RunActor:
         data: dict[str, Any] | None = None,
         ts: float | None = None,
     ) -> LogEntry:
+        limits = self.engine.limits
+        if len(message) > limits.max_log_message_chars:
+            message = bound_text(message, limits.max_log_message_chars)
+            data = {**(data or {}), "truncated": True}
         self._seq += 1
         # Plain str, not the Event member: entries are serialised many times.
         return LogEntry(self._seq, ts if ts is not None else time.time(), level, str(event),
@@ -182,17 +252,58 @@ class RunActor:
         record = self.record.evolve(last_seq=self._seq, updated_at=time.time(), **changes)
         await self._commit(record, entries)
 
-    async def _commit(self, record: RunRecord, entries: Sequence[LogEntry]) -> None:
-        """Write a checkpoint; on success it becomes ``self.record``."""
-        try:
-            await self.engine.store.save_run(record, entries)
-        except BaseException:
-            # Not written (a cancel landed in the store's I/O, or it failed):
-            # the next entry reuses these seqs, so the stored log stays
-            # gapless, and self.record keeps describing what is stored.
+    async def _commit(
+        self, record: RunRecord, entries: Sequence[LogEntry], *, retry: bool = True
+    ) -> None:
+        """Write a checkpoint; on success it becomes ``self.record``.
+
+        A transient store failure is retried with backoff for up to
+        ``EngineLimits.store_retry_s``.
+
+        Raises:
+            _RunFailed: the run's log would pass ``max_log_entries``.
+            _Unwritable: the store refused the checkpoint for good.
+        """
+        engine = self.engine
+        if not record.status.is_terminal and record.last_seq >= engine.limits.max_log_entries:
+            # Keep the last entry for the failure that says why.
             self._seq = self.record.last_seq
-            raise
-        self.record = record
+            raise _RunFailed(RunFailure(
+                "log_limit_exceeded",
+                f"the run's log reached max_log_entries={engine.limits.max_log_entries}",
+                node=record.current_node,
+            ))  # fmt: skip
+        delay = STORE_RETRY_FIRST_S
+        deadline: float | None = None
+        while True:
+            try:
+                await engine.store.save_run(record, entries)
+            except StoreError as exc:
+                engine._store_failed(exc)
+                now = trio.current_time()
+                if deadline is None:
+                    deadline = now + engine.limits.store_retry_s
+                if not (retry and exc.transient) or now + delay > deadline:
+                    self._seq = self.record.last_seq
+                    raise _Unwritable(exc) from None
+            except BaseException:
+                # Not written (a cancel landed in the store's I/O, or it
+                # failed): the next entry reuses these seqs, so the stored
+                # log stays gapless, and self.record keeps describing what is
+                # stored.
+                self._seq = self.record.last_seq
+                raise
+            else:
+                if engine._store_failing:
+                    engine._store_recovered()
+                self.record = record
+                return
+            try:
+                await trio.sleep(delay)
+            except BaseException:
+                self._seq = self.record.last_seq
+                raise
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
 
     async def _finish(
         self,
@@ -204,24 +315,51 @@ class RunActor:
         entries: Sequence[LogEntry] = (),
         node: str | None = None,
         error: dict[str, Any] | None = None,
+        retry: bool = True,
         **changes: Any,
     ) -> None:
         data: dict[str, Any] = {"steps": self.record.step}
+        room = self.engine.limits.max_log_entries - self.record.last_seq - 1
+        if len(entries) > room:
+            # The log is full: only the run's end still fits.
+            self._seq = self.record.last_seq
+            data["dropped_entries"] = len(entries)
+            entries = ()
         if error is not None:
             data["error"] = error
         final = self._entry(event, message, level=level, node=node, data=data)
-        await self._save([*entries, final], status=status, error=error,
-                         finished_at=time.time(), **changes)  # fmt: skip
+        record = self.record.evolve(last_seq=self._seq, updated_at=time.time(), status=status,
+                                    error=error, finished_at=time.time(), **changes)  # fmt: skip
+        await self._commit(record, [*entries, final], retry=retry)
 
-    async def _fail(self, failure: RunFailure, entries: Sequence[LogEntry] = ()) -> None:
+    async def _fail(
+        self, failure: RunFailure, entries: Sequence[LogEntry] = (), *, retry: bool = True
+    ) -> None:
+        limits = self.engine.limits
+        if len(failure.message) > limits.max_log_message_chars:
+            message = bound_text(failure.message, limits.max_log_message_chars)
+            failure = replace(failure, message=message)
+        error = failure.as_dict()
+        if "details" in error:
+            # The error is kept on the record and in the last log entry: bounded.
+            error["details"] = bound_data(error["details"], limits.max_log_data_bytes)
         await self._finish(RunStatus.FAILED, Event.RUN_FAILED, Level.ERROR, failure.message,
-                           entries=entries, node=failure.node, error=failure.as_dict())  # fmt: skip
+                           entries=entries, node=failure.node, error=error,
+                           retry=retry)  # fmt: skip
 
     def _custom(self, ctx: RunContext | None) -> list[LogEntry]:
-        if ctx is None or not ctx._lines:
+        if ctx is None or not (ctx._lines or ctx._dropped):
             return []
+        max_data = self.engine.limits.max_log_data_bytes
         return [
-            self._entry(Event.CUSTOM, msg, level=level, node=ctx.node_id, data=data, ts=ts)
+            self._entry(
+                Event.CUSTOM,
+                msg,
+                level=level,
+                node=ctx.node_id,
+                data=bound_data(data, max_data) if data else {},
+                ts=ts,
+            )
             for ts, level, msg, data in ctx.take_lines()
         ]
 
@@ -237,13 +375,16 @@ class RunActor:
             status_changes: dict[str, Any] = {"started_at": time.time()}
         else:
             step = max(record.step, 1)
+            data: dict[str, Any] = {"step": step, "attempt": record.attempt + 1}
+            if record.crashes:
+                data["crashes"] = record.crashes
             first = self._entry(
                 Event.RUN_RESUMED, f"run resumed at node {node} from its last checkpoint",
-                node=node, data={"step": step, "attempt": record.attempt + 1},
+                node=node, data=data,
             )  # fmt: skip
             status_changes = {"attempt": record.attempt + 1}
         if step > self.graph.max_steps:
-            raise _RunFailed(self._max_steps_failure(node))
+            raise _RunFailed(self._max_steps_failure(node), [first])
         started = self._entry(Event.NODE_STARTED, f"node {node} started", node=node,
                               data={"step": step})  # fmt: skip
         await self._save([first, started], status=RunStatus.RUNNING, current_node=node, step=step,
@@ -264,6 +405,7 @@ class RunActor:
 
     async def _steps(self) -> None:
         graph = self.graph
+        max_state_bytes = self.engine.limits.max_state_bytes
         while True:
             record = self.record
             node_id = record.current_node
@@ -271,20 +413,31 @@ class RunActor:
                 raise _RunFailed(RunFailure("internal_error", "run has no current node"))
             node = graph.nodes[node_id]
             # Only a tool that takes (state, ctx) can log custom lines.
-            ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1)
+            ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1,
+                              _max_lines=self.engine.limits.max_log_lines_per_step)
                    if node.tool.arity == 2 else None)  # fmt: skip
             result = await self._call_node(node, ctx)
             entries = self._custom(ctx)
             try:
                 applied = graph.state.apply(record.state, result, node_id)
             except StateValidationError as exc:
-                raise _RunFailed(RunFailure("state_invalid", exc.message, node=node_id,
-                                            extra={"errors": exc.errors})) from None  # fmt: skip
+                failure = RunFailure(
+                    "state_invalid", exc.message, node=node_id, extra={"errors": exc.errors}
+                )
+                raise _RunFailed(failure, entries) from None
             model: BaseModel | None
             if applied is None:
                 model, state = None, record.state
             else:
                 model, state = applied
+                size = len(pydantic_core.to_json(state))
+                if size > max_state_bytes:
+                    raise _RunFailed(RunFailure(
+                        "state_too_large",
+                        f"node {node_id} made the state {size} bytes; the limit is "
+                        f"{max_state_bytes}",
+                        node=node_id, extra={"bytes": size, "maximum": max_state_bytes},
+                    ), entries)  # fmt: skip
             try:
                 source = model if model is not None else self._current_model
                 decision = decide(graph, node_id, source, state,
@@ -324,7 +477,8 @@ class RunActor:
                 await self._save(entries, state=state, loop_counters=counters)
                 raise _RunFailed(self._max_steps_failure(edge.target))
             # The hot path: build the next record positionally (evolve() with
-            # keyword changes costs several microseconds more per step).
+            # keyword changes costs several microseconds more per step). A
+            # completed step resets the crash count (0, the last field).
             self._seq += 1
             entries.append(LogEntry(self._seq, now, _INFO, _NODE_STARTED, edge.target,
                                     graph.nodes[edge.target].started_message,
@@ -351,41 +505,59 @@ class RunActor:
 
     async def _call_node(self, node: Node, ctx: RunContext | None) -> Any:
         attempt = 1
+        limit = self.engine.limits.max_log_message_chars
         while True:
             if ctx is not None:
                 ctx.attempt = attempt
+            error: BaseException
             try:
                 if node.timeout_s is None:
                     return await self._invoke(node, ctx)
-                with trio.fail_after(node.timeout_s):
+                # Only this scope's deadline is a node timeout: a tool's own
+                # trio.TooSlowError is an error like any other.
+                with trio.move_on_after(node.timeout_s):
                     return await self._invoke(node, ctx)
-            except trio.TooSlowError:
-                error: BaseException = TimeoutError(f"node timed out after {node.timeout_s}s")
+                error = TimeoutError(f"node timed out after {node.timeout_s:g}s")
                 code = "node_timeout"
-            except Exception as exc:  # the tool's own error; Cancelled is not an Exception
+            except BaseException as exc:
+                # Whatever the tool raised fails the run, SystemExit and
+                # KeyboardInterrupt included; only Trio's cancellation (of the
+                # run, or of the engine) passes through.
+                if is_cancellation(exc):
+                    raise
                 error, code = exc, "node_failed"
-            message = f"node {node.id} failed: {type(error).__name__}: {error}"
+            text = bound_text(str(error), limit)
+            message = bound_text(f"node {node.id} failed: {type(error).__name__}: {text}", limit)
             if attempt >= node.retry.max_attempts:
+                extra: dict[str, Any] = {"attempts": attempt}
+                if code == "node_failed":
+                    extra["traceback"] = tb = format_traceback(error)
+                    log.error("run %s: node %s failed after %d attempt(s):\n%s", self.run_id,
+                              node.id, attempt, tb)  # fmt: skip
                 entries = self._custom(ctx)
                 entries.append(self._entry(Event.NODE_FAILED, message, level=Level.ERROR,
                                            node=node.id,
                                            data={"attempt": attempt, "type": type(error).__name__,
-                                                 "error": str(error)}))  # fmt: skip
+                                                 "error": text}))  # fmt: skip
                 await self._save(entries)
                 raise _RunFailed(RunFailure(code, message, node=node.id,
                                             error_type=type(error).__name__,
-                                            extra={"attempts": attempt}))  # fmt: skip
+                                            extra=extra))  # fmt: skip
             delay = _backoff(node, attempt)
             entries = self._custom(ctx)
             entries.append(self._entry(
                 Event.NODE_RETRYING, f"{message}; retrying in {delay:.3g}s", level=Level.WARNING,
                 node=node.id, data={"attempt": attempt, "delay_s": delay,
-                                    "type": type(error).__name__, "error": str(error)},
+                                    "type": type(error).__name__, "error": text},
             ))  # fmt: skip
             await self._save(entries)
             await trio.sleep(delay)
             attempt += 1
 
+    # KeyboardInterrupt from Ctrl-C is held back while a tool runs (it reaches
+    # the program's main task at its next checkpoint), so a KeyboardInterrupt
+    # raised inside a tool is always the tool's own and fails only its run.
+    @trio.lowlevel.enable_ki_protection
     async def _invoke(self, node: Node, ctx: RunContext | None) -> Any:
         tool = node.tool
         model = self._current_model()

@@ -24,18 +24,33 @@ class RunContext:
     step: int
     attempt: int
     _lines: list[tuple[float, Level, str, dict[str, Any]]] = field(default_factory=list, repr=False)
+    _max_lines: int = field(default=1000, repr=False)
+    _dropped: int = field(default=0, repr=False)
 
     def log(self, message: str, /, *, level: str = "info", **data: Any) -> None:
         """Add a custom log line (event ``custom``) to the run's log.
 
+        A node execution keeps at most ``EngineLimits.max_log_lines_per_step``
+        lines; later ones are counted in one final ``truncated`` line. Long
+        messages and large data are cut (see ``EngineLimits``).
+
         Args:
             message: the text of the line.
             level: ``debug``, ``info``, ``warning`` or ``error``.
-            **data: JSON-safe values stored with the line (any key, even
+            **data: JSON values stored with the line (any key, even
                 ``message``; only ``level`` is taken by this method).
         """
+        if len(self._lines) >= self._max_lines:
+            self._dropped += 1
+            return
         self._lines.append((time.time(), Level(level), str(message), data))
 
     def take_lines(self) -> list[tuple[float, Level, str, dict[str, Any]]]:
         lines, self._lines = self._lines, []
+        if self._dropped:
+            lines.append((time.time(), Level.WARNING,
+                          f"{self._dropped} more log lines dropped: at most {self._max_lines} "
+                          "are kept per node execution",
+                          {"dropped": self._dropped, "truncated": True}))  # fmt: skip
+            self._dropped = 0
         return lines

@@ -18,18 +18,20 @@ from .actor import Cancel, RunActor
 from .document import GraphDocument
 from .errors import (
     CapacityError,
-    EngineError,
     GraphConflictError,
     GraphValidationError,
     LimitExceededError,
     RunFailure,
+    RunStalledError,
     RunStateError,
     StateValidationError,
+    StoreConflictError,
+    StoreError,
     UnknownGraphError,
     UnknownRunError,
 )
 from .expressions import Evaluator
-from .graph import Graph, compile_graph
+from .graph import Graph, GraphLimits, compile_graph
 from .logs import Event, Level, LogEntry
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
@@ -47,10 +49,25 @@ class EngineLimits:
         max_active_runs: runs held in this process (pending + running); more
             are refused with :class:`~core.errors.CapacityError`.
         max_running: runs executing nodes at once; the rest wait ``pending``.
-        max_state_bytes: size of an initial state as compact JSON.
+        max_state_bytes: size of a run's state as compact JSON, initial or
+            after any node (a node that makes it larger fails the run with
+            ``state_too_large``).
         max_followers: concurrent ``follow`` iterators.
         worker_threads: worker threads for sync tools.
         log_page: entries a follower reads from the store per query.
+        max_log_entries: log entries one run may write; a run that needs more
+            fails with ``log_limit_exceeded`` (its last entry is the failure).
+        max_log_message_chars: characters of one entry's message; longer
+            messages are cut and the entry's data gets ``truncated: true``.
+        max_log_data_bytes: one entry's data as compact JSON; larger data is
+            replaced by ``{"truncated": true, "preview": ...}``.
+        max_log_lines_per_step: ``ctx.log`` lines kept per node execution;
+            the rest are counted in one ``truncated`` line.
+        max_graph_steps: the largest ``max_steps`` a graph may declare.
+        max_loop_iterations: the largest ``loop.max_iterations`` of an edge.
+        max_node_attempts: the largest ``retry.max_attempts`` of a node.
+        store_retry_s: how long a checkpoint that fails with a transient store
+            error is retried (with backoff) before the run gives up on it.
     """
 
     max_active_runs: int = 10_000
@@ -59,6 +76,37 @@ class EngineLimits:
     max_followers: int = 10_000
     worker_threads: int = 32
     log_page: int = 500
+    max_log_entries: int = 100_000
+    max_log_message_chars: int = 4096
+    max_log_data_bytes: int = 16_384
+    max_log_lines_per_step: int = 1000
+    max_graph_steps: int = 100_000
+    max_loop_iterations: int = 100_000
+    max_node_attempts: int = 20
+    store_retry_s: float = 30.0
+
+    def graph_limits(self) -> GraphLimits:
+        """The bounds graph documents are validated against."""
+        return GraphLimits(self.max_graph_steps, self.max_loop_iterations, self.max_node_attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """Whether the store takes writes.
+
+    Attributes:
+        ok: the last write (a checkpoint or a probe) succeeded.
+        error: the last write error while not ok.
+        since: when writes started failing (seconds since the Unix epoch).
+    """
+
+    ok: bool
+    error: str | None = None
+    since: float | None = None
+
+
+#: Fewest seconds between two store probes while writes fail.
+PROBE_INTERVAL_S = 1.0
 
 
 class Engine:
@@ -77,6 +125,7 @@ class Engine:
         self.registry = registry
         self.limits = limits
         self._evaluator: Evaluator = evaluator
+        self._graph_limits = limits.graph_limits()
         self._nursery = nursery
         self._graphs: dict[str, Graph] = {}
         self._actors: dict[str, RunActor] = {}
@@ -87,6 +136,16 @@ class Engine:
         self._waiting: deque[RunActor] = deque()
         self._thread_limiter = trio.CapacityLimiter(limits.worker_threads)
         self._followers = 0
+        # Runs whose actor stopped without a terminal record because the store
+        # refused it: run id -> why. They stay resumable.
+        self._stalled: dict[str, str] = {}
+        # Store health, learnt from every checkpoint and from probes.
+        self._store_failing = False
+        self._store_error: StoreError | None = None
+        self._store_failing_since: float | None = None
+        self._last_probe = -PROBE_INTERVAL_S
+        #: Set when the engine starts closing: no run ends here after that.
+        self._closing = False
 
     # -- graphs ------------------------------------------------------------------
 
@@ -96,7 +155,8 @@ class Engine:
         Raises:
             GraphValidationError: every problem found.
         """
-        return compile_graph(document, self.registry, evaluator=self._evaluator)
+        return compile_graph(document, self.registry, evaluator=self._evaluator,
+                             limits=self._graph_limits)  # fmt: skip
 
     async def register_graph(self, document: Mapping[str, Any] | GraphDocument) -> Graph:
         """Validate, compile and store a graph.
@@ -222,6 +282,55 @@ class Engine:
         if self._actors.get(actor.run_id) is actor:
             del self._actors[actor.run_id]
 
+    def _stall(self, actor: RunActor, error: StoreError) -> None:
+        """Called by an actor that stopped without a terminal record (its store failed)."""
+        reason = f"its checkpoint could not be written ({error.message})"
+        log.error("run %s stopped at its last checkpoint: %s", actor.run_id, reason)
+        self._stalled[actor.run_id] = reason
+        # Followers waiting for entries that will not come learn it now.
+        self.store.notifier.notify(actor.run_id)
+
+    # -- store health ------------------------------------------------------------
+
+    def _store_failed(self, error: StoreError) -> None:
+        if not self._store_failing:
+            self._store_failing = True
+            self._store_failing_since = time.time()
+            log.error("store writes are failing: %s", error.message)
+        self._store_error = error
+
+    def _store_recovered(self) -> None:
+        if self._store_failing:
+            since = self._store_failing_since or time.time()
+            log.warning("store writes work again after %.1f s", time.time() - since)
+        self._store_failing = False
+        self._store_error = None
+        self._store_failing_since = None
+
+    def store_health(self) -> StoreHealth:
+        """Whether the store takes writes, as the last checkpoint or probe found.
+
+        While writes fail, asking starts a background probe write (at most
+        one every :data:`PROBE_INTERVAL_S`), so recovery is noticed even when
+        no run writes. Never waits.
+        """
+        if not self._store_failing:
+            return StoreHealth(ok=True)
+        now = trio.current_time()
+        if now - self._last_probe >= PROBE_INTERVAL_S:
+            self._last_probe = now
+            self._nursery.start_soon(self._probe_store)
+        error = self._store_error.message if self._store_error is not None else None
+        return StoreHealth(ok=False, error=error, since=self._store_failing_since)
+
+    async def _probe_store(self) -> None:
+        try:
+            await self.store.probe()
+        except StoreError as exc:
+            self._store_failed(exc)
+        else:
+            self._store_recovered()
+
     async def get_run(self, run_id: str) -> RunRecord:
         """The run's record as of its last checkpoint. Raises :class:`UnknownRunError`."""
         record = await self.store.get_run(run_id)
@@ -260,14 +369,42 @@ class Engine:
             actor.send(Cancel())
             await actor.done.wait()
             record = actor.record  # what it committed last
+            if not record.status.is_terminal:
+                # It stopped without recording its end (its store failed).
+                record = await self.get_run(run_id)
         else:
             record = await self.get_run(run_id)
         if record.status is RunStatus.CANCELLED:
             return record
         if record.status.is_terminal:
             raise RunStateError(run_id, record.status.value, "cancel")
-        # Not terminal and no actor here: another process owns it.
-        raise RunStateError(run_id, record.status.value, "cancel (owned by another process)")
+        # Not terminal and no actor executes it here: a run left stalled by a
+        # store failure, or left by a stopped process (an engine opened with
+        # resume=False). Record its end directly, on top of its last checkpoint.
+        return await self._cancel_stored(record)
+
+    async def _cancel_stored(self, record: RunRecord) -> RunRecord:
+        for _ in range(3):
+            now = time.time()
+            entry = LogEntry(record.last_seq + 1, now, Level.WARNING, Event.RUN_CANCELLED.value,
+                             record.current_node, "cancelled by request",
+                             {"steps": record.step})  # fmt: skip
+            final = record.evolve(status=RunStatus.CANCELLED, finished_at=now, updated_at=now,
+                                  last_seq=entry.seq)  # fmt: skip
+            try:
+                await self.store.save_run(final, [entry])
+            except StoreConflictError:
+                # Someone wrote in between: look again.
+                record = await self.get_run(record.run_id)
+                if record.status is RunStatus.CANCELLED:
+                    return record
+                if record.status.is_terminal:
+                    raise RunStateError(record.run_id, record.status.value, "cancel") from None
+                continue
+            self._stalled.pop(record.run_id, None)
+            return final
+        raise RunStateError(record.run_id, record.status.value,
+                            "cancel (another process keeps writing it)")  # fmt: skip
 
     async def cancel_many(self, run_ids: Iterable[str]) -> list[RunRecord]:
         """Cancel many runs of this engine at once and wait until each is recorded.
@@ -293,6 +430,8 @@ class Engine:
 
         Raises:
             UnknownRunError: no such run.
+            RunStalledError: the run stopped without an end, because its
+                store failed or the engine is closing; it stays resumable.
         """
         actor = self._actors.get(run_id)
         if actor is not None:
@@ -300,13 +439,22 @@ class Engine:
             # The actor's record is what it last committed; no store read needed.
             if actor.record.status.is_terminal:
                 return actor.record
-            return await self.get_run(run_id)
+            # It stopped without an end: its store failed, or the engine closes.
         record = await self.get_run(run_id)
         if record.status.is_terminal:
             return record
+        self._raise_if_stopped(run_id)
         async for _ in self.follow(run_id, after=record.last_seq):
             pass
         return await self.get_run(run_id)
+
+    def _raise_if_stopped(self, run_id: str) -> None:
+        """Raise :class:`RunStalledError` if nothing here will ever end ``run_id``."""
+        stalled = self._stalled.get(run_id)
+        if stalled is not None:
+            raise RunStalledError(run_id, stalled)
+        if self._closing and run_id not in self._actors:
+            raise RunStalledError(run_id, "the engine stopped before the run ended")
 
     async def follow(self, run_id: str, *, after: int = 0) -> AsyncGenerator[LogEntry, None]:
         """Every log entry with ``seq > after``: stored ones, then live ones.
@@ -337,6 +485,8 @@ class Engine:
         Raises:
             UnknownRunError: no such run.
             CapacityError: ``max_followers`` followers are already active.
+            RunStalledError: the run stopped without an end because its store
+                failed (after every entry it has was yielded).
         """
         page_size = min(limit or self.limits.log_page, self.limits.log_page)
         record = await self.get_run(run_id)
@@ -354,6 +504,7 @@ class Engine:
                 try:
                     entries = await self.store.read_log(run_id, after=cursor, limit=page_size)
                     if not entries:
+                        self._raise_if_stopped(run_id)
                         await event.wait()
                         continue
                 finally:
@@ -373,24 +524,44 @@ class Engine:
 
     # -- start-up ----------------------------------------------------------------
 
-    async def _resume_unfinished(self) -> int:
-        """Restart runs a previous process left unfinished, from their last checkpoint."""
+    async def _resume_unfinished(self, *, crashed: bool) -> int:
+        """Restart runs a previous process left unfinished, from their last checkpoint.
+
+        Args:
+            crashed: the previous process died (its session did not end
+                cleanly), so every run it was executing crashed with it. A run
+                whose process died twice while it stayed at one step is not
+                resumed a third time: it fails with ``crash_loop``.
+        """
         resumed = 0
         for record in await self.store.unfinished_runs():
             if record.run_id in self._actors:
                 continue
+            if crashed and record.status is RunStatus.RUNNING:
+                record = record.evolve(crashes=record.crashes + 1)
+                if record.crashes >= 2:
+                    failure = RunFailure(
+                        "crash_loop",
+                        f"the process died {record.crashes} times in a row while this run was "
+                        f"at node {record.current_node} (step {record.step}); it is not resumed "
+                        "again",
+                        node=record.current_node, extra={"crashes": record.crashes},
+                    )  # fmt: skip
+                    await self._fail_stored(record, failure)
+                    continue
             try:
                 graph = await self.get_graph(record.graph_id)
             except (UnknownGraphError, GraphValidationError) as exc:
-                await self._fail_unresumable(record, exc)
+                failure = RunFailure("graph_unavailable", f"cannot resume run: {exc.message}",
+                                     node=record.current_node)  # fmt: skip
+                await self._fail_stored(record, failure)
                 continue
             self._spawn(graph, record)
             resumed += 1
         return resumed
 
-    async def _fail_unresumable(self, record: RunRecord, exc: EngineError) -> None:
-        failure = RunFailure("graph_unavailable", f"cannot resume run: {exc.message}",
-                             node=record.current_node)  # fmt: skip
+    async def _fail_stored(self, record: RunRecord, failure: RunFailure) -> None:
+        """End a run that no actor executes ``failed``, on top of its last checkpoint."""
         now = time.time()
         entry = LogEntry(record.last_seq + 1, now, Level.ERROR, Event.RUN_FAILED.value,
                          record.current_node, failure.message,
@@ -420,23 +591,40 @@ async def open_engine(
         registry: tools and state models (default: the built-in tools).
         limits: process-wide bounds (default: :class:`EngineLimits()`).
         evaluator: condition evaluator, ``"compiled"`` or ``"asteval"``.
-        resume: resume the store's unfinished runs on open.
+        resume: resume the store's unfinished runs on open. Such an engine
+            owns the store's runs: it records its session in the store, so
+            the next one knows whether it stopped cleanly or died (crash
+            loops are told apart that way). ``resume=False`` is for tools
+            that only read or prune a store.
     """
     store = store if store is not None else MemoryStore()
     registry = registry if registry is not None else default_registry()
     await store.open()
+    session = False
     try:
         async with trio.open_nursery() as nursery:
             engine = Engine(store=store, registry=registry, nursery=nursery,
                             limits=limits or EngineLimits(), evaluator=evaluator)  # fmt: skip
             if resume:
-                count = await engine._resume_unfinished()
+                clean = await store.begin_session()
+                session = True
+                if not clean:
+                    log.warning("the previous engine on this store did not stop cleanly")
+                count = await engine._resume_unfinished(crashed=not clean)
                 if count:
                     log.info("resumed %d unfinished runs", count)
             try:
                 yield engine
             finally:
+                engine._closing = True
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if session:
+                # Every actor has stopped: the runs left unfinished were
+                # stopped by this engine, not by a crash.
+                try:
+                    await store.end_session()
+                except StoreError as exc:
+                    log.error("could not record a clean stop in the store: %s", exc.message)
             await store.aclose()

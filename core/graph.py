@@ -25,6 +25,21 @@ from .state import JsonState, StateAdapter
 
 MAX_NODES = 1000
 MAX_EDGES = 4000
+_MAX_ITERATIONS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class GraphLimits:
+    """Server-wide ceilings for the counts a graph document declares.
+
+    The document schema has absolute maxima; an engine may allow less
+    (``EngineLimits``), and a document over its ceilings is invalid
+    (``over_limit``), so no graph can ask for more work than the server grants.
+    """
+
+    max_steps: int = 1_000_000
+    max_iterations: int = 1_000_000
+    max_attempts: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +136,12 @@ def _schema_problems(exc: ValidationError) -> list[Problem]:
 class _Checker:
     """Collects every problem of one document."""
 
-    def __init__(self, doc: GraphDocument, registry: Registry, evaluator: Evaluator) -> None:
+    def __init__(self, doc: GraphDocument, registry: Registry, evaluator: Evaluator,
+                 limits: GraphLimits) -> None:  # fmt: skip
         self.doc = doc
         self.registry = registry
         self.evaluator = evaluator
+        self.limits = limits
         self.problems: list[Problem] = []
 
     def add(self, code: str, path: str, message: str) -> None:
@@ -148,6 +165,7 @@ class _Checker:
             self.add("graph_too_large", "$.edges", f"{len(doc.edges)} edges; limit {MAX_EDGES}")
         if self.problems:
             return None
+        self.ceilings()
 
         model: type[BaseModel] = JsonState
         if doc.state_model is not None:
@@ -224,6 +242,27 @@ class _Checker:
             digest=document_digest(raw),
         )
 
+    def ceilings(self) -> None:
+        """Counts the document declares that are over this server's ceilings."""
+        doc, limits = self.doc, self.limits
+
+        def over(path: str, what: str, value: int, maximum: int) -> None:
+            if value > maximum:
+                self.add("over_limit", path,
+                         f"{what} is {value}; this server allows at most {maximum}")  # fmt: skip
+
+        over("$.max_steps", "max_steps", doc.max_steps, limits.max_steps)
+        for i, node in enumerate(doc.nodes):
+            if node.retry is not None:
+                over(f"$.nodes[{i}].retry.max_attempts", "retry.max_attempts",
+                     node.retry.max_attempts, limits.max_attempts)  # fmt: skip
+        for i, edge in enumerate(doc.edges):
+            iterations = edge.loop.max_iterations if edge.loop is not None else None
+            # Values outside 1..1,000,000 are invalid_loop (see edge()).
+            if iterations is not None and 1 <= iterations <= _MAX_ITERATIONS:
+                path = f"$.edges[{i}].loop.max_iterations"
+                over(path, "loop.max_iterations", iterations, limits.max_iterations)
+
     def edge(self, i: int, spec: EdgeSpec, node_ids: set[str]) -> Edge | None:
         path = f"$.edges[{i}]"
         ok = True
@@ -272,7 +311,7 @@ class _Checker:
                 self.add("invalid_loop", f"{path}.loop.max_iterations",
                          "a loop edge needs loop.max_iterations >= 1")  # fmt: skip
                 return None
-            if loop.max_iterations > 1_000_000:
+            if loop.max_iterations > _MAX_ITERATIONS:
                 self.add("invalid_loop", f"{path}.loop.max_iterations",
                          "loop.max_iterations is at most 1000000")  # fmt: skip
                 return None
@@ -367,6 +406,7 @@ def compile_graph(
     registry: Registry,
     *,
     evaluator: Evaluator = "compiled",
+    limits: GraphLimits | None = None,
 ) -> Graph:
     """Validate a graph document and compile it.
 
@@ -374,6 +414,8 @@ def compile_graph(
         document: the parsed JSON document (or an already-parsed model).
         registry: where callables and state models are looked up.
         evaluator: which expression evaluator conditions use.
+        limits: ceilings for ``max_steps``, loop and retry counts (default:
+            the document schema's own maxima).
 
     Raises:
         GraphValidationError: with every problem found, each with code, path and message.
@@ -388,7 +430,7 @@ def compile_graph(
         except ValidationError as exc:
             graph_id = document.get("id") if isinstance(document.get("id"), str) else None
             raise GraphValidationError(_schema_problems(exc), graph_id) from None
-    checker = _Checker(doc, registry, evaluator)
+    checker = _Checker(doc, registry, evaluator, limits or GraphLimits())
     graph = checker.run()
     if graph is None:
         raise GraphValidationError(checker.problems, doc.id)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any, NamedTuple
+
+import pydantic_core
 
 
 class Level(enum.StrEnum):
@@ -73,3 +76,37 @@ class LogEntry(NamedTuple):
             message=str(raw.get("message", "")),
             data=dict(raw.get("data") or {}),
         )
+
+
+#: Appended to a message that was cut at the size limit.
+TRUNCATION_MARK = "… [truncated]"
+#: How much of oversized data an entry keeps, as JSON text.
+DATA_PREVIEW_CHARS = 1024
+
+
+def bound_text(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters (plus the truncation mark)."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + TRUNCATION_MARK
+
+
+def bound_data(data: Mapping[str, Any], limit: int) -> dict[str, Any]:
+    """``data`` as plain JSON within ``limit`` bytes of compact JSON.
+
+    Values that are not JSON are written as JSON encoders usually write
+    them (sets as lists, other objects as their ``str``); data over the limit
+    is replaced by ``{"truncated": true, "preview": <its JSON, cut>}``.
+    """
+    try:
+        raw = pydantic_core.to_json(data, serialize_unknown=True, inf_nan_mode="null")
+    except (TypeError, ValueError, pydantic_core.PydanticSerializationError):
+        raw = pydantic_core.to_json({"unserialisable": str(data)[:DATA_PREVIEW_CHARS]})
+    if len(raw) > limit:
+        preview = raw[:DATA_PREVIEW_CHARS].decode("utf-8", errors="ignore")
+        return {"truncated": True, "preview": preview, "bytes": len(raw)}
+    try:
+        value = pydantic_core.from_json(raw)
+    except ValueError:  # e.g. an integer JSON readers refuse
+        return {"truncated": True, "preview": raw[:DATA_PREVIEW_CHARS].decode(errors="ignore")}
+    return value if isinstance(value, dict) else {"value": value}

@@ -35,11 +35,15 @@ SLOW = {
 }
 
 
+def _serve_command(db: pathlib.Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "web.cli", "serve", "--port", "0",
+            "--store", f"sqlite:///{db}", *extra]  # fmt: skip
+
+
 @asynccontextmanager
-async def serving(db: pathlib.Path) -> AsyncIterator[tuple[trio.Process, str]]:
+async def serving(db: pathlib.Path, *extra: str) -> AsyncIterator[tuple[trio.Process, str]]:
     """Start ``trioflow serve`` on ``db``; yield the process and its base URL."""
-    cmd = [sys.executable, "-m", "web.cli", "serve", "--port", "0",
-           "--store", f"sqlite:///{db}"]  # fmt: skip
+    cmd = _serve_command(db, *extra)
     proc = await trio.lowlevel.open_process(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -136,3 +140,108 @@ async def test_sigkill_loses_nothing_and_in_flight_runs_complete(tmp_path: pathl
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 assert await proc.wait() == 0
+
+
+DEADLY = {
+    "id": "deadly",
+    "start_node": "a",
+    "nodes": [
+        {"id": "a", "callable": "tools.noop"},
+        {"id": "die", "callable": "crash.die"},
+        {"id": "c", "callable": "tools.approve"},
+    ],
+    "edges": [{"from": "a", "to": "die"}, {"from": "die", "to": "c"}],
+}
+TOOLS = ("--tools", "tests.crash_tool_module")
+
+
+async def _dies_by_itself(db: pathlib.Path) -> bytes:
+    """Start a server that resumes a deadly run: it must die without being asked."""
+    proc = await trio.lowlevel.open_process(
+        _serve_command(db, *TOOLS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    output = b""
+    try:
+        with trio.fail_after(30):
+            while chunk := await proc.stdout.receive_some(4096):
+                output += chunk
+            assert await proc.wait() == 70, output.decode(errors="replace")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return output
+
+
+async def test_a_run_that_kills_its_process_twice_is_not_resumed_a_third_time(
+    tmp_path: pathlib.Path,
+) -> None:
+    db = tmp_path / "trioflow.db"
+    with trio.fail_after(120):
+        # The run kills the server that started it...
+        async with serving(db, *TOOLS) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert (await client.post("/graph/create", json=DEADLY)).status_code == 201
+                r = await client.post("/graph/run", json={"graph_id": "deadly", "background": True})
+                assert r.status_code == 202
+                run_id = r.json()["run_id"]
+            assert await proc.wait() == 70
+        # ... and the next one, which resumed it.
+        await _dies_by_itself(db)
+        # The third server does not resume it: it records a crash loop and serves.
+        async with serving(db, *TOOLS) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                state = await _until(client, run_id, lambda s: s["status"] == "failed")
+                assert state["error"]["code"] == "crash_loop"
+                assert state["error"]["node"] == "die"
+                events = [e["event"] for e in state["logs"]]
+                assert events.count("run_resumed") == 1
+                assert events[-1] == "run_failed"
+                assert [e["seq"] for e in state["logs"]] == list(range(1, len(events) + 1))
+                # It serves other runs as usual.
+                quick = {"id": "quick", "start_node": "q",
+                         "nodes": [{"id": "q", "callable": "tools.approve"}]}  # fmt: skip
+                assert (await client.post("/graph/create", json=quick)).status_code == 201
+                r = await client.post("/graph/run", json={"graph_id": "quick"})
+                assert r.status_code == 200 and r.json()["status"] == "completed"
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
+
+
+async def test_a_tool_raising_system_exit_or_keyboard_interrupt_fails_only_its_run(
+    tmp_path: pathlib.Path,
+) -> None:
+    # These used to kill the server (and answer the synchronous request 200
+    # "running" on the way out). Now they fail their run; the server serves on.
+    db = tmp_path / "trioflow.db"
+    graphs = [
+        {"id": "exits", "start_node": "x", "nodes": [{"id": "x", "callable": "crash.exit"}]},
+        {"id": "interrupts", "start_node": "k",
+         "nodes": [{"id": "k", "callable": "crash.interrupt"}]},
+    ]  # fmt: skip
+    with trio.fail_after(60):
+        async with serving(db, *TOOLS) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                for graph, kind in zip(graphs, ("SystemExit", "KeyboardInterrupt"), strict=True):
+                    assert (await client.post("/graph/create", json=graph)).status_code == 201
+                    r = await client.post("/graph/run", json={"graph_id": graph["id"]})
+                    assert r.status_code == 200, r.text
+                    body = r.json()
+                    assert body["status"] == "failed"
+                    assert body["error"]["code"] == "node_failed"
+                    assert body["error"]["type"] == kind
+                    assert "traceback" in body["error"]["details"]
+                    assert (await client.get("/healthz")).status_code == 200
+                assert proc.returncode is None
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+        # Nothing is left to resume: a restart finds both runs failed.
+        async with serving(db, *TOOLS) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                runs = (await client.get("/runs")).json()["items"]
+                assert sorted(r["status"] for r in runs) == ["failed", "failed"]
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0

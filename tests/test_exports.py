@@ -12,6 +12,7 @@ EXPECTED = {
     # engine and embedding
     "Engine",
     "EngineLimits",
+    "StoreHealth",
     "open_engine",
     "RunContext",
     # graphs
@@ -46,8 +47,10 @@ EXPECTED = {
     "LimitExceededError",
     "Problem",
     "RegistryError",
+    "RunStalledError",
     "RunStateError",
     "StateValidationError",
+    "StoreConflictError",
     "StoreError",
     "UnknownGraphError",
     "UnknownRunError",

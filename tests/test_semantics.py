@@ -842,11 +842,11 @@ async def test_cancel_that_interrupts_the_final_write_ends_the_run_cancelled(
 
 
 class FailingStore(MemoryStore):
-    """Fails the checkpoint of one step, as a full disk would."""
+    """Refuses the checkpoint of one step for good (not a transient error)."""
 
     async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
         if run.step == 2 and run.status is RunStatus.RUNNING:
-            raise StoreError("disk full")
+            raise StoreError("refused")
         await super().save_run(run, entries)
 
 
@@ -859,7 +859,8 @@ async def test_a_store_failure_fails_the_run_not_the_engine(registry: Registry) 
             final = await engine.wait(run.run_id)
         assert final.status is RunStatus.FAILED
         assert final.error is not None
-        assert final.error["code"] == "internal_error"
+        assert final.error["code"] == "store_unavailable"
+        assert "refused" in final.error["message"]
         entries = await engine.read_log(run.run_id)
         assert_gapless(entries)
         assert events(entries) == ["run_started", "node_started", "run_failed"]

@@ -30,6 +30,7 @@ from core import (
     GraphValidationError,
     LimitExceededError,
     RegistryError,
+    RunStalledError,
     RunStateError,
     StateValidationError,
     StoreError,
@@ -55,6 +56,7 @@ ENGINE_STATUS: dict[type[EngineError], int] = {
     InvalidCursorError: 400,
     RegistryError: 500,
     StoreError: 503,
+    RunStalledError: 503,
 }
 """HTTP status of each core error class; subclasses inherit their base's status."""
 

@@ -183,13 +183,22 @@ async def list_runs(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
-    """``GET /healthz``: the process serves requests and its engine is open."""
+    """``GET /healthz``: 200 while the process serves and its store takes writes.
+
+    While store writes fail, 503 with ``status: "degraded"`` and what failed;
+    it never waits for the store.
+    """
     engine = services(request).engine
-    return JSON(_health(engine.active_runs))
-
-
-def _health(active_runs: int) -> dict[str, Any]:
-    return {"status": "ok", "version": core.__version__, "active_runs": active_runs}
+    health = engine.store_health()
+    body: dict[str, Any] = {
+        "status": "ok" if health.ok else "degraded",
+        "version": core.__version__,
+        "active_runs": engine.active_runs,
+    }
+    if health.ok:
+        return JSON(body)
+    body["store"] = {"ok": False, "error": health.error, "since": health.since}
+    return JSON(body, status_code=503)
 
 
 async def openapi(request: Request) -> Response:

@@ -143,8 +143,9 @@ OPERATIONS: tuple[Operation, ...] = (
                                    {"type": "string"})},
     ),
     Operation(
-        "GET", "/healthz", handlers.healthz, "health", "Liveness",
-        {200: ("Serving", schemas.Health)},
+        "GET", "/healthz", handlers.healthz, "health", "Liveness and store health",
+        {200: ("Serving", schemas.Health),
+         503: ("Serving, but the store refuses writes", schemas.Health)},
         tag="service",
     ),
     Operation(

@@ -174,10 +174,19 @@ class RunPage(BaseModel):
     next_cursor: str | None
 
 
+class StoreHealthOut(BaseModel):
+    ok: bool
+    error: str | None = Field(description="The last write error.")
+    since: float | None = Field(description="When writes started failing.")
+
+
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded (with HTTP 503) while the store refuses writes."
+    )
     version: str
     active_runs: int
+    store: StoreHealthOut | None = Field(default=None, description="Present when degraded.")
 
 
 # -- stream messages (WebSocket text frames; SSE data lines) -------------------

@@ -444,8 +444,11 @@ class SQLiteStore(Store):
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {self.path!r}: {exc}", details={"path": self.path},
-                             transient=isinstance(exc, sqlite3.OperationalError)) from exc  # fmt: skip
+            raise StoreError(
+                f"SQLite store {self.path!r}: {exc}",
+                details={"path": self.path},
+                transient=isinstance(exc, sqlite3.OperationalError),
+            ) from exc
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._reader_slots:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, cast
 
@@ -55,13 +55,17 @@ def _started(entries: Sequence[LogEntry]) -> list[str | None]:
     return [e.node for e in entries if e.event == "node_started"]
 
 
-async def _until_node_started(engine: Engine, run_id: str, node: str) -> None:
+async def _follow_until(engine: Engine, run_id: str, done: Callable[[LogEntry], bool]) -> None:
     follow = cast(AsyncGenerator[LogEntry, None], engine.follow(run_id))
     async with aclosing(follow) as entries:
         async for entry in entries:
-            if entry.event == "node_started" and entry.node == node:
+            if done(entry):
                 return
-    raise AssertionError(f"run {run_id} ended before node {node} started")
+    raise AssertionError(f"run {run_id} ended before the entry waited for")
+
+
+async def _until_node_started(engine: Engine, run_id: str, node: str) -> None:
+    await _follow_until(engine, run_id, lambda e: e.event == "node_started" and e.node == node)
 
 
 async def test_a_restart_resumes_unfinished_runs_and_leaves_the_rest(
@@ -144,3 +148,106 @@ async def test_a_restart_with_nothing_unfinished_changes_nothing(
             again = await engine.start_run("quick", {})
             assert (await engine.wait(again.run_id)).status is RunStatus.COMPLETED
     assert first.status is RunStatus.COMPLETED
+
+
+async def _until_resumed(engine: Engine, run_id: str, times: int) -> None:
+    """Until the run's log holds ``times`` run_resumed entries (and the node after it started)."""
+    seen = 0
+
+    def done(entry: LogEntry) -> bool:
+        nonlocal seen
+        seen += entry.event == "run_resumed"
+        return seen == times and entry.event == "node_started"
+
+    await _follow_until(engine, run_id, done)
+
+
+async def _leave_a_dirty_session(path: str) -> None:
+    """What a process that died while holding the store leaves behind."""
+    store = SQLiteStore(path)
+    await store.open()
+    await store.begin_session()
+    await store.aclose()  # no end_session: as if the process had died
+
+
+async def test_a_run_whose_process_died_twice_at_one_step_is_failed_with_crash_loop(
+    clock: trio.testing.MockClock, tmp_path: pathlib.Path
+) -> None:
+    path = str(tmp_path / "trioflow.db")
+    registry: Registry = default_registry()
+    registry.add_tool("test.hold", _hold)
+    with trio.fail_after(5000):
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await engine.register_graph(CUSTOM)
+            await engine.register_graph(NAP)
+            stuck = await engine.start_run("custom", {})
+            moving = await engine.start_run("nap", {"sleep_s": 10})
+            await _until_node_started(engine, stuck.run_id, "hold")
+            await _until_node_started(engine, moving.run_id, "nap")
+
+        # Crash 1: both runs are resumed, and the crash is counted.
+        await _leave_a_dirty_session(path)
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await _until_resumed(engine, stuck.run_id, 1)
+            assert (await engine.get_run(stuck.run_id)).crashes == 1
+            final_moving = await engine.wait(moving.run_id)  # this one makes progress
+            resumed = [e for e in await engine.read_log(stuck.run_id)
+                       if e.event == "run_resumed"]  # fmt: skip
+            assert resumed[-1].data["crashes"] == 1
+
+        # A clean stop in between is not a crash.
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await _until_resumed(engine, stuck.run_id, 2)
+            assert (await engine.get_run(stuck.run_id)).crashes == 1
+
+        # Crash 2 at the same step: not resumed a third time.
+        await _leave_a_dirty_session(path)
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            final = await engine.wait(stuck.run_id)
+            log = await engine.read_log(stuck.run_id)
+            assert engine.active_runs == 0
+
+    assert final_moving.status is RunStatus.COMPLETED
+    assert final.status is RunStatus.FAILED
+    assert final.error is not None
+    assert final.error["code"] == "crash_loop"
+    assert final.error["node"] == "hold"
+    assert final.error["details"] == {"crashes": 2}
+    assert _seqs(log) == list(range(1, len(log) + 1))
+    assert [e.event for e in log].count("run_resumed") == 2  # crash 1, then the clean restart
+    assert log[-1].event == "run_failed"
+
+
+async def test_progress_between_crashes_resets_the_count(
+    clock: trio.testing.MockClock, tmp_path: pathlib.Path
+) -> None:
+    path = str(tmp_path / "trioflow.db")
+    gate_a = trio.Event()
+    registry: Registry = default_registry()
+
+    async def first(state: Any) -> None:
+        await gate_a.wait()
+
+    registry.add_tool("test.first", first)
+    registry.add_tool("test.hold", _hold)
+    two_steps = {"id": "two", "start_node": "one",
+                 "nodes": [{"id": "one", "callable": "test.first"},
+                           {"id": "two", "callable": "test.hold"}],
+                 "edges": [{"from": "one", "to": "two"}]}  # fmt: skip
+    with trio.fail_after(5000):
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await engine.register_graph(two_steps)
+            run = await engine.start_run("two", {})
+            await _until_node_started(engine, run.run_id, "one")
+        await _leave_a_dirty_session(path)
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await _until_resumed(engine, run.run_id, 1)
+            gate_a.set()  # this time the step completes
+            await _until_node_started(engine, run.run_id, "two")
+            assert (await engine.get_run(run.run_id)).crashes == 0
+        await _leave_a_dirty_session(path)
+        async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
+            await _until_resumed(engine, run.run_id, 2)
+            record = await engine.get_run(run.run_id)
+            assert record.status is RunStatus.RUNNING
+            assert record.crashes == 1
