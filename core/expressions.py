@@ -782,12 +782,10 @@ def _element_cost(iterable: Any, what: str) -> int:
     return _weigh(iterable, what).cost
 
 
-def _keyed(items: list[Any] | tuple[Any, ...], key: Any, what: str) -> list[Any]:
-    """``key`` applied to every element, each call charged (guarded keys charge their work)."""
-    count = len(items)
+def _charge_keys(count: int, key: Any, what: str) -> None:
+    """Charge ``count`` calls of a ``key=`` function (guarded keys also charge their work)."""
     per_call = GUARDED_KEY_CALL_UNITS if key in _GUARDED_KEYS else KEY_CALL_UNITS
     _charge(count * per_call + 1, _seq_bytes(count) + 32 * count, what)
-    return list(map(key, items))
 
 
 def _minmax(func: Any, what: str, args: tuple[Any, ...], key: Any, default: Any) -> Any:
@@ -802,8 +800,9 @@ def _minmax(func: Any, what: str, args: tuple[Any, ...], key: Any, default: Any)
         elements = iterable.keys() if type(iterable) is dict else iterable
         _charge(_iter_units(iterable) + _element_cost(elements, what) * CMP_UNITS, 0, what)
         return func(iterable, **extra)
+    _charge_keys(len(iterable), key, what)
     items = iterable if type(iterable) in (list, tuple) else _materialize(iterable, what)
-    keys = _keyed(items, key, what)
+    keys = list(map(key, items))
     _charge(_weigh(keys, what).cost * CMP_UNITS + 1, 0, what)
     if not keys:
         return func((), **extra)
@@ -837,8 +836,9 @@ def _guard_sorted(iterable: Any, /, *, key: Any = None, reverse: Any = False) ->
         items = _materialize(iterable, what)
         items.sort(reverse=reverse)
         return items
+    _charge_keys(count, key, what)
     items = _materialize(iterable, what)
-    keys = _keyed(items, key, what)
+    keys = list(map(key, items))
     _charge(_weigh(keys, what).cost * levels * SORT_UNITS + 1, 2 * _seq_bytes(count), what)
     # Sorting the positions by key is what sorted(key=) does: same order,
     # same stability, same reverse.
