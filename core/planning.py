@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import ConditionError, ExpressionEvaluationError
+from .errors import ConditionError, ExpressionBudgetError, ExpressionEvaluationError
 from .expressions import truthy
 from .graph import Edge, Graph
 
@@ -31,6 +31,12 @@ class Decision:
 ModelSource = BaseModel | Callable[[], BaseModel]
 
 
+def _expression_failed(exc: ExpressionEvaluationError, edge: Edge) -> ConditionError:
+    """The run's failure for an expression that raised or ran out of budget."""
+    reason = exc.code if isinstance(exc, ExpressionBudgetError) else ConditionError.code
+    return ConditionError(exc.message, node=edge.source, edge=edge.key, reason=reason)
+
+
 def _condition(edge: Edge, model: ModelSource, state: Mapping[str, Any]) -> bool:
     try:
         if edge.expression is not None:
@@ -46,7 +52,7 @@ def _condition(edge: Edge, model: ModelSource, state: Mapping[str, Any]) -> bool
                 raise TypeError("condition callables must be synchronous")
             return truthy(result)
     except ExpressionEvaluationError as exc:
-        raise ConditionError(exc.message, node=edge.source, edge=edge.key) from None
+        raise _expression_failed(exc, edge) from None
     except Exception as exc:  # a user callable; Cancelled is not an Exception
         raise ConditionError(
             f"condition of edge {edge.key} raised {type(exc).__name__}: {exc}",
@@ -82,7 +88,7 @@ def decide(
             try:
                 done = truthy(edge.until.evaluate(state))
             except ExpressionEvaluationError as exc:
-                raise ConditionError(exc.message, node=edge.source, edge=edge.key) from None
+                raise _expression_failed(exc, edge) from None
             if done:
                 continue
         if loop_counters.get(edge.key, 0) < edge.max_iterations:

@@ -2,7 +2,10 @@
 
 Every case runs through both evaluators: the fast ``compiled`` one is safe
 only because of the whitelist and the guards, so it must stop exactly what
-the reference ``asteval`` one stops.
+the reference ``asteval`` one stops. Bombs run over a small state and over
+hostile states at the state-size limit, and must be stopped within the
+evaluation budget (tests/test_expression_budget.py checks the budget itself
+on random expressions).
 """
 
 from __future__ import annotations
@@ -12,11 +15,18 @@ import time
 from typing import Any
 
 import pytest
+from hostile_states import HOSTILE_STATE_NAMES, hostile_states, run_bounded
 
 from core.errors import ExpressionError, ExpressionEvaluationError
 from core.expressions import MAX_EXPRESSION_LENGTH, compile_expression, truthy
 
 EVALUATORS = ["compiled", "asteval"]
+
+# Seeds: values an expression builds from literals, each within the result caps.
+_S = "('a'*99999)"
+_U = "('€'*99999)"
+_L = "([0]*99999)"
+_LL = "([[0]*300]*300)"
 
 #: Sandbox escapes and resource bombs. Each must be rejected at compile time or
 #: fail fast at evaluation time.
@@ -128,6 +138,151 @@ HOSTILE = [
     "b'bytes'",
     "1j",
     "...",
+    # str() of a container is the repr amplifier: refused. The reported attacks:
+    "len(sorted(str(sorted(str(sorted(str(sorted(str(context))))))))) > 0",
+    "len(str(sorted(str(sorted(str(sorted(str(sorted(str(sorted(str(['a'*99999]))))))))))))",
+    "len(str(sorted(str(sorted(str(context)))))) > 0",
+    "str(context)",
+    "str(context.items())",
+    f"str({_L})",
+    f"str({{'k': {_L}}})",
+    "str((context, context))",
+    # sorted(): n log n comparisons, each up to the elements' size
+    f"sorted({_S})",
+    f"sorted({_U})",
+    f"len(sorted({_L})) > 0",
+    f"sorted({_LL})",
+    f"sorted({_L}, reverse=True)",
+    f"sorted({_L}, key=str)",
+    f"sorted({_L}, key=abs)",
+    f"sorted({_L}, key=round)",
+    f"sorted({_L}, key=bool)",
+    f"sorted({_L}, key=sorted)",
+    "sorted([[0]]*99999, key=sorted)",
+    f"sorted(sorted(sorted({_S})))",
+    f"sorted({_S}.upper())",
+    f"sorted({_U}.lower())",
+    f"sorted({_S}[::-1])",
+    "sorted(['a'*999]*99, key=sorted)",
+    f"sorted({_L} + {_L})",
+    f"sorted({_L}) == sorted({_L})",
+    "sorted([0.5]*99999)",
+    "sorted([None]*99999)",
+    "sorted([[0]*30]*3000)",
+    "sorted([(0, 'a')]*99999)",
+    "sorted([{'k': 0}]*99999, key=len)",
+    "sorted(['1.5']*99999, key=float)",
+    f"sorted({_L}[::2] + {_L}[1::2])",
+    f"sorted(sorted({_L}) + sorted({_L}))",
+    f"max([sorted({_L}), sorted({_L})])",
+    f"sum(sorted({_L}))",
+    f"len(sorted({_S})) + len(sorted({_S}))",
+    "sorted([[[0]*300]*300], key=sorted)",
+    "max(['a'*300]*300, key=sorted)",
+    # min(), max(), sum(), any(), all() over large inputs, and key= callbacks
+    f"max({_L}, key=str)",
+    f"min({_L}, key=str)",
+    f"max({_LL}, key=sorted)",
+    f"max({_L}, key=sorted)",
+    f"min({_U}, key=str)",
+    f"max([{_S}], key=sorted)",
+    f"max({_L}, default=0, key=str)",
+    f"max({_S}) <= min({_S}) <= max({_U}) <= min({_U})",
+    f"min({_L}) + max({_L}) + min({_L}) + max({_L})",
+    f"max({_LL}) < min({_LL}) < max({_LL})",
+    f"max([{_LL}, {_LL}], key=max)",
+    "min([10**1200]*99999)",
+    f"sum({_L}) + sum({_L}) + sum({_L}) + sum({_L})",
+    "sum([10**1200]*99999)",
+    f"sum({_LL}, 0)",
+    "sum([0.5]*99999) + sum([0.5]*99999) + sum([0.5]*99999)",
+    f"any({_L}) or any({_L}) or any({_L}) or any({_L}) or any({_L}) or any({_L})",
+    f"all({_S}) and all({_S}) and all({_U}) and all({_U}) and all({_U})",
+    f"any([{_S}]) and all({_U}) and all({_U}) and all({_U}) and all({_U})",
+    # deep comparisons: == and ordering walk both operands
+    f"{_L} == {_L}",
+    f"{_LL} == {_LL}",
+    f"{_LL} < {_LL}",
+    f"{_L} < {_L} < {_L}",
+    f"{_L} <= {_L} >= {_L} != 0",
+    f"[{_L}] == [{_L}]",
+    f"{{'k': {_L}}} == {{'k': {_L}}}",
+    f"({_L}, 1) == ({_L}, 1)",
+    "[[0]*300]*300 == [[0]*300]*300 == [[0]*300]*300",
+    f"({_L}) in {{1: 2}} or {_L} == {_L}",
+    f"{_L}[1:] == {_L}[:-1] == {_L}[1:]",
+    f"({_S} < {_S} + 'b') + ({_LL} < {_LL})",
+    # in over large containers
+    f"{_L} in [{_L}, {_L}]",
+    f"[0]*99998 + [1] in {_LL}",
+    f"-1 in {_L} or -1 in {_L} or -1 in {_L} or -1 in {_L} or -1 in {_L} or -1 in {_L}",
+    "(1,) * 99999 in {(1,) * 99999: 1}",
+    f"{_L} not in [{_LL}, {_L}, {_L}]",
+    # slices copy
+    f"len({_L}[::-1][::-1][::-1][::-1][::-1][::-1][::-1][::-1][::-1][::-1]) > 0",
+    # string methods: case mappings can triple a string; strip(chars) is n*m
+    f"{_U}.upper().lower().upper().lower().upper().lower().upper().lower() == 1",
+    "('ß'*99999).upper() + ('ß'*99999).upper()",
+    "('\\ufb03'*99999).upper().lower() == ('\\ufb03'*99999).upper()",
+    "('İ'*99999).lower() + ('İ'*99999).lower()",
+    f"{_S}.strip({_S}[:90000] + 'b') == 1",
+    f"{_S}.startswith(({_S}, {_S}, {_S})) and 1/0",
+    "'a'.strip(chars='a')",
+    # conversions of long strings and big ints
+    "int('f'*99999, 16)",
+    "int(' '*99999 + 'x')",
+    "float('x'*99999)",
+    "float(' '*99999 + 'x')",
+    "int('9'*4300) + int('9'*4300)",
+    "int('1'*5000, 2) * 2",
+    "str(10**1000)*100",
+    "len(str(10**1200) * 99)",
+    "int(str(10**1200)) ** 2",
+    # arithmetic on big values
+    "10**1200 * 10**1200 * 10**1200",
+    "(10**1200) ** 4",
+    "2 ** 4097",
+    "1 << 5000",
+    "(1 << 1000) << 5000",
+    f"{_L} * 2",
+    f"{_S} + {_S}",
+    f"{_LL} + {_LL}",
+    "[[0]*99999]*2",
+    "[context]*99999",
+    "(context,) * 99999",
+    "[context, context] * 99999",
+    "'%s' % ([0]*99999,)",
+    "'%d' % 1",
+    "[0]*99999 - [0]",
+    "(10**1200) // 1 // 1 // 1 // 0",
+    "[0] * 10**9 * 0",
+    # set operations on dict views: a set is only built from another set
+    f"context.keys() | {_L}",
+    f"{_L} | context.keys()",
+    f"context.keys() ^ {_L}",
+    f"{_L} - context.keys()",
+    f"context.items() | {_L}",
+    # set and dict displays hash what they hold
+    f"{{{_S}, {_S}[1:], {_S}[2:], {_S}[3:], {_S}[4:], {_S}[5:], {_S}[6:], {_S}[7:]}} and 1/0",
+    "{(1,) * 99999, (2,) * 99999, (3,) * 99999, (4,) * 99999, (5,) * 99999, (6,) * 99999}",
+    "{(1,) * 99999: 1, (2,) * 99999: 2, (3,) * 99999: 3, (4,) * 99999: 4, (5,) * 99999: 5}",
+    "{[0]: 1}",
+    f"{{{_L}}}",
+    "{**context}",
+    # builtins only as callees or key=; attributes only as method callees; no ExtSlice
+    "len",
+    "[len, min]",
+    "(sorted if context else min)([1])",
+    "max([1], key=len if context else abs)",
+    "context.get('x', sorted)",
+    "{'f': str}",
+    "str == str",
+    "sorted is sorted",
+    "context[1:2, 3]",
+    "context.values",
+    "'a'.upper",
+    "min(*[[0]*99999])",
+    f"sorted({_S}, key=ord)",
 ]
 
 STATE = {"x": 1, "a": "b", "n": [1, 2, 3]}
@@ -150,7 +305,102 @@ def test_hostile_expression_is_stopped(evaluator: Any, source: str) -> None:
 
 
 def test_corpus_is_large_enough() -> None:
-    assert len(HOSTILE) >= 35
+    assert len(HOSTILE) >= 150
+    assert len(set(HOSTILE)) == len(HOSTILE)
+
+
+#: Self-seeded bombs do not need the state; these big states are in scope anyway.
+LARGE_FOR_CORPUS = ["900k-char str", "nested 1 MiB", "non-ASCII str"]
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("source", HOSTILE, ids=lambda s: s[:40])
+def test_hostile_expression_is_stopped_on_large_states(evaluator: Any, source: str) -> None:
+    try:
+        expression = compile_expression(source, evaluator=evaluator)
+    except ExpressionError:
+        return
+    for name in LARGE_FOR_CORPUS:
+        outcome = run_bounded(expression, hostile_states()[name])
+        assert isinstance(outcome, ExpressionEvaluationError), f"not stopped on {name}"
+
+
+#: Conditions that are cheap on a small state and expensive on a large one,
+#: with the hostile states they must be stopped on.
+STATE_ATTACKS: list[tuple[str, list[str]]] = [
+    ("len(sorted(context['x'])) > 0",
+     ["900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "two equal int lists",
+      "55k keys"]),
+    ("sorted(context['x'], key=str)",
+     ["900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "4300-digit ints"]),
+    ("max(context['x'], key=sorted)", ["900k-char str", "nested 1 MiB", "55k keys"]),
+    ("min(context['x']) == max(context['x'])", ["900k-char str", "non-ASCII str", "150k ints"]),
+    ("all(context['x']) and all(context['x'])", ["900k-char str", "non-ASCII str"]),
+    ("sum(context['x']) + sum(context['x']) > 0", ["150k ints", "two equal int lists"]),
+    ("context['x'] == context['y']", ["two equal int lists", "two equal nested"]),
+    ("context['x'] < context['y']", ["two equal int lists", "two equal nested"]),
+    ("context['x'] == context['x'][:]", ["150k ints", "nested 1 MiB", "two equal nested"]),
+    ("[context['x'], context['x']] == [context['y'], context['y']]",
+     ["two equal int lists", "two equal nested"]),
+    ("context['x'][::-1] < context['x'] < context['y']", ["150k ints", "two equal nested"]),
+    ("context['y'] + 'b' in context['x'] or context['y'] + 'b' in context['x'] "
+     "or context['y'] + 'b' in context['x']", ["900k-char str"]),
+    ("context['y'] in context['x'] and context['y'] in context['x']", ["nested 1 MiB"]),
+    ("-1 in context['x'] or -1 in context['x'] or -1 in context['x'] or -1 in context['x']",
+     ["150k ints"]),
+    ("context['x'].strip(context['x'][:1000] + 'b') == ''", ["900k-char str"]),
+    ("context['x'].upper() == context['x'].lower()", ["non-ASCII str"]),
+    ("context[context['x']]", ["900k-char str"]),
+    ("float(context['x']) > 0", ["900k-char str", "non-ASCII str"]),
+    ("int(context['x']) > 0", ["900k-char str", "non-ASCII str"]),
+    ("context['x'] + context['x']", ["900k-char str", "150k ints", "nested 1 MiB"]),
+    ("context['x'] * 2", ["900k-char str", "150k ints", "nested 1 MiB"]),
+    ("len({context['x'][1:], context['x'][2:], context['x'][3:], context['x'][4:], "
+     "context['x'][5:], context['x'][6:], context['x'][7:], context['x'][8:]}) > 0",
+     ["900k-char str"]),
+    ("len(context['x'].keys() | context['x'].keys()) > 0", ["55k keys"]),
+    ("len(context['x'].items() - context['x'].items()) > 0", ["55k keys"]),
+    ("sorted(context['x'].items()) == sorted(context['x'].items())", ["55k keys"]),
+    ("context['x'] == context['x']", ["55k keys", "150k ints", "nested 1 MiB"]),
+    ("context.keys() - context['x']", ["900k-char str"]),
+    ("len(context.items() | context.items()) > 0", ["nested 1 MiB"]),
+    ("len(sorted(context.items())) > 0", ["nested 1 MiB", "two equal nested"]),
+    ("str(context['x'])", ["150k ints", "nested 1 MiB", "55k keys"]),
+    ("str(context['y']) * 30", ["4300-digit ints"]),
+    ("sorted(context['x'][::-1] + context['y'])", ["150k ints"]),
+    ("any([context['x'] == context['y'], context['y'] == context['x']])",
+     ["two equal int lists", "two equal nested"]),
+]
+
+
+def _attack_cases(targets_only: bool) -> list[tuple[str, str]]:
+    return [(source, name) for source, targets in STATE_ATTACKS
+            for name in (targets if targets_only else HOSTILE_STATE_NAMES)]  # fmt: skip
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize(("source", "state_name"), _attack_cases(targets_only=True),
+                         ids=lambda v: v[:40])  # fmt: skip
+def test_state_attack_is_stopped(evaluator: Any, source: str, state_name: str) -> None:
+    expression = compile_expression(source, evaluator=evaluator)
+    outcome = run_bounded(expression, hostile_states()[state_name])
+    assert isinstance(outcome, ExpressionEvaluationError)
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize(("source", "state_name"), _attack_cases(targets_only=False),
+                         ids=lambda v: v[:40])  # fmt: skip
+def test_state_attack_stays_within_the_budget(evaluator: Any, source: str,
+                                              state_name: str) -> None:  # fmt: skip
+    # Wherever it is not stopped, it finishes within the budget.
+    run_bounded(compile_expression(source, evaluator=evaluator), hostile_states()[state_name])
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+@pytest.mark.parametrize("source", [source for source, _ in STATE_ATTACKS], ids=lambda s: s[:40])
+def test_state_attack_on_a_small_state(evaluator: Any, source: str) -> None:
+    state = {"x": [3, 1, 2], "y": [1, 2], "k": "v"}
+    run_bounded(compile_expression(source, evaluator=evaluator), state)
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
