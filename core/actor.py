@@ -29,6 +29,7 @@ import pydantic_core
 import trio
 from pydantic import BaseModel
 
+from .cancellation import is_cancellation
 from .context import RunContext
 from .errors import ConditionError, RunFailure, StateValidationError, StoreError
 from .graph import Graph, Node
@@ -89,15 +90,6 @@ def _backoff(node: Node, attempt: int) -> float:
     if retry.jitter and delay > 0:
         delay = random.uniform(delay / 2, delay)  # jitter, not crypto
     return delay
-
-
-def is_cancellation(exc: BaseException) -> bool:
-    """Trio's cancellation (possibly grouped), which must always pass through."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.subgroup(trio.Cancelled) is not None
-    return False
 
 
 def format_traceback(exc: BaseException) -> str:
@@ -164,6 +156,11 @@ class RunActor:
 
     # -- lifetime --------------------------------------------------------------
 
+    # KeyboardInterrupt from Ctrl-C is held back while the actor runs (it
+    # reaches the program's main task at its next checkpoint): so one raised
+    # inside a tool or a condition callable is always their own, and fails
+    # only the run.
+    @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
         """The actor's whole life. Never raises except ``Cancelled`` (engine shutdown)."""
         try:
@@ -554,10 +551,6 @@ class RunActor:
             await trio.sleep(delay)
             attempt += 1
 
-    # KeyboardInterrupt from Ctrl-C is held back while a tool runs (it reaches
-    # the program's main task at its next checkpoint), so a KeyboardInterrupt
-    # raised inside a tool is always the tool's own and fails only its run.
-    @trio.lowlevel.enable_ki_protection
     async def _invoke(self, node: Node, ctx: RunContext | None) -> Any:
         tool = node.tool
         model = self._current_model()

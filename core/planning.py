@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from .cancellation import is_cancellation
 from .errors import ConditionError, ExpressionBudgetError, ExpressionEvaluationError
 from .expressions import truthy
 from .graph import Edge, Graph
@@ -53,7 +54,9 @@ def _condition(edge: Edge, model: ModelSource, state: Mapping[str, Any]) -> bool
             return truthy(result)
     except ExpressionEvaluationError as exc:
         raise _expression_failed(exc, edge) from None
-    except Exception as exc:  # a user callable; Cancelled is not an Exception
+    except BaseException as exc:  # a user callable: whatever it raises, SystemExit included
+        if is_cancellation(exc):  # pragma: no cover - a sync callable cannot see Trio's cancel
+            raise
         raise ConditionError(
             f"condition of edge {edge.key} raised {type(exc).__name__}: {exc}",
             node=edge.source, edge=edge.key,

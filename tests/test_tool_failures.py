@@ -197,3 +197,26 @@ async def test_ctrl_c_while_a_tool_runs_reaches_the_program_and_does_not_fail_th
     assert "INTERRUPTED" in out, (out, result.stderr.decode())
     assert "NO INTERRUPT" not in out
     assert "RUN completed None" in out
+
+
+@pytest.mark.parametrize(
+    "exc", [SystemExit(1), KeyboardInterrupt()], ids=lambda e: type(e).__name__
+)
+async def test_a_condition_callable_raising_a_base_exception_fails_only_its_run(
+    registry: Registry, engine: Engine, exc: BaseException
+) -> None:
+    registry.add_tool("test.judge", _raiser(exc), inline=True)
+    await engine.register_graph({
+        "id": "judged", "start_node": "a",
+        "nodes": [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "tools.noop"}],
+        "edges": [{"from": "a", "to": "b", "type": "branch",
+                   "condition": {"callable": "test.judge"}}]})  # fmt: skip
+    await engine.register_graph(_one_node("good", "tools.approve"))
+    with trio.fail_after(10):
+        bad = await engine.wait((await engine.start_run("judged")).run_id)
+        good = await engine.wait((await engine.start_run("good")).run_id)
+    assert bad.error is not None
+    assert bad.error["code"] == "condition_failed"
+    assert bad.error["edge"] == "a->b"
+    assert type(exc).__name__ in bad.error["message"]
+    assert good.status is RunStatus.COMPLETED
