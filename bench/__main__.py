@@ -19,7 +19,9 @@ from collections.abc import Sequence
 from ._common import Row, fmt
 
 #: In the order they run. ``profile`` prints its own report and is not in the table.
-BENCHMARKS = ("per_step", "service", "concurrency", "streaming", "listing", "expressions")
+BENCHMARKS = (
+    "per_step", "service", "concurrency", "streaming", "listing", "expressions", "condition_stall",
+)  # fmt: skip
 EXTRA = ("profile",)
 
 

@@ -2,7 +2,7 @@
 
 Conditions run on the event loop, so each evaluation has a budget of
 ``MAX_UNITS`` work units and ``MAX_BYTES`` of new objects (see
-``core/expressions.py`` and the Conditions section of ``docs/semantics.md``).
+``core/budget.py`` and the Conditions section of ``docs/semantics.md``).
 A work unit is meant to be about 10 ns of CPU here, so that the budget is
 about 10 ms whatever the expression and the state.
 

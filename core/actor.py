@@ -44,6 +44,11 @@ log = logging.getLogger("trioflow.actor")
 
 #: Longest a run executes steps without letting other tasks run.
 YIELD_INTERVAL_S = 0.002
+#: A step whose conditions held the event loop this long makes the run sit
+#: out POLITE_YIELDS scheduler passes before its next step. A request needs
+#: a dozen passes; without this each of them waits for one more heavy step.
+POLITE_AFTER_S = 0.001
+POLITE_YIELDS = 16
 #: Most frames of a failing tool's traceback that are kept, and most characters.
 TRACEBACK_FRAMES = 20
 TRACEBACK_CHARS = 8192
@@ -82,6 +87,16 @@ class _Unwritable(Exception):
     def __init__(self, error: StoreError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+async def _let_others_run() -> None:
+    """Sit out POLITE_YIELDS scheduler passes, each cheap when nothing else runs.
+
+    Counting runnable tasks is not enough: a request between two passes often
+    waits on its socket, and is runnable only after the next poll for I/O.
+    """
+    for _ in range(POLITE_YIELDS):
+        await trio.lowlevel.checkpoint()
 
 
 def _backoff(node: Node, attempt: int) -> float:
@@ -435,6 +450,9 @@ class RunActor:
                         f"{max_state_bytes}",
                         node=node_id, extra={"bytes": size, "maximum": max_state_bytes},
                     ), entries)  # fmt: skip
+            metered = graph.outgoing[node_id].metered
+            if metered:
+                started = time.perf_counter()
             try:
                 source = model if model is not None else self._current_model
                 decision = decide(graph, node_id, source, state,
@@ -445,6 +463,7 @@ class RunActor:
                 raise _RunFailed(RunFailure(exc.reason, exc.message, node=exc.node,
                                             edge=exc.edge)) from None  # fmt: skip
             self._model = model
+            polite = metered and time.perf_counter() - started >= POLITE_AFTER_S
             now = time.time()  # one timestamp for the step's bookkeeping entries
             self._seq += 1
             entries.append(LogEntry(self._seq, now, _INFO, _NODE_COMPLETED, node_id,
@@ -493,8 +512,10 @@ class RunActor:
             # than the step itself.
             tick = time.perf_counter()
             if tick - self._last_yield >= YIELD_INTERVAL_S:
-                self._last_yield = tick
                 await trio.lowlevel.checkpoint()
+                if polite:
+                    await _let_others_run()
+                self._last_yield = time.perf_counter()
 
     def _completed(self, node_id: str, step: int) -> LogEntry:
         return self._entry(Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id,

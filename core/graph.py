@@ -83,6 +83,8 @@ class Outgoing:
 
     conditional: tuple[Edge, ...]
     sequential: Edge | None
+    #: Some condition here is metered: its evaluation may take milliseconds.
+    metered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +226,15 @@ class _Checker:
             by_source[e.source].append(e)
         outgoing: dict[str, Outgoing] = {}
         for node_id, mine in by_source.items():
+            conditional = tuple(e for e in mine if e.type != "sequential")
             outgoing[node_id] = Outgoing(
-                conditional=tuple(e for e in mine if e.type != "sequential"),
+                conditional=conditional,
                 sequential=next((e for e in mine if e.type == "sequential"), None),
+                metered=any(
+                    x is not None and x.metered
+                    for e in conditional
+                    for x in (e.expression, e.until)
+                ),
             )
         raw = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
         return Graph(
