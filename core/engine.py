@@ -147,6 +147,11 @@ class Engine:
         #: Set when the engine starts closing: no run ends here after that.
         self._closing = False
 
+    @property
+    def evaluator(self) -> Evaluator:
+        """The condition evaluator graphs are compiled with (``compiled`` or ``asteval``)."""
+        return self._evaluator
+
     # -- graphs ------------------------------------------------------------------
 
     def validate_graph(self, document: Mapping[str, Any] | GraphDocument) -> Graph:

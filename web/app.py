@@ -1,4 +1,4 @@
-"""The Starlette application: routes, error mapping, body limits, and the engine's lifetime."""
+"""The Starlette application: routes, error mapping, the request guard, the engine's lifetime."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from core import Engine, EngineError, Registry, default_registry, open_engine, open_store_from_url
 
 from .errors import EXCEPTION_HANDLERS
-from .limits import BodyLimitMiddleware
+from .guard import RequestGuard
 from .openapi import openapi_bytes
 from .routes import starlette_routes
 from .services import Lifecycle, Services
@@ -57,8 +57,9 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         engine: an open engine to serve (tests, embedding programs); the app
             uses it as is and never closes it. Without one, the app's lifespan
             opens an engine on ``settings.store_url`` with the built-in tools
-            plus ``settings.tool_modules``, and closes it after the server has
-            stopped (runs still in flight stay resumable in a durable store).
+            plus ``settings.tool_modules`` and ``settings.evaluator``, and
+            closes it after the server has stopped (runs still in flight stay
+            resumable in a durable store).
         settings: service settings (default: :class:`Settings()`).
     """
     settings = settings or Settings()
@@ -72,17 +73,19 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             return
         registry = build_registry(settings.tool_modules)
         store = open_store_from_url(settings.store_url)
-        async with open_engine(store=store, registry=registry, limits=settings.limits) as owned:
+        async with open_engine(store=store, registry=registry, limits=settings.limits,
+                               evaluator=settings.evaluator) as owned:
             await _register_files(owned, settings.graph_files)
             yield {"services": Services(owned, settings, lifecycle)}
 
     app = Starlette(
         routes=starlette_routes(),
-        middleware=[Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)],
+        middleware=[Middleware(RequestGuard, settings=settings)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.lifecycle = lifecycle
+    app.state.settings = settings
     app.state.openapi = openapi_bytes()
     return app
 
@@ -93,3 +96,11 @@ def lifecycle_of(app: Starlette) -> Lifecycle:
     if not isinstance(lifecycle, Lifecycle):
         raise TypeError("not an app made by web.app.create_app")
     return lifecycle
+
+
+def settings_of(app: Starlette) -> Settings:
+    """The app's :class:`Settings`, for the server that runs it."""
+    settings = app.state.settings
+    if not isinstance(settings, Settings):
+        raise TypeError("not an app made by web.app.create_app")
+    return settings

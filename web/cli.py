@@ -6,7 +6,9 @@ Exit codes:
     ``validate``: 0 valid, 1 invalid (every problem is printed), 3 unreadable.
     ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
     3 on errors (unknown run, server unreachable or shutting down).
-    ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start.
+    ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start
+    (bad option or ``TRIOFLOW_EVALUATOR``, unknown tool module, a store that
+    cannot be opened: checked before the port is bound).
     ``prune``: 0 done, 3 if the store cannot be opened.
     Usage errors exit 3 as well, so that 2 always means "cancelled".
 """
@@ -36,8 +38,8 @@ from core import (
 )
 
 from .app import build_registry, create_app
-from .serve import SHUTDOWN_SIGNALS, serve
-from .settings import Settings
+from .serve import SHUTDOWN_SIGNALS, StartupError, serve
+from .settings import EVALUATORS, Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -58,6 +60,12 @@ DEFAULT_STORE = "sqlite:///./trioflow.db"
 
 def _default_store() -> str:
     return os.environ.get("TRIOFLOW_STORE", DEFAULT_STORE)
+
+
+def _names(values: list[str]) -> tuple[str, ...]:
+    """Repeated and comma-separated option values, in order, without blanks or repeats."""
+    names = (name.strip() for value in values for name in value.split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
 
 log = logging.getLogger("trioflow.cli")
 
@@ -142,22 +150,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.samples:
         graphs, sample_modules = _sample_settings(tools)
         tools += sample_modules
+    evaluator = args.evaluator or os.environ.get("TRIOFLOW_EVALUATOR") or "compiled"
+    if evaluator not in EVALUATORS:
+        return _fail(f"unknown evaluator {evaluator!r} (--evaluator or TRIOFLOW_EVALUATOR); "
+                     f"use one of: {', '.join(EVALUATORS)}")  # fmt: skip
+    if not args.send_timeout > 0:
+        return _fail("--send-timeout must be > 0")
     try:
-        open_store_from_url(args.store)  # a bad URL fails here, before binding
         build_registry(tuple(tools))
     except EngineError as exc:
         return _fail(exc.message)
+    # Open (and close) the store before binding: a bad URL, an unwritable
+    # directory or a foreign file is one line and exit 3, not a traceback.
+    problem = trio.run(_check_store, args.store)
+    if problem is not None:
+        return _fail(f"cannot open the store {args.store}: {problem}")
     settings = Settings(
         store_url=args.store,
         tool_modules=tuple(tools),
         graph_files=graphs,
+        evaluator=evaluator,  # type: ignore[arg-type]  # checked against EVALUATORS above
         max_body_bytes=args.max_body_bytes,
+        allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins),
+        send_timeout_s=args.send_timeout,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
     except OSError as exc:
         return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+    except StartupError as exc:
+        return _fail(str(exc))
     return EXIT_OK
+
+
+async def _check_store(url: str) -> str | None:
+    """Why the store at ``url`` cannot be opened, or None when it can."""
+    try:
+        store = open_store_from_url(url)
+        await store.open()
+        await store.aclose()
+    except EngineError as exc:
+        return exc.message
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 # -- validate ----------------------------------------------------------------------
@@ -360,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tool modules to load (each defines register(registry))")  # fmt: skip
     p.add_argument("--samples", action="store_true",
                    help="register the graphs in samples/ (and their tool modules)")  # fmt: skip
+    p.add_argument("--evaluator", default=None, metavar="|".join(EVALUATORS),
+                   help="condition evaluator (default: $TRIOFLOW_EVALUATOR, else compiled)")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST]",
+                   help="Host names served besides localhost, 127.0.0.1, ::1 and the bound "
+                        "address; others get 421. Repeatable or comma-separated; * serves any")
+    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN]",
+                   help="browser Origins (scheme://host[:port]) allowed besides same-origin "
+                        "requests; others get 403. Repeatable or comma-separated; * allows any")
+    p.add_argument("--send-timeout", type=float, default=Settings().send_timeout_s,
+                   metavar="SECONDS",
+                   help="close a connection whose client accepts no data for this long")
     p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes)
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get on shutdown")  # fmt: skip

@@ -6,6 +6,8 @@ maps them to status codes in one place.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, TypeVar
 
 import pydantic_core
@@ -18,15 +20,22 @@ from core import Engine, GraphValidationError, Problem, RunRecord, RunStatus, Un
 
 from .errors import RequestError, request_invalid
 from .responses import JSON, log_entry
-from .schemas import PageQuery, RunRequest, RunsQuery
+from .schemas import LogPageQuery, PageQuery, RunLogsQuery, RunRequest, RunsQuery
 from .services import services
 
 Q = TypeVar("Q", bound=BaseModel)
 
-LOG_PAGE = 1000
+_READ_PAGE = 1000
+
 
 
 # -- input -----------------------------------------------------------------------
+
+
+# A float over the double range needs an exponent of three digits or a long
+# run of digits; JSON with neither cannot hold one, so only bodies that have
+# one are walked.
+_HUGE_NUMBER = re.compile(rb"[eE][-+]?[0-9]{3}|[0-9]{300}")
 
 
 def _is_json(content_type: str) -> bool:
@@ -36,26 +45,48 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+def _has_infinity(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if math.isinf(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 async def read_json(request: Request) -> Any:
     """The request body parsed as JSON.
 
-    A missing ``Content-Type`` is read as JSON; any other media type is 415.
-    NaN and Infinity are not JSON and are refused.
+    A body needs a JSON ``Content-Type`` (``application/json`` or
+    ``application/*+json``); :class:`web.guard.RequestGuard` refuses the
+    others before the handler runs, and this checks again. NaN, Infinity and
+    numbers beyond the double range (``1e400``) are not JSON numbers a
+    client can mean, and are refused.
 
     Raises:
-        RequestError: 415 for a non-JSON content type, 400 for a body that is not JSON.
+        RequestError: 415 for a missing or non-JSON content type, 400 for a
+            body that is not JSON.
     """
-    content_type = request.headers.get("content-type")
-    if content_type is not None and not _is_json(content_type):
-        raise RequestError(415, "unsupported_media_type",
-                           f"expected application/json, got {content_type!r}")  # fmt: skip
     body = await request.body()
     if not body:
         raise RequestError(400, "malformed_json", "the request body is empty; expected JSON")
+    content_type = request.headers.get("content-type")
+    if content_type is None or not _is_json(content_type):
+        raise RequestError(415, "unsupported_media_type",
+                           f"expected application/json, got {content_type!r}")  # fmt: skip
     try:
-        return pydantic_core.from_json(body, allow_inf_nan=False)
+        value = pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         raise RequestError(400, "malformed_json", f"the request body is not JSON: {exc}") from None
+    if _HUGE_NUMBER.search(body) is not None and _has_infinity(value):
+        raise RequestError(400, "malformed_json",
+                           "the request body holds a number beyond the double range")  # fmt: skip
+    return value
 
 
 def parse_query(model: type[Q], request: Request) -> Q:
@@ -69,21 +100,32 @@ def parse_query(model: type[Q], request: Request) -> Q:
 # -- output ----------------------------------------------------------------------
 
 
-async def run_with_logs(engine: Engine, record: RunRecord) -> dict[str, Any]:
-    """The record as a dict with every log entry up to its checkpoint."""
+async def run_with_logs(engine: Engine, record: RunRecord, limit: int) -> dict[str, Any]:
+    """The record as a dict with the last ``limit`` log entries up to its checkpoint.
+
+    ``logs_truncated`` says whether earlier entries exist; ``logs_first_seq``
+    is the seq of the first entry given. Seqs are gapless from 1, so the
+    window is read directly and the answer's size is bounded whatever the
+    log's length.
+    """
     out = record.as_dict()
+    last = record.last_seq
+    first = max(1, last - limit + 1)
     logs: list[dict[str, Any]] = []
-    after, last = 0, record.last_seq
+    after = first - 1
     while after < last:
-        page = await engine.read_log(record.run_id, after=after, limit=LOG_PAGE)
+        size = min(_READ_PAGE, last - after)
+        page = await engine.read_log(record.run_id, after=after, limit=size)
         for entry in page:
             if entry.seq > last:
                 break
             logs.append(log_entry(entry))
-        if len(page) < LOG_PAGE:
+        if not page:
             break
         after = page[-1].seq
     out["logs"] = logs
+    out["logs_first_seq"] = logs[0]["seq"] if logs else None
+    out["logs_truncated"] = logs[0]["seq"] > 1 if logs else last > 0
     return out
 
 
@@ -145,6 +187,7 @@ async def run_graph(request: Request) -> Response:
         body = RunRequest.model_validate(raw)
     except ValidationError as exc:
         raise request_invalid(exc, "body") from None
+    query = parse_query(RunLogsQuery, request)
     record = await engine.start_run(body.graph_id, body.initial_state)
     if body.background:
         accepted = {"run_id": record.run_id, "graph_id": record.graph_id,
@@ -152,14 +195,31 @@ async def run_graph(request: Request) -> Response:
         return JSON(accepted, status_code=202,
                             headers={"Location": f"/graph/state/{record.run_id}"})  # fmt: skip
     final = await engine.wait(record.run_id)
-    return JSON(await run_with_logs(engine, final))
+    return JSON(await run_with_logs(engine, final, query.logs))
 
 
 async def run_state(request: Request) -> Response:
-    """``GET /graph/state/{run_id}``: the run record and its whole log."""
+    """``GET /graph/state/{run_id}``: the run record and the last ``?logs=`` entries of its log."""
+    query = parse_query(RunLogsQuery, request)
     engine = services(request).engine
     record = await engine.get_run(request.path_params["run_id"])
-    return JSON(await run_with_logs(engine, record))
+    return JSON(await run_with_logs(engine, record, query.logs))
+
+
+async def run_logs(request: Request) -> Response:
+    """``GET /runs/{run_id}/logs``: one page of the log after ``?after=``, with the next cursor."""
+    query = parse_query(LogPageQuery, request)
+    engine = services(request).engine
+    record = await engine.get_run(request.path_params["run_id"])
+    last = record.last_seq
+    entries: list[dict[str, Any]] = []
+    if query.after < last:
+        page = await engine.read_log(record.run_id, after=query.after,
+                                     limit=min(query.limit, last - query.after))  # fmt: skip
+        entries = [log_entry(e) for e in page if e.seq <= last]
+    next_after = entries[-1]["seq"] if entries and entries[-1]["seq"] < last else None
+    return JSON({"run_id": record.run_id, "status": record.status.value, "last_seq": last,
+                 "entries": entries, "next_after": next_after})  # fmt: skip
 
 
 async def cancel_run(request: Request) -> Response:
@@ -194,6 +254,7 @@ async def healthz(request: Request) -> Response:
         "status": "ok" if health.ok else "degraded",
         "version": core.__version__,
         "active_runs": engine.active_runs,
+        "evaluator": engine.evaluator,
     }
     if health.ok:
         return JSON(body)

@@ -1,6 +1,6 @@
 """The JSON response every handler uses: serialised by pydantic-core, not the stdlib.
 
-A sync ``/graph/run`` answer carries the run's whole log; ``pydantic_core.to_json``
+A sync ``/graph/run`` answer carries up to 10,000 log entries; ``pydantic_core.to_json``
 writes it about five times faster than ``json.dumps`` with the same bytes.
 Infinity and NaN (a state may hold ``1e999``, which is valid JSON) become
 ``null``, so every answer is valid JSON.

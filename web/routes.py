@@ -58,12 +58,18 @@ def _errors(*statuses: int) -> dict[int, tuple[str, Body]]:
         400: "Malformed JSON, bad cursor or bad header",
         404: "Not found",
         409: "Conflicts with the current state",
+        403: "The request's Origin is not allowed",
         413: "Body or state over the configured limit",
-        415: "Body is not application/json",
+        415: "A body without Content-Type: application/json",
+        421: "The Host header names a host this server does not serve",
         422: "Request or document invalid (every problem listed)",
         429: "Too many active runs",
     }
-    return {s: (text[s], schemas.ErrorResponse) for s in statuses}
+    return {s: (text[s], schemas.ErrorResponse) for s in (*statuses, *GUARDED)}
+
+
+GUARDED = (403, 421)
+"""Every route may answer these (web.guard: Host and Origin checks)."""
 
 
 _SPEC_GRAPH: dict[str, Any] = {
@@ -105,22 +111,24 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "POST", "/graph/run", handlers.run_graph, "runGraph",
         "Start a run; wait for it unless background",
-        {200: ("The finished run with its log", schemas.RunWithLogs),
+        {200: ("The finished run with the last ?logs= entries of its log", schemas.RunWithLogs),
          202: ("Started in the background", schemas.RunAccepted),
          **_errors(400, 404, 413, 415, 422, 429)},
-        tag="runs", body=schemas.RunRequest,
+        tag="runs", body=schemas.RunRequest, query=schemas.RunLogsQuery,
         body_example={"graph_id": "code-review-a", "initial_state": {"issues_open": 1},
                       "background": False},
     ),
     Operation(
         "GET", "/graph/state/{run_id}", handlers.run_state, "getRunState",
-        "A run's record and its whole log",
-        {200: ("The run", schemas.RunWithLogs), **_errors(404)}, tag="runs",
+        "A run's record and the last ?logs= entries of its log (1,000 by default)",
+        {200: ("The run", schemas.RunWithLogs), **_errors(404, 422)}, tag="runs",
+        query=schemas.RunLogsQuery,
     ),
     Operation(
         "POST", "/graph/cancel/{run_id}", handlers.cancel_run, "cancelRun",
         "Cancel a pending or running run (idempotent once cancelled)",
-        {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409)}, tag="runs",
+        {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409, 413, 415)},
+        tag="runs",
     ),
     Operation(
         "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
@@ -134,6 +142,12 @@ OPERATIONS: tuple[Operation, ...] = (
         query=schemas.RunsQuery,
     ),
     Operation(
+        "GET", "/runs/{run_id}/logs", handlers.run_logs, "getRunLogs",
+        "One page of a run's log after ?after=, in seq order; next_after is the next cursor",
+        {200: ("One page", schemas.LogPage), **_errors(404, 422)}, tag="runs",
+        query=schemas.LogPageQuery,
+    ),
+    Operation(
         "GET", "/sse/logs/{run_id}", streaming.sse_logs, "streamRunLog",
         "A run's log as Server-Sent Events: replay, live tail, final status",
         {200: ("Events `log` (id = seq) then one `status`", {"type": "string"}),
@@ -145,12 +159,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/healthz", handlers.healthz, "health", "Liveness and store health",
         {200: ("Serving", schemas.Health),
-         503: ("Serving, but the store refuses writes", schemas.Health)},
+         503: ("Serving, but the store refuses writes", schemas.Health), **_errors()},
         tag="service",
     ),
     Operation(
         "GET", "/openapi.json", handlers.openapi, "openapi", "This document",
-        {200: ("OpenAPI 3.1", {"type": "object"})}, tag="service",
+        {200: ("OpenAPI 3.1", {"type": "object"}), **_errors()}, tag="service",
     ),
 )  # fmt: skip
 

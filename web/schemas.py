@@ -11,12 +11,43 @@ check that responses match). The graph document itself is core's
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_PAGE = 500
 """The largest ``limit`` a listing accepts."""
+
+MAX_SEQ = 2**53
+"""The largest log seq a client may name (the largest integer every JSON client holds exactly)."""
+
+STATE_LOGS = 1000
+"""Log entries in a run answer (``/graph/state``, sync ``/graph/run``) unless ``?logs=`` says."""
+
+MAX_STATE_LOGS = 10_000
+"""The largest ``?logs=`` of a run answer; read longer logs with ``/runs/{run_id}/logs``."""
+
+LOG_PAGE = 500
+"""Entries per page of ``/runs/{run_id}/logs`` unless ``?limit=`` says."""
+
+MAX_LOG_PAGE = 1000
+"""The largest ``?limit=`` of ``/runs/{run_id}/logs``."""
+
+_DIGITS = re.compile(r"[0-9]{1,20}", re.ASCII)
+
+
+def _decimal(value: Any) -> Any:
+    """A query integer is decimal digits only: not ``+3``, ``1_0``, `` 3``, ``3.0`` or ``0x1``."""
+    if isinstance(value, str):
+        if _DIGITS.fullmatch(value) is None:
+            raise ValueError("expected a non-negative decimal integer (digits 0-9 only)")
+        return int(value)
+    return value
+
+
+Seq = Annotated[int, BeforeValidator(_decimal), Field(ge=0, le=MAX_SEQ)]
+"""A log seq in a query (``?after=``): decimal digits, 0 to 2**53."""
 
 RunStatusName = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 TerminalStatusName = Literal["completed", "failed", "cancelled"]
@@ -70,9 +101,7 @@ class RunsQuery(PageQuery):
 class FollowQuery(_Input):
     """Query of the log streams (``/ws/logs/{run_id}``, ``/sse/logs/{run_id}``)."""
 
-    after: Annotated[int, Field(ge=0, le=2**53)] = Field(
-        default=0, description="Send only entries with seq > after."
-    )
+    after: Seq = Field(default=0, description="Send only entries with seq > after.")
 
 
 class WebSocketFollowQuery(FollowQuery):
@@ -87,6 +116,23 @@ class WebSocketFollowQuery(FollowQuery):
             "with fast runs."
         ),
     )
+
+
+class RunLogsQuery(_Input):
+    """Query of ``GET /graph/state/{run_id}`` and ``POST /graph/run``."""
+
+    logs: Annotated[int, BeforeValidator(_decimal), Field(ge=0, le=MAX_STATE_LOGS)] = Field(
+        default=STATE_LOGS,
+        description="The answer holds at most this many of the run's last log entries; "
+        "read a whole log with GET /runs/{run_id}/logs.",
+    )
+
+
+class LogPageQuery(_Input):
+    """Query of ``GET /runs/{run_id}/logs``."""
+
+    after: Seq = Field(default=0, description="Only entries with seq > after.")
+    limit: Annotated[int, BeforeValidator(_decimal), Field(ge=1, le=MAX_LOG_PAGE)] = LOG_PAGE
 
 
 # -- responses -----------------------------------------------------------------
@@ -136,9 +182,27 @@ class RunOut(BaseModel):
 
 
 class RunWithLogs(RunOut):
-    """A run with its whole log."""
+    """A run with the last entries of its log (all of them, up to ``?logs=``, 1,000 by default)."""
 
     logs: list[LogEntryOut]
+    logs_truncated: bool = Field(
+        description="true when the log has entries before logs_first_seq that are not here."
+    )
+    logs_first_seq: int | None = Field(
+        description="seq of the first entry in logs (null when logs is empty)."
+    )
+
+
+class LogPage(BaseModel):
+    """One page of a run's log, in seq order."""
+
+    run_id: str
+    status: RunStatusName
+    last_seq: int = Field(description="The run's last seq as of this read.")
+    entries: list[LogEntryOut]
+    next_after: int | None = Field(
+        description="Pass as ?after= for the next page; null when this page reached last_seq."
+    )
 
 
 class RunAccepted(BaseModel):
@@ -186,6 +250,7 @@ class Health(BaseModel):
     )
     version: str
     active_runs: int
+    evaluator: Literal["compiled", "asteval"] = Field(description="The condition evaluator.")
     store: StoreHealthOut | None = Field(default=None, description="Present when degraded.")
 
 

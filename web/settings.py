@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 from core import EngineLimits
+from core.expressions import Evaluator
+
+EVALUATORS: tuple[str, ...] = get_args(Evaluator)
+"""The condition evaluators an engine can use."""
+
+LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+"""Host names served by default (with any port), besides the bound address."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,13 +27,38 @@ class Settings:
             called at start, after the built-in tools.
         graph_files: graph documents (JSON files) registered at start.
         limits: the engine's process-wide bounds.
+        evaluator: the condition evaluator of the engine the app opens
+            (``"compiled"`` or ``"asteval"``); ignored when an engine is handed in.
         max_body_bytes: request bodies above this get 413 before they are read whole.
         heartbeat_s: an idle SSE stream gets a comment line this often.
+        allowed_hosts: ``Host`` names served (compared without the port,
+            case-insensitively); any other gets 421. The loopback names and
+            the address the server is bound to are always served; ``"*"``
+            serves any host (behind a proxy that checks it).
+        allowed_origins: ``Origin`` values (``scheme://host[:port]``) allowed
+            to make requests and open WebSockets besides same-origin ones;
+            any other gets 403. Requests without an ``Origin`` (non-browser
+            clients) are always allowed; ``"*"`` allows every origin.
+        send_timeout_s: a connection whose client accepts no data for this
+            long while the server writes to it (a follower that never
+            reads) is closed and everything it held is freed.
     """
 
     store_url: str = "memory://"
     tool_modules: tuple[str, ...] = ()
     graph_files: tuple[str, ...] = ()
     limits: EngineLimits = field(default_factory=EngineLimits)
+    evaluator: Evaluator = "compiled"
     max_body_bytes: int = 1 << 20
     heartbeat_s: float = 15.0
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    send_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.evaluator not in EVALUATORS:
+            raise ValueError(
+                f"unknown evaluator {self.evaluator!r}; use one of {', '.join(EVALUATORS)}"
+            )
+        if not self.send_timeout_s > 0:
+            raise ValueError("send_timeout_s must be > 0")

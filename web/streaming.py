@@ -1,9 +1,13 @@
 """Live run logs: WebSocket ``/ws/logs/{run_id}`` and Server-Sent Events ``/sse/logs/{run_id}``.
 
-Both are thin relays over :meth:`core.Engine.follow`, which reads the store by
-cursor: replay and live tail are one mechanism, a slow client holds no buffer
-here and never slows the run. Each stream races three things: the relay,
-the client going away, and the server draining for shutdown.
+Both are thin relays over :meth:`core.Engine.follow_pages`, which reads the
+store by cursor: replay and live tail are one mechanism and a slow client
+never slows the run. A follower holds at most one page of
+:data:`FOLLOW_PAGE` entries (or ``?batch=N``) and the frame being written;
+a client that accepts nothing for ``Settings.send_timeout_s`` has its
+connection closed by the server (:mod:`web.serve`), which ends the
+follower. Each stream races three things: the relay, the client going away,
+and the server draining for shutdown.
 
 WebSocket close codes: 1000 after the status message; 1001 when the server
 shuts down; ``4000 + HTTP status`` after an error message (4404 unknown run,
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -29,7 +34,7 @@ from core import Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps
-from .schemas import FollowQuery, WebSocketFollowQuery
+from .schemas import MAX_SEQ, FollowQuery, WebSocketFollowQuery
 from .services import Lifecycle, services
 
 log = logging.getLogger("trioflow.web")
@@ -44,6 +49,16 @@ CLIENT_GONE = (
 )
 CLOSE_REPLY_TIMEOUT = 2.0
 
+FOLLOW_PAGE = 64
+"""Entries a follower reads from the store at once (``?batch=N`` reads N).
+
+What a follower holds while its client is slow is one page plus the frame
+being written, so the page is kept small; a follower that keeps up reads
+what each checkpoint wrote anyway.
+"""
+
+_SEQ = re.compile(r"[0-9]{1,20}", re.ASCII)
+
 
 async def relay(
     engine: Engine,
@@ -57,11 +72,13 @@ async def relay(
         UnknownRunError: no such run.
         CapacityError: too many followers.
     """
-    # follow is an async generator: close it here, not whenever it is collected,
-    # so that a cancelled stream releases its follower slot at once.
-    async with aclosing(engine.follow(run_id, after=after)) as entries:
-        async for entry in entries:
-            await on_entry(entry)
+    # follow_pages is an async generator: close it here, not whenever it is
+    # collected, so that a cancelled stream releases its follower slot at once.
+    async with aclosing(engine.follow_pages(run_id, after=after, limit=FOLLOW_PAGE)) as pages:
+        async for page in pages:
+            for entry in page:
+                await on_entry(entry)
+            del page  # a follower waiting for the next checkpoint holds no entries
     # The terminal entry and the terminal record are one checkpoint, so once
     # follow has ended the record says how the run ended.
     return (await engine.get_run(run_id)).status
@@ -190,17 +207,15 @@ async def _follow(websocket: WebSocket) -> None:
 
 
 def _last_event_id(request: Request) -> int | None:
+    """The seq a reconnecting EventSource resumes after, parsed as strictly as ``?after=``."""
     raw = request.headers.get("last-event-id")
-    if raw is None or not raw.strip():
+    if raw is None or raw == "":
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise RequestError(400, "bad_request", "Last-Event-ID must be a log seq (an integer >= 0)",
+    if _SEQ.fullmatch(raw) is None or int(raw) > MAX_SEQ:
+        raise RequestError(400, "bad_request",
+                           f"Last-Event-ID must be a log seq: decimal digits, 0 to {MAX_SEQ}",
                            {"last_event_id": raw[:100]})  # fmt: skip
-    return value
+    return int(raw)
 
 
 class EventStream(Response):

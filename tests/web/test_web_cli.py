@@ -230,3 +230,185 @@ async def test_clients_hanging_up_at_any_moment_do_not_hurt_the_server() -> None
                             pass
                 assert process.returncode is None
                 assert (await client.get("/healthz")).status_code == 200
+
+
+@asynccontextmanager
+async def serving(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, int]]:
+    """A ``trioflow serve --port 0`` process: its URL and pid; SIGTERM on the way out."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "web"), str(ROOT)]),
+                   **(env or {})}  # fmt: skip
+    async with spawn("serve", "--port", "0", "--log-level", "warning", *args,
+                     stdout=subprocess.PIPE, env=environment) as process:  # fmt: skip
+        assert process.stdout is not None
+        out = b""
+        while b"\n" not in out:
+            chunk = await process.stdout.receive_some()
+            assert chunk, "serve exited before listening"
+            out += chunk
+        yield out.decode().split()[3], process.pid
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+
+
+async def test_serve_allowed_hosts_and_origins_options() -> None:
+    import httpx
+
+    with trio.fail_after(60):
+        options = ("--store", "memory://", "--allowed-hosts", "api.example,Other.example",
+                   "--allowed-hosts", "third.example",
+                   "--allowed-origins", "https://app.example")  # fmt: skip
+        async with serving(*options) as (url, _), httpx.AsyncClient(base_url=url) as client:
+            for host in ("api.example", "other.example:8080", "third.example", "localhost"):
+                response = await client.get("/healthz", headers={"Host": host})
+                assert response.status_code == 200, host
+            response = await client.get("/healthz", headers={"Host": "attacker.example"})
+            assert response.status_code == 421
+            assert response.json()["error"]["code"] == "misdirected_request"
+            response = await client.get("/runs", headers={"Origin": "https://app.example"})
+            assert response.status_code == 200
+            response = await client.get("/runs", headers={"Origin": "https://evil.example"})
+            assert response.status_code == 403
+        options = ("--store", "memory://", "--allowed-hosts", "*")
+        async with serving(*options) as (url, _), httpx.AsyncClient(base_url=url) as client:
+            response = await client.get("/healthz", headers={"Host": "anything.example"})
+            assert response.status_code == 200
+
+
+async def test_serve_refuses_a_store_it_cannot_open_before_binding(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A read-only directory does not stop root, so the unopenable store is a
+    # path under a regular file, which fails for every user alike.
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    stores = [f"sqlite:///{blocker}/trioflow.db"]
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        stores.append(f"sqlite:///{read_only}/trioflow.db")
+    results = await trioflow_many(*(("serve", "--port", "0", "--store", s) for s in stores))
+    for store, result in zip(stores, results, strict=True):
+        assert result.returncode == 3, result.stderr
+        assert result.stdout == b""  # never printed "listening": no port was bound
+        lines = result.stderr.decode().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"trioflow: cannot open the store {store}: ")
+        assert "unable to open database file" in lines[0]
+
+
+async def test_serve_evaluator_option_and_environment(tmp_path: pathlib.Path) -> None:
+    import httpx
+
+    bad_option = await trioflow("serve", "--port", "0", "--store", "memory://",
+                                "--evaluator", "eval")  # fmt: skip
+    bad_env = await run_with_env({"TRIOFLOW_EVALUATOR": "python"},
+                                 "serve", "--port", "0", "--store", "memory://")  # fmt: skip
+    for result, value in ((bad_option, "eval"), (bad_env, "python")):
+        assert result.returncode == 3
+        lines = result.stderr.decode().splitlines()
+        assert len(lines) == 1, lines
+        assert f"unknown evaluator {value!r}" in lines[0] and "compiled, asteval" in lines[0]
+
+    # The engine behind the server says which evaluator it compiles conditions with.
+    async def evaluator(*args: str, env: dict[str, str] | None = None) -> str:
+        async with (
+            serving("--store", "memory://", *args, env=env) as (url, _),
+            httpx.AsyncClient(base_url=url) as client,
+        ):
+            value: str = (await client.get("/healthz")).json()["evaluator"]
+        return value
+
+    with trio.fail_after(60):
+        assert await evaluator() == "compiled"
+        assert await evaluator("--evaluator", "asteval") == "asteval"
+        assert await evaluator(env={"TRIOFLOW_EVALUATOR": "asteval"}) == "asteval"
+        assert await evaluator("--evaluator", "compiled",
+                               env={"TRIOFLOW_EVALUATOR": "asteval"}) == "compiled"  # fmt: skip
+
+
+async def run_with_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process([*TRIOFLOW, *args], capture_stdout=True,
+                                      capture_stderr=True, check=False,
+                                      env={**os.environ, **env})  # fmt: skip
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_followers_that_never_read_are_bounded_and_closed(tmp_path: pathlib.Path) -> None:
+    # 100 WebSocket followers that never read, on a 1.3 MB log in SQLite,
+    # against a real `trioflow serve`: the server keeps serving, holds a bounded
+    # amount per follower, closes them once they have accepted nothing for the
+    # send timeout, and a second wave reuses the memory the first one freed.
+    import httpx
+    from chatty_tools import chatty_graph
+    from web_support import open_silent_ws
+
+    followers, send_timeout = 100, 2.0
+
+    async def healthz_seconds(client: httpx.AsyncClient) -> float:
+        start = trio.current_time()
+        assert (await client.get("/healthz")).status_code == 200
+        return trio.current_time() - start
+
+    closed: list[str] = []
+
+    async def read_until_closed(stream: trio.SocketStream) -> None:
+        received = b""
+        with trio.move_on_after(10):
+            try:
+                while chunk := await stream.receive_some(1 << 20):
+                    received += chunk
+                closed.append("eof")
+            except trio.BrokenResourceError:
+                closed.append("reset")  # the server closed with data we had not read
+            return
+        closed.append(f"open after {len(received)} bytes: {received[-60:]!r}")
+
+    options = ("--store", f"sqlite:///{tmp_path}/trioflow.db", "--tools", "chatty_tools",
+               "--send-timeout", str(send_timeout))  # fmt: skip
+    state = {"lines": 10, "line_bytes": 1000}
+    with trio.fail_after(120):
+        async with (
+            serving(*options) as (url, pid),
+            httpx.AsyncClient(base_url=url, timeout=30) as client,
+        ):
+            await client.post("/graph/create", json=chatty_graph(99))
+            ran = await client.post("/graph/run?logs=0",
+                                    json={"graph_id": "chatty", "initial_state": state})
+            run = ran.json()
+            assert run["last_seq"] > 1300
+            path = f"/ws/logs/{run['run_id']}"
+            await client.get(f"/sse/logs/{run['run_id']}")  # one follower reads it all
+            base = rss_kib(pid)
+            peaks, after = [], []
+            for _ in range(2):
+                silent = [await open_silent_ws(url, path) for _ in range(followers)]
+                await trio.sleep(0.5)
+                peaks.append(rss_kib(pid))
+                assert max([await healthz_seconds(client) for _ in range(10)]) < 0.5
+                await trio.sleep(send_timeout + 1)
+                closed.clear()
+                async with trio.open_nursery() as nursery:
+                    for stream in silent:
+                        nursery.start_soon(read_until_closed, stream)
+                for stream in silent:
+                    await stream.aclose()
+                # The server has closed every one of them.
+                assert [c for c in closed if c not in ("eof", "reset")] == []
+                assert await healthz_seconds(client) < 0.5
+                await trio.sleep(0.5)
+                after.append(rss_kib(pid))
+    per_follower = (peaks[0] - base) / followers
+    # KiB: one page of at most 64 entries of ~1.2 KB and its frame (500-entry pages before).
+    assert per_follower < 256, (base, peaks, after)
+    assert after[1] - after[0] < 4 * 1024, (base, peaks, after)  # the second wave reused it

@@ -370,8 +370,11 @@ async def test_http_layer_errors_share_the_shape(server: Server) -> None:
         assert_error(await server.client.get("/no/such/route"), 404, "not_found")
         details = assert_error(await server.client.delete("/graph/run"), 405, "method_not_allowed")
         assert details["allow"] == ["POST"]
+        json_type = {"content-type": "application/json"}
         assert_error(
-            await server.client.post("/graph/run", content=b'{"graph_id": '), 400, "malformed_json"
+            await server.client.post("/graph/run", content=b'{"graph_id": ', headers=json_type),
+            400,
+            "malformed_json",
         )
         assert_error(await server.client.post("/graph/run", content=b""), 400, "malformed_json")
         assert_error(
@@ -384,7 +387,9 @@ async def test_http_layer_errors_share_the_shape(server: Server) -> None:
             "malformed_json",
         )
         assert_error(
-            await server.client.post("/graph/create", content=b"[" * 10_000), 400, "malformed_json"
+            await server.client.post("/graph/create", content=b"[" * 10_000, headers=json_type),
+            400,
+            "malformed_json",
         )
         assert_error(
             await server.client.post(
@@ -421,7 +426,7 @@ async def test_body_limit(server: Server) -> None:
         stream = await trio.open_tcp_stream(host, int(port))
         async with stream:
             await stream.send_all(
-                b"POST /graph/create HTTP/1.1\r\nHost: x\r\n"
+                b"POST /graph/create HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 b"Content-Type: application/json\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n"
             )
