@@ -16,6 +16,7 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -30,6 +31,7 @@ import trio
 
 from core import (
     EngineError,
+    EngineLimits,
     GraphValidationError,
     Registry,
     RunStatus,
@@ -141,6 +143,33 @@ async def _serve(settings: Settings, host: str, port: int, graceful_timeout: flo
             print(f"trioflow listening on {bind}", flush=True)
 
 
+def engine_limits(assignments: Sequence[str]) -> EngineLimits:
+    """``EngineLimits`` from ``NAME=VALUE`` strings (``--limit max_log_entries=50000``).
+
+    Raises:
+        ValueError: an unknown name, a malformed assignment or a bad value.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(EngineLimits)}
+    changes: dict[str, int | float] = {}
+    for assignment in assignments:
+        name, sep, raw = assignment.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"--limit takes NAME=VALUE with NAME one of: {known} "
+                             f"(got {assignment!r})")  # fmt: skip
+        kind = float if fields[name] in (float, "float") else int
+        try:
+            value = kind(raw.replace("_", ""))
+        except ValueError:
+            what = "a number" if kind is float else "an integer"
+            raise ValueError(f"--limit {name}: {raw!r} is not {what}") from None
+        if not value > 0:
+            raise ValueError(f"--limit {name}: must be > 0 (got {raw})")
+        changes[name] = value
+    return EngineLimits(**changes)  # type: ignore[arg-type]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -156,6 +185,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      f"use one of: {', '.join(EVALUATORS)}")  # fmt: skip
     if not args.send_timeout > 0:
         return _fail("--send-timeout must be > 0")
+    try:
+        limits = engine_limits(args.limit)
+    except ValueError as exc:
+        return _fail(str(exc))
     try:
         build_registry(tuple(tools))
     except EngineError as exc:
@@ -174,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=_names(args.allowed_hosts),
         allowed_origins=_names(args.allowed_origins),
         send_timeout_s=args.send_timeout,
+        limits=limits,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
@@ -409,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="close a connection whose client accepts no data for this long")
     p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes)
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="an engine bound, e.g. max_log_entries=50000 or max_graph_steps=10000 "
+                        "(repeatable; see docs/operations.md for every name and default)")
     p.add_argument("--graceful-timeout", type=float, default=10.0,
                    help="seconds in-flight requests get on shutdown")  # fmt: skip
     p.add_argument("--log-level", default="info",

@@ -412,3 +412,35 @@ async def test_followers_that_never_read_are_bounded_and_closed(tmp_path: pathli
     # KiB: one page of at most 64 entries of ~1.2 KB and its frame (500-entry pages before).
     assert per_follower < 256, (base, peaks, after)
     assert after[1] - after[0] < 4 * 1024, (base, peaks, after)  # the second wave reused it
+
+
+async def test_serve_limit_options_reach_the_engine() -> None:
+    import httpx
+
+    bad = await trioflow("serve", "--port", "0", "--store", "memory://",
+                         "--limit", "max_log_entriez=5")  # fmt: skip
+    assert bad.returncode == 3
+    lines = bad.stderr.decode().splitlines()
+    assert len(lines) == 1 and "max_log_entries" in lines[0], lines
+    zero = await trioflow("serve", "--port", "0", "--store", "memory://",
+                          "--limit", "max_graph_steps=0")  # fmt: skip
+    assert zero.returncode == 3 and "must be > 0" in zero.stderr.decode()
+
+    loop = {"id": "spin", "start_node": "a", "max_steps": 200,
+            "nodes": [{"id": "a", "callable": "tools.noop"}],
+            "edges": [{"from": "a", "to": "a", "type": "loop",
+                       "loop": {"max_iterations": 100}}]}  # fmt: skip
+    with trio.fail_after(60):
+        options = ("--store", "memory://", "--limit", "max_graph_steps=100",
+                   "--limit", "max_log_entries=40")  # fmt: skip
+        async with serving(*options) as (url, _), httpx.AsyncClient(base_url=url) as client:
+            r = await client.post("/graph/create", json=loop)
+            assert r.status_code == 422
+            problem = r.json()["error"]["details"]["problems"][0]
+            assert (problem["code"], problem["path"]) == ("over_limit", "$.max_steps")
+            loop["max_steps"] = 100
+            assert (await client.post("/graph/create", json=loop)).status_code == 201
+            run = (await client.post("/graph/run", json={"graph_id": "spin"})).json()
+            assert run["status"] == "failed"
+            assert run["error"]["code"] == "log_limit_exceeded"
+            assert run["last_seq"] <= 40
