@@ -4,20 +4,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+SOURCES := $(VENV)/.sources
+# An editable install that type checkers can follow: a tree of links to the
+# modules (the package is trioflow, the folders are core/ and web/).
+EDITABLE := --config-settings editable_mode=strict
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean FORCE
 
 install: $(STAMP)
 
-# Reinstall only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The editable install links each file, so it is redone when pyproject.toml
+# changes or when files come or go (not when they are edited).
+$(SOURCES): FORCE
+	@mkdir -p $(VENV)
+	@find core web -type f ! -path '*/__pycache__/*' | LC_ALL=C sort > $@.new
+	@cmp -s $@.new $@ && rm -f $@.new || mv $@.new $@
+
+$(STAMP): pyproject.toml $(SOURCES)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev]'
 	@touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,bench]'
 	@touch $(BENCH_STAMP)
 
 serve: install
@@ -28,10 +38,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check core web tests samples bench
-	$(BIN)/mypy core web
+	$(BIN)/mypy -p trioflow
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

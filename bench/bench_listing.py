@@ -15,11 +15,11 @@ from typing import Any
 
 import trio
 
-from core.logs import Event, Level, LogEntry
-from core.runs import RunRecord, RunStatus
-from core.stores.base import Store, StoredGraph
-from core.stores.memory import MemoryStore
-from core.stores.sqlite import SQLiteStore
+from trioflow.logs import Event, Level, LogEntry
+from trioflow.runs import RunRecord, RunStatus
+from trioflow.stores.base import Store, StoredGraph
+from trioflow.stores.memory import MemoryStore
+from trioflow.stores.sqlite import SQLiteStore
 
 from ._common import Row, row
 

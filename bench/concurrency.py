@@ -44,7 +44,7 @@ PARK_GRAPH = {
 
 
 async def _child(n: int) -> dict[str, Any]:
-    from core import EngineLimits, RunStatus, open_engine
+    from trioflow import EngineLimits, RunStatus, open_engine
 
     limits = EngineLimits(max_active_runs=200_000, max_running=200_000)
     async with open_engine(limits=limits) as engine:

@@ -35,9 +35,9 @@ def _heavy_state() -> dict[str, Any]:
     """A state on which :data:`CONDITION` charges just under the budget."""
     import random
 
-    from core.budget import MAX_UNITS, spent
-    from core.errors import ExpressionBudgetError
-    from core.expressions import compile_expression
+    from trioflow.budget import MAX_UNITS, spent
+    from trioflow.errors import ExpressionBudgetError
+    from trioflow.expressions import compile_expression
 
     expression = compile_expression(CONDITION)
     rng = random.Random(7)
@@ -67,9 +67,9 @@ def _graph() -> dict[str, Any]:
 
 
 async def _serve(state_file: str) -> None:
-    from core import open_engine
-    from web.app import create_app
-    from web.serve import serve
+    from trioflow import open_engine
+    from trioflow.web.app import create_app
+    from trioflow.web.serve import serve
 
     state = _heavy_state()
     async with open_engine() as engine:

@@ -243,7 +243,7 @@ def _json_size(state: State) -> int:
 
 
 def _time(expr: Any, state: State, reps: int) -> tuple[list[float], str]:
-    from core.errors import ExpressionBudgetError, ExpressionEvaluationError
+    from trioflow.errors import ExpressionBudgetError, ExpressionEvaluationError
 
     times = []
     outcome = "ok"
@@ -265,7 +265,7 @@ def _time(expr: Any, state: State, reps: int) -> tuple[list[float], str]:
 
 
 def _peak(expr: Any, state: State) -> int:
-    from core.errors import ExpressionEvaluationError
+    from trioflow.errors import ExpressionEvaluationError
 
     tracemalloc.start()
     try:
@@ -280,7 +280,7 @@ def _peak(expr: Any, state: State) -> int:
 
 def calibrate(case: Case, evaluator: str, reps: int) -> Row:
     """The largest size of ``case`` that fits the budget, timed; ns per unit charged."""
-    from core.expressions import compile_expression, spent
+    from trioflow.expressions import compile_expression, spent
 
     expr = compile_expression(case.source, evaluator=evaluator)  # type: ignore[arg-type]
     fitting: tuple[int, State] | None = None
@@ -365,8 +365,8 @@ WORST: list[str] = [
 
 def worst_cases(evaluator: str, reps: int) -> list[Row]:
     """One row per hostile condition, on the state where it is slowest (median time)."""
-    from core.errors import ExpressionError
-    from core.expressions import compile_expression, spent
+    from trioflow.errors import ExpressionError
+    from trioflow.expressions import compile_expression, spent
 
     rows = []
     states = _hostile_states()

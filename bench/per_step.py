@@ -249,11 +249,11 @@ async def _measure(workload: str, contenders: list[Contender], steps: int,
 
 
 async def _run_all(quick: bool, tmp: Path) -> list[Row]:
-    from core import EngineLimits, open_engine
+    from trioflow import EngineLimits, open_engine
 
     have_sqlite = sqlite_available()
     if have_sqlite:
-        from core.stores.sqlite import SQLiteStore
+        from trioflow.stores.sqlite import SQLiteStore
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.checkpoint.sqlite import SqliteSaver
 

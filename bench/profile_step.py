@@ -25,11 +25,11 @@ from ._common import SPEC_INITIAL_STATE, chain_graph, load_spec_graph
 
 async def _workload(spec_runs: int, chain_runs: int, store: str, tmp: Path,
                     profiler: Any = None) -> None:  # fmt: skip
-    from core import open_engine
+    from trioflow import open_engine
 
     kwargs = {}
     if store == "sqlite":
-        from core.stores.sqlite import SQLiteStore
+        from trioflow.stores.sqlite import SQLiteStore
 
         kwargs["store"] = SQLiteStore(str(tmp / "profile.db"))
     async with open_engine(**kwargs) as engine:  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The HTTP service: sync ``POST /graph/run`` on the spec's graph beside ``GET /healthz``.
 
-The server is a real Hypercorn (Trio worker) serving ``web.app.create_app``
+The server is a real Hypercorn (Trio worker) serving ``trioflow.web.create_app``
 on ``127.0.0.1:0`` in a **child process** (``python -m bench.service
 --serve``) with the memory store. On a 2-core machine a child process gets
 its own core while the client (httpx.AsyncClient under Trio, in this
@@ -52,9 +52,9 @@ LEVELS = (1, 8, 64)
 
 
 async def _serve() -> None:
-    from core import EngineLimits, open_engine
-    from web.app import create_app
-    from web.serve import serve
+    from trioflow import EngineLimits, open_engine
+    from trioflow.web.app import create_app
+    from trioflow.web.serve import serve
 
     async with open_engine(limits=EngineLimits()) as engine:
         await engine.register_graph(load_spec_graph())

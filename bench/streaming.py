@@ -69,9 +69,9 @@ def _raise_fd_limit() -> None:
 
 
 async def _serve() -> None:
-    from core import EngineLimits, default_registry, open_engine
-    from web.app import create_app
-    from web.serve import serve
+    from trioflow import EngineLimits, default_registry, open_engine
+    from trioflow.web.app import create_app
+    from trioflow.web.serve import serve
 
     _raise_fd_limit()
     registry = default_registry()

@@ -28,6 +28,7 @@ from .errors import RunStateError as RunStateError
 from .errors import StateValidationError as StateValidationError
 from .errors import StoreConflictError as StoreConflictError
 from .errors import StoreError as StoreError
+from .errors import StoreLockedError as StoreLockedError
 from .errors import UnknownGraphError as UnknownGraphError
 from .errors import UnknownRunError as UnknownRunError
 from .graph import Graph as Graph

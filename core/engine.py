@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -577,6 +577,32 @@ class Engine:
 
 
 @asynccontextmanager
+async def _one_error() -> AsyncIterator[None]:
+    """Raise the one exception of a group out of the engine's nursery as itself.
+
+    Actors never raise (a run's failure is its own), so what leaves the
+    engine's nursery is the embedding program's own exception, or a store
+    error while opening: the caller gets it as raised, not wrapped in an
+    exception group it has to unpack.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@asynccontextmanager
 async def open_engine(
     *,
     store: Store | None = None,
@@ -607,7 +633,7 @@ async def open_engine(
     await store.open()
     session = False
     try:
-        async with trio.open_nursery() as nursery:
+        async with _one_error(), trio.open_nursery() as nursery:
             engine = Engine(store=store, registry=registry, nursery=nursery,
                             limits=limits or EngineLimits(), evaluator=evaluator)  # fmt: skip
             if resume:

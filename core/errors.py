@@ -189,6 +189,29 @@ class StoreError(EngineError):
         self.transient = transient
 
 
+class StoreLockedError(StoreError):
+    """Raised when an engine opens a store file that another engine already owns.
+
+    ``holder`` says who holds it (``pid``, ``host``, ``since``, ``command``),
+    as far as the holder wrote it.
+    """
+
+    code = "store_locked"
+
+    def __init__(self, path: str, holder: dict[str, Any]) -> None:
+        self.path = path
+        self.holder = holder
+        who = f"process {holder['pid']}" if "pid" in holder else "another process"
+        if holder.get("host"):
+            who += f" on {holder['host']}"
+        if holder.get("command"):
+            who += f" ({holder['command']})"
+        super().__init__(
+            f"{path} is in use by {who}; one engine at a time may own a store file",
+            details={"path": path, "holder": holder},
+        )
+
+
 class StoreConflictError(StoreError):
     """Raised when a checkpoint does not continue the run as stored.
 

@@ -1,6 +1,6 @@
 """Choosing the next edge: a pure function of graph, node, state and loop counters.
 
-Kept apart from the actor so that the rules of DESIGN.md (rule 4) can be
+Kept apart from the actor so that rule 4 of docs/semantics.md can be
 tested without Trio and so the actor only performs effects around it.
 """
 

@@ -16,8 +16,8 @@ import trio
 # Only so that `python samples/embed.py` finds the `samples` package in a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import default_registry, open_engine
 from samples import python_review
+from trioflow import default_registry, open_engine
 
 SOURCE = '''\
 import os

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from core import Engine, Registry, default_registry, open_engine
+from trioflow import Engine, Registry, default_registry, open_engine
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

@@ -16,8 +16,8 @@ from typing import Any
 
 import pydantic_core
 
-from core.errors import ExpressionEvaluationError
-from core.expressions import MAX_BYTES, MAX_UNITS, Expression, spent
+from trioflow.errors import ExpressionEvaluationError
+from trioflow.expressions import MAX_BYTES, MAX_UNITS, Expression, spent
 
 #: A stopped bomb must end well within this: five times the nominal budget
 #: (about 10 ms), so that calibration errors show and a loaded machine does not.

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from core import (
+from trioflow import (
     Engine,
     EngineLimits,
     GraphValidationError,
@@ -24,7 +24,7 @@ from core import (
     StateValidationError,
     open_engine,
 )
-from core.logs import TRUNCATION_MARK
+from trioflow.logs import TRUNCATION_MARK
 
 
 def _graph(graph_id: str, nodes: list[dict[str, Any]], edges: list[dict[str, Any]] | None = None,

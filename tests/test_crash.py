@@ -36,7 +36,7 @@ SLOW = {
 
 
 def _serve_command(db: pathlib.Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "web.cli", "serve", "--port", "0",
+    return [sys.executable, "-m", "trioflow.web.cli", "serve", "--port", "0",
             "--store", f"sqlite:///{db}", *extra]  # fmt: skip
 
 
@@ -243,5 +243,44 @@ async def test_a_tool_raising_system_exit_or_keyboard_interrupt_fails_only_its_r
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
                 runs = (await client.get("/runs")).json()["items"]
                 assert sorted(r["status"] for r in runs) == ["failed", "failed"]
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+
+
+async def test_one_server_per_store_file_and_a_killed_one_leaves_no_stale_lock(
+    tmp_path: pathlib.Path,
+) -> None:
+    db = tmp_path / "trioflow.db"
+    with trio.fail_after(60):
+        async with serving(db) as (first, url):
+            second = await trio.run_process(_serve_command(db), cwd=ROOT, capture_stdout=True,
+                                            capture_stderr=True, check=False)  # fmt: skip
+            assert second.returncode == 3
+            assert second.stdout == b""  # it never listened
+            lines = second.stderr.decode().splitlines()
+            assert len(lines) == 1, lines
+            assert str(db) in lines[0] and f"process {first.pid}" in lines[0]
+            # prune may run beside the server: it only deletes finished runs.
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                quick = {"id": "quick", "start_node": "q",
+                         "nodes": [{"id": "q", "callable": "tools.approve"}]}  # fmt: skip
+                assert (await client.post("/graph/create", json=quick)).status_code == 201
+                run = (await client.post("/graph/run", json={"graph_id": "quick"})).json()
+                assert run["status"] == "completed"
+                pruned = await trio.run_process(
+                    [sys.executable, "-m", "trioflow.web.cli", "prune", "--store",
+                     f"sqlite:///{db}", "--older-than", "0s"],
+                    cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
+                )  # fmt: skip
+                assert pruned.returncode == 0, pruned.stderr
+                assert b"deleted 1 " in pruned.stdout
+                r = await client.get(f"/graph/state/{run['run_id']}")
+                assert r.status_code == 404
+                assert (await client.get("/healthz")).status_code == 200
+            first.kill()  # SIGKILL: the OS drops the lock with the process
+            await first.wait()
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert (await client.get("/graph/quick")).status_code == 200
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from core import (
+from trioflow import (
     CapacityError,
     Engine,
     EngineLimits,

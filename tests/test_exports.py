@@ -1,4 +1,4 @@
-"""Pins the public surface of ``core``: changing it must change this test."""
+"""Pins the public surface of ``trioflow``: changing it must change this test."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 import types
 
-import core
+import trioflow
 
 EXPECTED = {
     # engine and embedding
@@ -52,6 +52,7 @@ EXPECTED = {
     "StateValidationError",
     "StoreConflictError",
     "StoreError",
+    "StoreLockedError",
     "UnknownGraphError",
     "UnknownRunError",
 }
@@ -64,9 +65,9 @@ _NOT_EXPORTS = {"annotations"}
 def public_names() -> set[str]:
     return {
         name
-        for name in dir(core)
+        for name in dir(trioflow)
         if not name.startswith("_")
-        and not isinstance(getattr(core, name), types.ModuleType)
+        and not isinstance(getattr(trioflow, name), types.ModuleType)
         and name not in _NOT_EXPORTS
     }
 
@@ -77,35 +78,37 @@ def test_public_names_are_pinned() -> None:
     assert EXPECTED - names == set(), "public names removed: a breaking change"
 
 
-def test_exports_come_from_core_modules() -> None:
+def test_exports_come_from_engine_modules() -> None:
     for name in public_names():
-        value = getattr(core, name)
+        value = getattr(trioflow, name)
         module = getattr(value, "__module__", None)
         if module is None:  # constants such as TERMINAL
             continue
-        assert module == "core" or module.startswith("core."), (name, module)
+        assert module == "trioflow" or module.startswith("trioflow."), (name, module)
+        assert not module.startswith("trioflow.web"), (name, module)
 
 
 def test_errors_share_one_root() -> None:
     for name in public_names():
-        value = getattr(core, name)
+        value = getattr(trioflow, name)
         if isinstance(value, type) and issubclass(value, Exception):
-            assert issubclass(value, core.EngineError), name
+            assert issubclass(value, trioflow.EngineError), name
 
 
 def test_terminal_statuses() -> None:
-    assert isinstance(core.TERMINAL, frozenset)
-    assert {s.value for s in core.TERMINAL} == {"completed", "failed", "cancelled"}
+    assert isinstance(trioflow.TERMINAL, frozenset)
+    assert {s.value for s in trioflow.TERMINAL} == {"completed", "failed", "cancelled"}
 
 
 def test_version_is_a_string() -> None:
-    assert isinstance(core.__version__, str) and core.__version__
+    assert isinstance(trioflow.__version__, str) and trioflow.__version__
 
 
-def test_importing_core_does_not_import_web() -> None:
+def test_importing_the_engine_does_not_import_the_service() -> None:
     code = (
-        "import sys, core\n"
-        "leaked = sorted(m for m in sys.modules if m == 'web' or m.startswith('web.'))\n"
+        "import sys, trioflow\n"
+        "leaked = sorted(m for m in sys.modules if m.startswith(('trioflow.web', 'starlette',"
+        " 'hypercorn')))\n"
         "print(','.join(leaked))\n"
     )
     result = subprocess.run(

@@ -21,17 +21,17 @@ from hostile_states import HOSTILE_STATE_NAMES, SAFETY_S, hostile_states
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from core import open_engine
-from core.errors import (
+from trioflow import open_engine
+from trioflow.errors import (
     ConditionError,
     ExpressionBudgetError,
     ExpressionError,
     ExpressionEvaluationError,
 )
-from core.expressions import MAX_BYTES, MAX_UNITS, compile_expression, spent
-from core.graph import compile_graph
-from core.planning import decide
-from core.registry import default_registry
+from trioflow.expressions import MAX_BYTES, MAX_UNITS, compile_expression, spent
+from trioflow.graph import compile_graph
+from trioflow.planning import decide
+from trioflow.registry import default_registry
 
 EVALUATORS = ["compiled", "asteval"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from hostile_states import HOSTILE_STATE_NAMES, hostile_states, run_bounded
 
-from core.errors import ExpressionError, ExpressionEvaluationError
-from core.expressions import MAX_EXPRESSION_LENGTH, compile_expression, truthy
+from trioflow.errors import ExpressionError, ExpressionEvaluationError
+from trioflow.expressions import MAX_EXPRESSION_LENGTH, compile_expression, truthy
 
 EVALUATORS = ["compiled", "asteval"]
 

@@ -8,8 +8,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from core import Engine
-from core.stores.base import Notifier
+from trioflow import Engine
+from trioflow.stores.base import Notifier
 
 
 def test_a_follower_leaving_does_not_orphan_another_followers_event() -> None:

@@ -1,4 +1,4 @@
-"""Rule 4 as a pure function: ``core.planning.decide`` without Trio or an engine."""
+"""Rule 4 as a pure function: ``trioflow.planning.decide`` without Trio or an engine."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from core import ConditionError, Graph, Registry, compile_graph, default_registry
-from core.planning import Decision, decide
+from trioflow import ConditionError, Graph, Registry, compile_graph, default_registry
+from trioflow.planning import Decision, decide
 
 
 def _graph(edges: list[dict[str, Any]], registry: Registry | None = None,

@@ -9,9 +9,9 @@ import time
 
 import trio
 
-from core import LogEntry, RunRecord, RunStatus
-from core.logs import Event, Level
-from core.stores.sqlite import SQLiteStore
+from trioflow import LogEntry, RunRecord, RunStatus
+from trioflow.logs import Event, Level
+from trioflow.stores.sqlite import SQLiteStore
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DAY = 86400.0
@@ -28,7 +28,7 @@ def _record(run_id: str, status: RunStatus, finished_ago: float | None) -> RunRe
 
 async def _prune(db: pathlib.Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
-        [sys.executable, "-m", "web.cli", "prune", "--store", f"sqlite:///{db}", *args],
+        [sys.executable, "-m", "trioflow.web.cli", "prune", "--store", f"sqlite:///{db}", *args],
         cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
     )  # fmt: skip
 

@@ -11,8 +11,8 @@ import pytest
 import trio
 from pydantic import BaseModel
 
-from core import GraphValidationError, JsonState, Registry, RegistryError, compile_graph
-from core.builtin_tools import ToolFailure
+from trioflow import GraphValidationError, JsonState, Registry, RegistryError, compile_graph
+from trioflow.builtin_tools import ToolFailure
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -247,7 +247,7 @@ def test_load_module_calls_register(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_load_modules_loads_each(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE))
     registry = Registry()
-    registry.load_modules(["tools_fixture_module", "core.builtin_tools"])
+    registry.load_modules(["tools_fixture_module", "trioflow.builtin_tools"])
     assert registry.get_tool("fixture.triage") is not None
     assert registry.get_tool("tools.noop") is not None
 
@@ -257,7 +257,7 @@ def test_load_missing_module_is_a_registry_error() -> None:
     with pytest.raises(RegistryError, match="cannot import"):
         registry.load_module("trioflow_tests_no_such_module")
     with pytest.raises(RegistryError, match="cannot import"):
-        registry.load_module("core.no_such_submodule")
+        registry.load_module("trioflow.no_such_submodule")
     assert registry.tools() == {}
 
 

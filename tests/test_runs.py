@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-import core.actor
-import core.engine
-from core import (
+import trioflow.actor
+import trioflow.engine
+from trioflow import (
     TERMINAL,
     Engine,
     LogEntry,
@@ -23,8 +23,8 @@ from core import (
     UnknownRunError,
     open_engine,
 )
-from core.errors import InvalidTransitionError
-from core.runs import check_transition
+from trioflow.errors import InvalidTransitionError
+from trioflow.runs import check_transition
 
 P, R, W, C, F, X = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING,
                     RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)  # fmt: skip
@@ -235,8 +235,8 @@ async def test_delete_runs_removes_only_terminal_runs_older_than_the_age(
     monkeypatch: pytest.MonkeyPatch, registry: Registry
 ) -> None:
     clock = WallClock(1_000.0)
-    monkeypatch.setattr(core.engine, "time", clock)
-    monkeypatch.setattr(core.actor, "time", clock)
+    monkeypatch.setattr(trioflow.engine, "time", clock)
+    monkeypatch.setattr(trioflow.actor, "time", clock)
     gate = trio.Event()
 
     async def gated(state: Any) -> None:

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from core import (
+from samples import python_review
+from samples.python_review import analyse, apply_fixes
+from trioflow import (
     Engine,
     GraphValidationError,
     LogEntry,
@@ -23,8 +25,6 @@ from core import (
     compile_graph,
     default_registry,
 )
-from samples import python_review
-from samples.python_review import analyse, apply_fixes
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

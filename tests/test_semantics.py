@@ -1,4 +1,4 @@
-"""The execution semantics of DESIGN.md (rules 1-7 and the log), through the embedding API."""
+"""The execution semantics of docs/semantics.md (rules 1-7, the log), via the embedding API."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from pydantic import BaseModel
 
-from core import (
+from trioflow import (
     Engine,
     EngineLimits,
     LogEntry,
@@ -131,7 +131,7 @@ async def test_spec_sample_without_issues_approves(
 
 
 async def test_design_sample_with_a_callable_condition(registry: Registry, engine: Engine) -> None:
-    # The DESIGN.md variant of the sample routes review->fix through a callable.
+    # A variant of the sample that routes review->fix through a callable.
     registry.add_tool("tests.has_open_issues",
                       lambda state: state.get("issues_open", 0) > 0, inline=True)  # fmt: skip
     document = doc("code-review-callable",

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from core import Engine, Registry, RunStatus, open_engine
-from core.actor import TRACEBACK_CHARS
+from trioflow import Engine, Registry, RunStatus, open_engine
+from trioflow.actor import TRACEBACK_CHARS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ async def test_a_failing_tool_leaves_a_bounded_traceback(
 
 CTRL_C_PROGRAM = """
 import os, signal, sys, trio
-from core import default_registry, open_engine
+from trioflow import default_registry, open_engine
 
 def spin(state):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the tool runs

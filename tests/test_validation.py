@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from core import Graph, GraphValidationError, Registry, compile_graph
-from core.expressions import Expression
-from core.graph import MAX_EDGES, MAX_NODES
+from trioflow import Graph, GraphValidationError, Registry, compile_graph
+from trioflow.expressions import Expression
+from trioflow.graph import MAX_EDGES, MAX_NODES
 
 
 def base() -> dict[str, Any]:
@@ -502,14 +502,14 @@ def test_expressions_are_compiled_once(
     # Evaluating must not parse or check anything again.
     import ast
 
-    import core.expressions
+    import trioflow.expressions
 
     def no_parsing(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("expression parsed again at evaluation time")
 
     monkeypatch.setattr(ast, "parse", no_parsing)
-    monkeypatch.setattr(core.expressions, "check_expression", no_parsing)
-    monkeypatch.setattr(core.expressions, "compile_expression", no_parsing)
+    monkeypatch.setattr(trioflow.expressions, "check_expression", no_parsing)
+    monkeypatch.setattr(trioflow.expressions, "compile_expression", no_parsing)
     assert to_approve.expression.evaluate({"issues_open": 0}) is True
     assert to_fix.expression.evaluate({"issues_open": 2}) is True
     assert loop.until.evaluate({"issues_open": 1}) is False

@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from core import Engine, EngineError, Registry, default_registry, open_engine, open_store_from_url
+from trioflow import (
+    Engine,
+    EngineError,
+    Registry,
+    default_registry,
+    open_engine,
+    open_store_from_url,
+)
 
 from .errors import EXCEPTION_HANDLERS
 from .guard import RequestGuard
@@ -71,11 +78,19 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         if engine is not None:
             yield {"services": Services(engine, settings, lifecycle)}
             return
-        registry = build_registry(settings.tool_modules)
-        store = open_store_from_url(settings.store_url)
-        async with open_engine(store=store, registry=registry, limits=settings.limits,
-                               evaluator=settings.evaluator) as owned:
-            await _register_files(owned, settings.graph_files)
+        async with AsyncExitStack() as stack:
+            try:
+                registry = build_registry(settings.tool_modules)
+                store = open_store_from_url(settings.store_url)
+                owned = await stack.enter_async_context(open_engine(
+                    store=store, registry=registry, limits=settings.limits,
+                    evaluator=settings.evaluator))  # fmt: skip
+                await _register_files(owned, settings.graph_files)
+            except EngineError as exc:
+                # The server reports this in one line (web.serve.StartupError).
+                where = settings.store_url
+                app.state.startup_error = f"cannot open the store {where}: {exc.message}"
+                raise
             yield {"services": Services(owned, settings, lifecycle)}
 
     app = Starlette(
@@ -86,6 +101,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     )
     app.state.lifecycle = lifecycle
     app.state.settings = settings
+    app.state.startup_error = None
     app.state.openapi = openapi_bytes()
     return app
 

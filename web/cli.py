@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from core import (
+from trioflow import (
     EngineError,
     EngineLimits,
     GraphValidationError,
@@ -135,12 +135,18 @@ def _sample_settings(tools: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]
 
 async def _serve(settings: Settings, host: str, port: int, graceful_timeout: float) -> None:
     app = create_app(settings=settings)
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(serve, app, host=host, port=port, graceful_timeout=graceful_timeout)
-        )
-        for bind in binds:
-            print(f"trioflow listening on {bind}", flush=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(serve, app, host=host, port=port, graceful_timeout=graceful_timeout)
+            )
+            for bind in binds:
+                print(f"trioflow listening on {bind}", flush=True)
+    except BaseExceptionGroup as group:
+        # The server's own one error (it could not start or bind), as itself.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], StartupError | OSError):
+            raise group.exceptions[0] from None
+        raise
 
 
 def engine_limits(assignments: Sequence[str]) -> EngineLimits:
@@ -193,11 +199,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         build_registry(tuple(tools))
     except EngineError as exc:
         return _fail(exc.message)
-    # Open (and close) the store before binding: a bad URL, an unwritable
-    # directory or a foreign file is one line and exit 3, not a traceback.
-    problem = trio.run(_check_store, args.store)
-    if problem is not None:
-        return _fail(f"cannot open the store {args.store}: {problem}")
     settings = Settings(
         store_url=args.store,
         tool_modules=tuple(tools),
@@ -214,21 +215,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
     except StartupError as exc:
+        # The store opens before any socket is bound: a bad URL, an
+        # unwritable directory, a foreign file or a store another server
+        # holds is this one line and exit 3.
         return _fail(str(exc))
     return EXIT_OK
-
-
-async def _check_store(url: str) -> str | None:
-    """Why the store at ``url`` cannot be opened, or None when it can."""
-    try:
-        store = open_store_from_url(url)
-        await store.open()
-        await store.aclose()
-    except EngineError as exc:
-        return exc.message
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    return None
 
 
 # -- validate ----------------------------------------------------------------------
@@ -246,7 +237,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{args.file}: $: invalid_json: {exc}")
         return EXIT_FAILED
-    from core import compile_graph
+    from trioflow import compile_graph
 
     try:
         graph = compile_graph(document, registry)

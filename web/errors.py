@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from core import (
+from trioflow import (
     CapacityError,
     EngineError,
     ExpressionError,
@@ -37,7 +37,7 @@ from core import (
     UnknownGraphError,
     UnknownRunError,
 )
-from core.stores.base import InvalidCursorError
+from trioflow.stores.base import InvalidCursorError
 
 from .responses import JSON
 

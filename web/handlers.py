@@ -15,8 +15,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-import core
-from core import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
+import trioflow
+from trioflow import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
 
 from .errors import RequestError, request_invalid
 from .responses import JSON, log_entry
@@ -252,7 +252,7 @@ async def healthz(request: Request) -> Response:
     health = engine.store_health()
     body: dict[str, Any] = {
         "status": "ok" if health.ok else "degraded",
-        "version": core.__version__,
+        "version": trioflow.__version__,
         "active_runs": engine.active_runs,
         "evaluator": engine.evaluator,
     }

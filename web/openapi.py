@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaValue, models_json_schema
 
-import core
+import trioflow
 
 from . import schemas
 from .routes import OPERATIONS, WEBSOCKET_PATH, Body, Operation
@@ -45,7 +45,7 @@ def _models() -> list[tuple[type[BaseModel], Mode]]:
 def _response_mode(model: type[BaseModel]) -> Mode:
     # A response that is an input document (GET /graph/{id}) is described as
     # that input; everything else as it is serialised.
-    return "validation" if model is core.GraphDocument else "serialization"
+    return "validation" if model is trioflow.GraphDocument else "serialization"
 
 
 Refs = dict[tuple[type[BaseModel] | Any, Mode], JsonSchemaValue]
@@ -124,7 +124,7 @@ def build_openapi() -> dict[str, Any]:
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": "trioflow", "version": core.__version__, "description": _DESCRIPTION},
+        "info": {"title": "trioflow", "version": trioflow.__version__, "description": _DESCRIPTION},
         "paths": paths,
         "components": {"schemas": top.get("$defs", {})},
     }

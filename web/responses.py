@@ -13,7 +13,7 @@ from typing import Any
 import pydantic_core
 from starlette.responses import JSONResponse
 
-from core import LogEntry
+from trioflow import LogEntry
 
 
 class JSON(JSONResponse):

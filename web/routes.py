@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from core import GraphDocument
+from trioflow import GraphDocument
 
 from . import handlers, schemas, streaming
 

@@ -5,8 +5,8 @@ apart from core's domain objects: input models validate requests (every one
 forbids unknown keys); output models describe the JSON the handlers build from
 ``RunRecord.as_dict()`` and ``LogEntry.as_dict()`` (handlers do not round-trip
 responses through them, which keeps the hot path lean; the contract tests
-check that responses match). The graph document itself is core's
-:class:`core.GraphDocument`, which already is a wire model.
+check that responses match). The graph document itself is the engine's
+:class:`trioflow.GraphDocument`, which already is a wire model.
 """
 
 from __future__ import annotations

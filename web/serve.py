@@ -27,7 +27,13 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.utils import (
+    LifespanFailureError,
+    ShutdownError,
+    raise_shutdown,
+    repr_socket_addr,
+    wrap_app,
+)
 from starlette.applications import Starlette
 
 from .app import lifecycle_of, settings_of
@@ -165,47 +171,58 @@ async def serve(
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
 
-    async with trio.open_nursery() as lifespan_nursery:
-        await lifespan_nursery.start(lifespan.handle_lifespan)
-        await lifespan.wait_for_startup()
-        if not lifespan.supported:
-            raise StartupError("the app failed to start; see the log")
+    try:
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            # A lifespan that failed has set "started" on its way out; let its
+            # task's end reach this nursery before anything is bound.
+            await trio.lowlevel.checkpoint()
+            if not lifespan.supported or app.state.startup_error is not None:
+                raise StartupError(app.state.startup_error or "the app failed to start")
 
-        async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
-            listeners: list[trio.SocketListener] = []
-            binds: list[str] = []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            app.state.bound = tuple(binds)
+            async with trio.open_nursery() as server_nursery:
+                sockets = config.create_sockets()
+                listeners: list[trio.SocketListener] = []
+                binds: list[str] = []
+                for sock in sockets.insecure_sockets:
+                    sock.listen(config.backlog)
+                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                app.state.bound = tuple(binds)
 
-            async def connection(stream: trio.SocketStream) -> None:
-                bounded: Any = _BoundedSendStream(stream, send_timeout)
-                await TCPServer(wrapped, config, context,
-                                ConnectionState(lifespan_state.copy()), bounded).run()  # fmt: skip
+                async def connection(stream: trio.SocketStream) -> None:
+                    bounded: Any = _BoundedSendStream(stream, send_timeout)
+                    state = ConnectionState(lifespan_state.copy())
+                    await TCPServer(wrapped, config, context, state, bounded).run()
 
-            task_status.started(binds)
-            try:
-                async with trio.open_nursery() as nursery:
-                    if shutdown_trigger is not None or handle_signals:
-                        nursery.start_soon(raise_shutdown, trigger)
-                    nursery.start_soon(raise_shutdown, context.terminate.wait)
-                    nursery.start_soon(_serve_listeners, connection, listeners, server_nursery)
-                    await trio.sleep_forever()
-            except BaseExceptionGroup as error:
-                _, others = error.split((ShutdownError, KeyboardInterrupt))
-                if others is not None:
-                    raise others from None
-            except ShutdownError:
-                pass
-            finally:
-                await context.terminated.set()
-                server_nursery.cancel_scope.deadline = trio.current_time() + graceful_timeout
+                task_status.started(binds)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if shutdown_trigger is not None or handle_signals:
+                            nursery.start_soon(raise_shutdown, trigger)
+                        nursery.start_soon(raise_shutdown, context.terminate.wait)
+                        nursery.start_soon(_serve_listeners, connection, listeners, server_nursery)
+                        await trio.sleep_forever()
+                except BaseExceptionGroup as error:
+                    _, others = error.split((ShutdownError, KeyboardInterrupt))
+                    if others is not None:
+                        raise others from None
+                except ShutdownError:
+                    pass
+                finally:
+                    await context.terminated.set()
+                    server_nursery.cancel_scope.deadline = trio.current_time() + graceful_timeout
 
-        await lifespan.wait_for_shutdown()
-        lifespan_nursery.cancel_scope.cancel()
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The lifespan raised while starting (Starlette reports it as a
+        # failure, and Hypercorn raises that with the whole traceback as text):
+        # one line, from what the app recorded.
+        if group.subgroup((LifespanFailureError, StartupError)) is None:
+            raise
+        raise StartupError(app.state.startup_error or "the app failed to start") from None
 
 
 async def _serve_listeners(handler: Callable[[trio.SocketStream], Awaitable[None]],

@@ -8,7 +8,7 @@ from typing import cast
 import trio
 from starlette.requests import HTTPConnection
 
-from core import Engine
+from trioflow import Engine
 
 from .settings import Settings
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import get_args
 
-from core import EngineLimits
-from core.expressions import Evaluator
+from trioflow import EngineLimits
+from trioflow.expressions import Evaluator
 
 EVALUATORS: tuple[str, ...] = get_args(Evaluator)
 """The condition evaluators an engine can use."""

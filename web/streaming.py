@@ -1,6 +1,6 @@
 """Live run logs: WebSocket ``/ws/logs/{run_id}`` and Server-Sent Events ``/sse/logs/{run_id}``.
 
-Both are thin relays over :meth:`core.Engine.follow_pages`, which reads the
+Both are thin relays over :meth:`trioflow.Engine.follow_pages`, which reads the
 store by cursor: replay and live tail are one mechanism and a slow client
 never slows the run. A follower holds at most one page of
 :data:`FOLLOW_PAGE` entries (or ``?batch=N``) and the frame being written;
@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from core import Engine, EngineError, LogEntry, RunStatus
+from trioflow import Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps

@@ -55,6 +55,7 @@ from ..errors import StoreError
 from ..logs import Level, LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
 from .base import Cursor, Page, PutResult, Store, StoredGraph, checkpoint_conflict
+from .ownerlock import OwnerLock
 
 T = TypeVar("T")
 
@@ -339,6 +340,7 @@ class SQLiteStore(Store):
         self._in_flight = 0
         self._room = trio.Event()
         self._async_errors: dict[str, StoreError] = {}
+        self._owner = OwnerLock(path)
         # Our own thread budget: store calls never queue behind sync tools.
         self._limiter = trio.CapacityLimiter(readers + 1)
 
@@ -382,6 +384,7 @@ class SQLiteStore(Store):
         finally:
             for _ in range(self._reader_count):
                 self._reader_slots.release()
+            self._owner.release()
 
     def _connect(self, read_only: bool) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions, we issue BEGIN
@@ -518,18 +521,32 @@ class SQLiteStore(Store):
     # -- sessions ----------------------------------------------------------------
 
     async def begin_session(self) -> bool:
+        """Take the store's owner lock (see :mod:`.ownerlock`), then record the session.
+
+        Raises:
+            StoreLockedError: another engine owns this file.
+        """
+        await trio.to_thread.run_sync(self._owner.acquire, limiter=self._limiter)
+
         def begin(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT value FROM meta WHERE key = 'session'").fetchone()
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('session', 'open')")
             return row is None or row[0] != "open"
 
-        return await self._write(begin)
+        try:
+            return await self._write(begin)
+        except BaseException:
+            self._owner.release()
+            raise
 
     async def end_session(self) -> None:
         def end(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('session', 'closed')")
 
-        await self._write(end)
+        try:
+            await self._write(end)
+        finally:
+            self._owner.release()
 
     async def probe(self) -> None:
         stamp = repr(time.time())

@@ -40,7 +40,7 @@ The tools show the three ways a node can run: ``parse`` is async (it hands the
 parse to a worker thread itself, so the event loop never blocks); ``review``
 and ``autofix`` are plain sync functions, which the engine runs in worker
 threads; the verdict tools only set fields and are registered ``inline``.
-Every tool logs what it found through its :class:`~core.RunContext`.
+Every tool logs what it found through its :class:`~trioflow.RunContext`.
 
 The checks and fixers are plain :mod:`ast` code with no engine dependency, in
 :mod:`samples.python_review.checks`; this module holds the state model, the
@@ -58,7 +58,7 @@ from typing import Annotated, Any, Literal
 import trio
 from pydantic import BaseModel, ConfigDict, Field
 
-from core import Registry, RunContext
+from trioflow import Registry, RunContext
 
 from .checks import Edit as Edit
 from .checks import Finding as Finding

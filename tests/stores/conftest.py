@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from core.stores.base import Store
-from core.stores.memory import MemoryStore
-from core.stores.sqlite import SQLiteStore
+from trioflow.stores.base import Store
+from trioflow.stores.memory import MemoryStore
+from trioflow.stores.sqlite import SQLiteStore
 
 BACKENDS = ["memory", "sqlite"]
 

@@ -6,10 +6,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from core.errors import StoreError
-from core.logs import LogEntry
-from core.runs import RunRecord, RunStatus
-from core.stores.base import Page, PutResult, Store, StoredGraph
+from trioflow.errors import StoreError
+from trioflow.logs import LogEntry
+from trioflow.runs import RunRecord, RunStatus
+from trioflow.stores.base import Page, PutResult, Store, StoredGraph
 
 Rule = Callable[[RunRecord], bool]
 

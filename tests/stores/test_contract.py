@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-from core.errors import StoreConflictError, StoreError
-from core.logs import Event, Level, LogEntry
-from core.runs import RunRecord, RunStatus
-from core.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
+from trioflow.errors import StoreConflictError, StoreError
+from trioflow.logs import Event, Level, LogEntry
+from trioflow.runs import RunRecord, RunStatus
+from trioflow.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
 
 
 def _graph(graph_id: str, digest: str = "d1") -> StoredGraph:

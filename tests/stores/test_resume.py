@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from core import Engine, LogEntry, Registry, RunStatus, default_registry, open_engine
-from core.stores.sqlite import SQLiteStore
+from trioflow import Engine, LogEntry, Registry, RunStatus, default_registry, open_engine
+from trioflow.stores.sqlite import SQLiteStore
 
 NAP = {
     "id": "nap",

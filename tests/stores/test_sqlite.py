@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sqlite3
 from typing import Any
@@ -11,12 +12,13 @@ import pytest
 import trio
 import trio.lowlevel
 
-from core.errors import StoreError
-from core.logs import Event, Level, LogEntry
-from core.runs import RunRecord, RunStatus
-from core.stores.base import StoredGraph
-from core.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
-from core.stores.url import open_store_from_url
+from trioflow import open_engine
+from trioflow.errors import StoreError, StoreLockedError
+from trioflow.logs import Event, Level, LogEntry
+from trioflow.runs import RunRecord, RunStatus
+from trioflow.stores.base import StoredGraph
+from trioflow.stores.sqlite import APPLICATION_ID, SCHEMA_VERSION, SQLiteStore
+from trioflow.stores.url import open_store_from_url
 
 
 def _pragma(path: pathlib.Path, name: str) -> object:
@@ -220,7 +222,7 @@ async def test_a_cancelled_checkpoint_is_either_written_whole_or_not_at_all(
 async def test_async_durability_hands_steps_over_and_keeps_the_log_whole(
     db: pathlib.Path,
 ) -> None:
-    from core import open_engine
+    from trioflow import open_engine
 
     graph = {
         "id": "chain", "start_node": "n0",
@@ -295,3 +297,22 @@ async def test_a_write_that_raises_fails_alone_and_the_writer_lives_on(db: pathl
         assert await store.get_run("r1") == _run()
     finally:
         await store.aclose()
+
+
+async def test_one_engine_at_a_time_owns_a_store_file(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "trioflow.db")
+    async with open_engine(store=SQLiteStore(path)) as owner:
+        await owner.register_graph({"id": "g", "start_node": "a",
+                                    "nodes": [{"id": "a", "callable": "tools.noop"}]})  # fmt: skip
+        with pytest.raises(StoreLockedError) as info:  # raised as itself, not in a group
+            async with open_engine(store=SQLiteStore(path)):
+                pass  # pragma: no cover
+        assert info.value.path == path
+        assert info.value.holder["pid"] == os.getpid()
+        assert f"process {os.getpid()}" in info.value.message
+        # A tool that only reads (or prunes) takes no lock.
+        async with open_engine(store=SQLiteStore(path), resume=False) as reader:
+            assert (await reader.get_graph("g")).id == "g"
+    # Released when the owner stopped.
+    async with open_engine(store=SQLiteStore(path)) as again:
+        assert (await again.get_graph("g")).id == "g"

@@ -20,9 +20,9 @@ import trio
 import trio.testing
 from faults import until
 
-from core import Engine, EngineLimits, Registry, RunContext, RunStatus, open_engine
-from core.errors import RunStalledError
-from core.stores.sqlite import SQLiteStore
+from trioflow import Engine, EngineLimits, Registry, RunContext, RunStatus, open_engine
+from trioflow.errors import RunStalledError
+from trioflow.stores.sqlite import SQLiteStore
 
 CHATTY = {
     "id": "chatty",

@@ -18,8 +18,8 @@ import trio.testing
 from conftest import BACKENDS, make_store
 from faults import FaultyStore, until
 
-from core import Engine, EngineLimits, LogEntry, Registry, RunStatus, StoreError, open_engine
-from core.errors import RunStalledError
+from trioflow import Engine, EngineLimits, LogEntry, Registry, RunStatus, StoreError, open_engine
+from trioflow.errors import RunStalledError
 
 THREE = {
     "id": "three",

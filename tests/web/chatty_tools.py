@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from core import Registry, RunContext
+from trioflow import Registry, RunContext
 
 
 def chatty(state: BaseModel, ctx: RunContext) -> None:

@@ -11,8 +11,8 @@ import trio
 from pydantic import BaseModel
 from web_support import Server, start_server
 
-from core import Engine, EngineLimits, Registry, RunContext, default_registry, open_engine
-from web import Settings, create_app
+from trioflow import Engine, EngineLimits, Registry, RunContext, default_registry, open_engine
+from trioflow.web import Settings, create_app
 
 
 @dataclass

@@ -16,7 +16,7 @@ import trio
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPEC = ROOT / "samples" / "code_review.json"
-TRIOFLOW = [sys.executable, "-c", "import sys; from web.cli import main; sys.exit(main())"]
+TRIOFLOW = [sys.executable, "-c", "import sys; from trioflow.web.cli import main; sys.exit(main())"]
 
 
 async def trioflow(*args: str) -> subprocess.CompletedProcess[bytes]:

@@ -23,9 +23,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from core import open_engine
-from web import Settings, create_app, serve
-from web.openapi import build_openapi
+from trioflow import open_engine
+from trioflow.web import Settings, create_app, serve
+from trioflow.web.openapi import build_openapi
 
 DOCUMENT = build_openapi()
 schema = schemathesis.openapi.from_dict(DOCUMENT)
@@ -93,7 +93,7 @@ def test_fuzz_finds_no_500_and_no_schema_break(case: Any, live_url: str) -> None
 
 
 def test_openapi_covers_every_route() -> None:
-    from web.routes import starlette_routes
+    from trioflow.web.routes import starlette_routes
 
     paths = DOCUMENT["paths"]
     from starlette.routing import Route

@@ -11,8 +11,8 @@ import pytest
 import trio
 from web_support import Server, open_ws, start_server, ws_collect
 
-from core import Engine
-from web import Settings, create_app
+from trioflow import Engine
+from trioflow.web import Settings, create_app
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:

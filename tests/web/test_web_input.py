@@ -14,9 +14,9 @@ import trio
 from chatty_tools import chatty_graph
 from web_support import Server, open_ws, parse_sse, start_server, ws_collect
 
-from core import Registry, open_engine
-from core.stores.sqlite import SQLiteStore
-from web import Settings, create_app
+from trioflow import Registry, open_engine
+from trioflow.stores.sqlite import SQLiteStore
+from trioflow.web import Settings, create_app
 
 NOT_SEQS = ("1_0", "+3", " 3", "3 ", "3.0", "0x1", "-1", "", "٣", "9007199254740993",
             "9223372036854775808", "1e3")  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 import trio
 from web_support import Server
 
-from core import EngineLimits, RunStatus
+from trioflow import EngineLimits, RunStatus
 
 SPEC_SEQUENCE = ["submit", "review", "fix", "review", "fix", "review", "fix", "review", "fix"]
 
@@ -287,8 +287,8 @@ async def test_bad_initial_state_is_422(web_registry: Any, settings: Any) -> Non
     from pydantic import BaseModel
     from web_support import start_server
 
-    from core import open_engine
-    from web import create_app
+    from trioflow import open_engine
+    from trioflow.web import create_app
 
     class Review(BaseModel):
         issues_open: int
@@ -455,8 +455,8 @@ async def test_state_limit_is_413(
 ) -> None:
     from web_support import start_server
 
-    from core import open_engine
-    from web import create_app
+    from trioflow import open_engine
+    from trioflow.web import create_app
 
     limits = EngineLimits(max_state_bytes=1000)
     with trio.fail_after(10):
@@ -481,8 +481,8 @@ async def test_capacity_is_429(
 ) -> None:
     from web_support import start_server
 
-    from core import open_engine
-    from web import create_app
+    from trioflow import open_engine
+    from trioflow.web import create_app
 
     with trio.fail_after(10):
         async with (

@@ -9,8 +9,8 @@ from typing import Any
 import trio
 from web_support import open_ws, parse_sse, start_server, ws_collect
 
-from core import Engine, RunStatus
-from web import Settings, create_app
+from trioflow import Engine, RunStatus
+from trioflow.web import Settings, create_app
 
 SAMPLES = pathlib.Path(__file__).resolve().parents[2] / "samples"
 
@@ -89,7 +89,7 @@ async def test_app_owned_engine_serves_samples_and_stops(tmp_path: pathlib.Path)
             stop, stopped = trio.Event(), trio.Event()
 
             async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-                from web import serve
+                from trioflow.web import serve
 
                 await serve(
                     app,

@@ -16,8 +16,8 @@ import trio
 import trio.testing
 from web_support import Server, open_ws, start_server, ws_collect
 
-from core import EngineLimits, MemoryStore, Registry, RunStalledError, open_engine
-from web import Settings, create_app
+from trioflow import EngineLimits, MemoryStore, Registry, RunStalledError, open_engine
+from trioflow.web import Settings, create_app
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "stores"))
 from faults import FaultyStore, until

@@ -8,8 +8,8 @@ from typing import Any
 import trio
 from web_support import Server, open_silent_ws, open_ws, parse_sse, start_server, ws_collect
 
-from core import EngineLimits, Registry, open_engine
-from web import Settings, create_app
+from trioflow import EngineLimits, Registry, open_engine
+from trioflow.web import Settings, create_app
 
 
 async def completed_run(server: Server, spec_graph: dict[str, Any]) -> dict[str, Any]:

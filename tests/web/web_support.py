@@ -12,8 +12,8 @@ import trio
 from starlette.applications import Starlette
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from core import Engine
-from web import serve
+from trioflow import Engine
+from trioflow.web import serve
 
 
 @dataclass
