@@ -10,7 +10,6 @@ from .context import RunContext as RunContext
 from .document import GraphDocument as GraphDocument
 from .engine import Engine as Engine
 from .engine import EngineLimits as EngineLimits
-from .engine import StoreHealth as StoreHealth
 from .engine import open_engine as open_engine
 from .errors import CapacityError as CapacityError
 from .errors import ConditionError as ConditionError
@@ -33,6 +32,7 @@ from .errors import UnknownGraphError as UnknownGraphError
 from .errors import UnknownRunError as UnknownRunError
 from .graph import Graph as Graph
 from .graph import compile_graph as compile_graph
+from .host import StoreHealth as StoreHealth
 from .logs import Event as Event
 from .logs import Level as Level
 from .logs import LogEntry as LogEntry

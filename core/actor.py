@@ -22,7 +22,7 @@ import random
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
@@ -30,6 +30,7 @@ import trio
 from pydantic import BaseModel
 
 from .cancellation import is_cancellation
+from .commands import Cancel, Command, Resume, RunHandle, Signal, Start
 from .context import RunContext
 from .errors import ConditionError, RunFailure, StateValidationError, StoreError
 from .graph import Graph, Node
@@ -38,7 +39,7 @@ from .planning import decide
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .host import RunHost
 
 log = logging.getLogger("trioflow.actor")
 
@@ -60,16 +61,6 @@ _INFO = Level.INFO
 _NODE_COMPLETED = Event.NODE_COMPLETED.value
 _EDGE_TAKEN = Event.EDGE_TAKEN.value
 _NODE_STARTED = Event.NODE_STARTED.value
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """Command: end the run ``cancelled`` now."""
-
-    reason: str = "cancelled by request"
-
-
-Command = Cancel
 
 
 class _RunFailed(Exception):
@@ -127,47 +118,57 @@ def format_traceback(exc: BaseException) -> str:
 class RunActor:
     """Executes one run. Created and started by the engine; never shared."""
 
-    def __init__(self, engine: Engine, graph: Graph, record: RunRecord) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        host: RunHost,
+        graph: Graph,
+        record: RunRecord,
+        handle: RunHandle,
+        inbox: trio.MemoryReceiveChannel[Command],
+    ) -> None:
+        self.host = host
+        self.limits = host.limits
         self.graph = graph
         self.record = record
         self.run_id = record.run_id
-        self.done = trio.Event()
-        #: True once the engine gave this run a running slot (Engine._spawn,
-        #: Engine._grant); a pending run waits on ``_granted``, made only then.
-        self.has_slot = False
-        self._granted: trio.Event | None = None
-        self._scope = trio.CancelScope()
-        self._cancel_reason: str | None = None
+        self.handle = handle
+        self._inbox = inbox
+        self._started = False
         self._seq = record.last_seq
         self._model: BaseModel | None = None
         self._last_yield = time.perf_counter()
 
     # -- commands --------------------------------------------------------------
     #
-    # Cancel is the one command today. It must take effect while a node
-    # blocks, so it is delivered as a signal: posting it cancels the run's
-    # execution scope at once, and the actor records the outcome itself. No
-    # reader task per run is needed, which halves the cost of starting a run
-    # and the memory of a parked one (see docs/semantics.md, "Actors").
+    # Every command reaches the actor through its mailbox and one dispatcher.
+    # A Cancel has already cancelled the run's scope by the time it is read
+    # (RunHandle.send): it must interrupt a node that blocks. The others are
+    # taken between steps, or awaited while the run waits for its slot.
 
-    def send(self, command: Command) -> None:
-        """Post a command to the run. Posting to a finished run does nothing."""
-        if self.done.is_set():
-            return
-        if self._cancel_reason is None:
-            self._cancel_reason = command.reason
-            self._scope.cancel()
+    def _dispatch(self, command: Command) -> None:
+        match command:
+            case Start():
+                self._started = True
+            case Cancel():
+                pass  # the scope is cancelled; the reason is on the handle
+            case Signal():
+                self.handle.signal_queued = False
+            case Resume():
+                pass
+            case _:  # pragma: no cover - a new command without a handler
+                raise TypeError(f"run {self.run_id}: no handler for command {command!r}")
 
-    def grant_slot(self) -> None:
-        """Called by the engine: this run may execute now."""
-        self.has_slot = True
-        if self._granted is not None:
-            self._granted.set()
+    def _drain(self) -> None:
+        """Take every command waiting in the mailbox (between steps: never blocks)."""
+        while self.handle.pending:
+            self.handle.pending -= 1
+            self._dispatch(self._inbox.receive_nowait())
 
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel_reason is not None
+    async def _take(self) -> None:
+        """Wait for the next command (while parked)."""
+        command = await self._inbox.receive()
+        self.handle.pending -= 1
+        self._dispatch(command)
 
     # -- lifetime --------------------------------------------------------------
 
@@ -183,14 +184,15 @@ class RunActor:
         except _Unwritable as exc:
             # Not even the run's end could be stored: it stays at its last
             # checkpoint, resumable, and the engine tells its followers.
-            self.engine._stall(self, exc.error)
+            self.host.stall(self.run_id, exc.error)
         except Exception:
             # A bug: the run must not take the engine down.
             log.exception("run %s crashed", self.run_id)
             await self._record_crash()
         finally:
-            self.done.set()
-            self.engine._forget(self)
+            self.handle.record = self.record
+            self.handle.done.set()
+            self.host.finished(self.handle)
 
     async def _record_crash(self) -> None:
         if self.record.status.is_terminal:
@@ -201,20 +203,19 @@ class RunActor:
         try:
             await self._fail(failure)
         except _Unwritable as exc:
-            self.engine._stall(self, exc.error)
+            self.host.stall(self.run_id, exc.error)
         except Exception:
             log.exception("could not record the failure of run %s", self.run_id)
-            self.engine._stall(self, StoreError("the failure could not be recorded"))
+            self.host.stall(self.run_id, StoreError("the failure could not be recorded"))
 
     async def _execute(self) -> None:
         failure: RunFailure | None = None
         entries: Sequence[LogEntry] = ()
         retry = True
-        with self._scope:
+        with self.handle.scope:
             try:
-                if not self.has_slot:  # pending: the engine grants slots in FIFO order
-                    self._granted = trio.Event()
-                    await self._granted.wait()
+                while not self._started:  # pending: the engine grants slots in FIFO order
+                    await self._take()
                 await self._begin()
                 await self._steps()
             except _RunFailed as exc:
@@ -227,16 +228,16 @@ class RunActor:
                                      node=self.record.current_node)  # fmt: skip
                 retry = False
             finally:
-                self.engine._release_slot(self)
+                self.host.release_slot(self.handle)
         # Terminal records are written outside the run's scope, so a cancel
         # arriving now cannot interrupt them; only engine shutdown can.
         if failure is not None:
             await self._fail(failure, entries, retry=retry)
-        elif self._scope.cancelled_caught and not self.record.status.is_terminal:
+        elif self.handle.scope.cancelled_caught and not self.record.status.is_terminal:
             self._seq = self.record.last_seq  # entries of an interrupted step are dropped
             await self._finish(
                 RunStatus.CANCELLED, Event.RUN_CANCELLED, Level.WARNING,
-                self._cancel_reason or "cancelled", node=self.record.current_node,
+                self.handle.cancel_reason or "cancelled", node=self.record.current_node,
             )  # fmt: skip
 
     # -- log and checkpoint helpers ------------------------------------------
@@ -251,7 +252,7 @@ class RunActor:
         data: dict[str, Any] | None = None,
         ts: float | None = None,
     ) -> LogEntry:
-        limits = self.engine.limits
+        limits = self.limits
         if len(message) > limits.max_log_message_chars:
             message = bound_text(message, limits.max_log_message_chars)
             data = {**(data or {}), "truncated": True}
@@ -276,25 +277,25 @@ class RunActor:
             _RunFailed: the run's log would pass ``max_log_entries``.
             _Unwritable: the store refused the checkpoint for good.
         """
-        engine = self.engine
-        if not record.status.is_terminal and record.last_seq >= engine.limits.max_log_entries:
+        host = self.host
+        if not record.status.is_terminal and record.last_seq >= self.limits.max_log_entries:
             # Keep the last entry for the failure that says why.
             self._seq = self.record.last_seq
             raise _RunFailed(RunFailure(
                 "log_limit_exceeded",
-                f"the run's log reached max_log_entries={engine.limits.max_log_entries}",
+                f"the run's log reached max_log_entries={self.limits.max_log_entries}",
                 node=record.current_node,
             ))  # fmt: skip
         delay = STORE_RETRY_FIRST_S
         deadline: float | None = None
         while True:
             try:
-                await engine.store.save_run(record, entries)
+                await host.store.save_run(record, entries)
             except StoreError as exc:
-                engine._store_failed(exc)
+                host.store_failed(exc)
                 now = trio.current_time()
                 if deadline is None:
-                    deadline = now + engine.limits.store_retry_s
+                    deadline = now + self.limits.store_retry_s
                 if not (retry and exc.transient) or now + delay > deadline:
                     self._seq = self.record.last_seq
                     raise _Unwritable(exc) from None
@@ -306,8 +307,8 @@ class RunActor:
                 self._seq = self.record.last_seq
                 raise
             else:
-                if engine._store_failing:
-                    engine._store_recovered()
+                if host.store_failing:
+                    host.store_recovered()
                 self.record = record
                 return
             try:
@@ -331,7 +332,7 @@ class RunActor:
         **changes: Any,
     ) -> None:
         data: dict[str, Any] = {"steps": self.record.step}
-        room = self.engine.limits.max_log_entries - self.record.last_seq - 1
+        room = self.limits.max_log_entries - self.record.last_seq - 1
         if len(entries) > room:
             # The log is full: only the run's end still fits.
             self._seq = self.record.last_seq
@@ -347,7 +348,7 @@ class RunActor:
     async def _fail(
         self, failure: RunFailure, entries: Sequence[LogEntry] = (), *, retry: bool = True
     ) -> None:
-        limits = self.engine.limits
+        limits = self.limits
         if len(failure.message) > limits.max_log_message_chars:
             message = bound_text(failure.message, limits.max_log_message_chars)
             failure = replace(failure, message=message)
@@ -362,7 +363,7 @@ class RunActor:
     def _custom(self, ctx: RunContext | None) -> list[LogEntry]:
         if ctx is None or not (ctx._lines or ctx._dropped):
             return []
-        max_data = self.engine.limits.max_log_data_bytes
+        max_data = self.limits.max_log_data_bytes
         return [
             self._entry(
                 Event.CUSTOM,
@@ -417,8 +418,10 @@ class RunActor:
 
     async def _steps(self) -> None:
         graph = self.graph
-        max_state_bytes = self.engine.limits.max_state_bytes
+        max_state_bytes = self.limits.max_state_bytes
         while True:
+            if self.handle.pending:
+                self._drain()
             record = self.record
             node_id = record.current_node
             if node_id is None:  # pragma: no cover - _begin always sets it
@@ -426,7 +429,7 @@ class RunActor:
             node = graph.nodes[node_id]
             # Only a tool that takes (state, ctx) can log custom lines.
             ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1,
-                              _max_lines=self.engine.limits.max_log_lines_per_step)
+                              _max_lines=self.limits.max_log_lines_per_step)
                    if node.tool.arity == 2 else None)  # fmt: skip
             result = await self._call_node(node, ctx)
             entries = self._custom(ctx)
@@ -523,7 +526,7 @@ class RunActor:
 
     async def _call_node(self, node: Node, ctx: RunContext | None) -> Any:
         attempt = 1
-        limit = self.engine.limits.max_log_message_chars
+        limit = self.limits.max_log_message_chars
         while True:
             if ctx is not None:
                 ctx.attempt = attempt
@@ -583,5 +586,5 @@ class RunActor:
         return await trio.to_thread.run_sync(
             functools.partial(tool.func, *args),
             abandon_on_cancel=True,
-            limiter=self.engine._thread_limiter,
+            limiter=self.host.thread_limiter,
         )

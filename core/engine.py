@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 import pydantic_core
 import trio
 
-from .actor import Cancel, RunActor
+from .commands import Cancel
 from .document import GraphDocument
 from .errors import (
     CapacityError,
@@ -32,6 +31,7 @@ from .errors import (
 )
 from .expressions import Evaluator
 from .graph import Graph, GraphLimits, compile_graph
+from .host import RunHost, StoreHealth
 from .logs import Event, Level, LogEntry
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
@@ -90,25 +90,6 @@ class EngineLimits:
         return GraphLimits(self.max_graph_steps, self.max_loop_iterations, self.max_node_attempts)
 
 
-@dataclass(frozen=True, slots=True)
-class StoreHealth:
-    """Whether the store takes writes.
-
-    Attributes:
-        ok: the last write (a checkpoint or a probe) succeeded.
-        error: the last write error while not ok.
-        since: when writes started failing (seconds since the Unix epoch).
-    """
-
-    ok: bool
-    error: str | None = None
-    since: float | None = None
-
-
-#: Fewest seconds between two store probes while writes fail.
-PROBE_INTERVAL_S = 1.0
-
-
 class Engine:
     """Runs graphs. Get one from :func:`open_engine`; do not construct it directly."""
 
@@ -128,22 +109,8 @@ class Engine:
         self._graph_limits = limits.graph_limits()
         self._nursery = nursery
         self._graphs: dict[str, Graph] = {}
-        self._actors: dict[str, RunActor] = {}
-        # Running slots: a counter and a FIFO of runs waiting for one, so that
-        # pending runs start in the order they were created (a CapacityLimiter
-        # would serve them in the order their tasks happened to start).
-        self._running = 0
-        self._waiting: deque[RunActor] = deque()
-        self._thread_limiter = trio.CapacityLimiter(limits.worker_threads)
+        self._host = RunHost(store, limits, nursery)
         self._followers = 0
-        # Runs whose actor stopped without a terminal record because the store
-        # refused it: run id -> why. They stay resumable.
-        self._stalled: dict[str, str] = {}
-        # Store health, learnt from every checkpoint and from probes.
-        self._store_failing = False
-        self._store_error: StoreError | None = None
-        self._store_failing_since: float | None = None
-        self._last_probe = -PROBE_INTERVAL_S
         #: Set when the engine starts closing: no run ends here after that.
         self._closing = False
 
@@ -216,7 +183,7 @@ class Engine:
     @property
     def active_runs(self) -> int:
         """Runs held by this process (pending or running)."""
-        return len(self._actors)
+        return len(self._host.handles)
 
     async def start_run(self, graph_id: str, initial_state: Any = None) -> RunRecord:
         """Create a run and start its actor; returns at once with the ``pending`` record.
@@ -228,9 +195,10 @@ class Engine:
             CapacityError: the process already holds ``max_active_runs`` runs.
         """
         graph = await self.get_graph(graph_id)
-        if len(self._actors) >= self.limits.max_active_runs:
+        if len(self._host.handles) >= self.limits.max_active_runs:
             raise CapacityError(
-                f"{len(self._actors)} runs are active; the limit is {self.limits.max_active_runs}",
+                f"{len(self._host.handles)} runs are active; "
+                f"the limit is {self.limits.max_active_runs}",
                 details={"limit": self.limits.max_active_runs},
             )
         if initial_state is not None:
@@ -258,83 +226,17 @@ class Engine:
             updated_at=now,
         )
         await self.store.create_run(record)
-        self._spawn(graph, record)
+        self._host.spawn(graph, record)
         return record
-
-    def _spawn(self, graph: Graph, record: RunRecord) -> None:
-        actor = RunActor(self, graph, record)
-        self._actors[record.run_id] = actor
-        if self._running < self.limits.max_running:
-            self._running += 1
-            actor.grant_slot()
-        else:
-            self._waiting.append(actor)
-        self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
-
-    def _release_slot(self, actor: RunActor) -> None:
-        """Called once by every actor when it stops executing."""
-        if not actor.has_slot:
-            return  # it never held one (cancelled while pending)
-        self._running -= 1
-        while self._waiting and self._running < self.limits.max_running:
-            nxt = self._waiting.popleft()
-            if nxt.done.is_set() or nxt.cancel_requested:
-                continue
-            self._running += 1
-            nxt.grant_slot()
-
-    def _forget(self, actor: RunActor) -> None:
-        if self._actors.get(actor.run_id) is actor:
-            del self._actors[actor.run_id]
-
-    def _stall(self, actor: RunActor, error: StoreError) -> None:
-        """Called by an actor that stopped without a terminal record (its store failed)."""
-        reason = f"its checkpoint could not be written ({error.message})"
-        log.error("run %s stopped at its last checkpoint: %s", actor.run_id, reason)
-        self._stalled[actor.run_id] = reason
-        # Followers waiting for entries that will not come learn it now.
-        self.store.notifier.notify(actor.run_id)
-
-    # -- store health ------------------------------------------------------------
-
-    def _store_failed(self, error: StoreError) -> None:
-        if not self._store_failing:
-            self._store_failing = True
-            self._store_failing_since = time.time()
-            log.error("store writes are failing: %s", error.message)
-        self._store_error = error
-
-    def _store_recovered(self) -> None:
-        if self._store_failing:
-            since = self._store_failing_since or time.time()
-            log.warning("store writes work again after %.1f s", time.time() - since)
-        self._store_failing = False
-        self._store_error = None
-        self._store_failing_since = None
 
     def store_health(self) -> StoreHealth:
         """Whether the store takes writes, as the last checkpoint or probe found.
 
         While writes fail, asking starts a background probe write (at most
-        one every :data:`PROBE_INTERVAL_S`), so recovery is noticed even when
-        no run writes. Never waits.
+        one every second), so recovery is noticed even when no run writes.
+        Never waits.
         """
-        if not self._store_failing:
-            return StoreHealth(ok=True)
-        now = trio.current_time()
-        if now - self._last_probe >= PROBE_INTERVAL_S:
-            self._last_probe = now
-            self._nursery.start_soon(self._probe_store)
-        error = self._store_error.message if self._store_error is not None else None
-        return StoreHealth(ok=False, error=error, since=self._store_failing_since)
-
-    async def _probe_store(self) -> None:
-        try:
-            await self.store.probe()
-        except StoreError as exc:
-            self._store_failed(exc)
-        else:
-            self._store_recovered()
+        return self._host.store_health()
 
     async def get_run(self, run_id: str) -> RunRecord:
         """The run's record as of its last checkpoint. Raises :class:`UnknownRunError`."""
@@ -369,11 +271,11 @@ class Engine:
             RunStateError: the run already ended ``completed`` or ``failed``
                 (also when it finished before the cancel took effect).
         """
-        actor = self._actors.get(run_id)
-        if actor is not None:
-            actor.send(Cancel())
-            await actor.done.wait()
-            record = actor.record  # what it committed last
+        handle = self._host.handles.get(run_id)
+        if handle is not None:
+            handle.send(Cancel())
+            await handle.done.wait()
+            record = handle.record or await self.get_run(run_id)  # what it committed last
             if not record.status.is_terminal:
                 # It stopped without recording its end (its store failed).
                 record = await self.get_run(run_id)
@@ -406,7 +308,7 @@ class Engine:
                 if record.status.is_terminal:
                     raise RunStateError(record.run_id, record.status.value, "cancel") from None
                 continue
-            self._stalled.pop(record.run_id, None)
+            self._host.stalled.pop(record.run_id, None)
             return final
         raise RunStateError(record.run_id, record.status.value,
                             "cancel (another process keeps writing it)")  # fmt: skip
@@ -423,12 +325,14 @@ class Engine:
             given; a run that finished before the cancel took effect keeps
             its own terminal status.
         """
-        actors = [a for a in (self._actors.get(r) for r in run_ids) if a is not None]
-        for actor in actors:
-            actor.send(Cancel())
-        for actor in actors:
-            await actor.done.wait()
-        return [actor.record for actor in actors]
+        handles = [h for h in (self._host.handles.get(r) for r in run_ids) if h is not None]
+        for handle in handles:
+            handle.send(Cancel())
+        records = []
+        for handle in handles:
+            await handle.done.wait()
+            records.append(handle.record or await self.get_run(handle.run_id))
+        return records
 
     async def wait(self, run_id: str) -> RunRecord:
         """Wait until the run is terminal and return its final record.
@@ -438,12 +342,12 @@ class Engine:
             RunStalledError: the run stopped without an end, because its
                 store failed or the engine is closing; it stays resumable.
         """
-        actor = self._actors.get(run_id)
-        if actor is not None:
-            await actor.done.wait()
+        handle = self._host.handles.get(run_id)
+        if handle is not None:
+            await handle.done.wait()
             # The actor's record is what it last committed; no store read needed.
-            if actor.record.status.is_terminal:
-                return actor.record
+            if handle.record is not None and handle.record.status.is_terminal:
+                return handle.record
             # It stopped without an end: its store failed, or the engine closes.
         record = await self.get_run(run_id)
         if record.status.is_terminal:
@@ -455,10 +359,10 @@ class Engine:
 
     def _raise_if_stopped(self, run_id: str) -> None:
         """Raise :class:`RunStalledError` if nothing here will ever end ``run_id``."""
-        stalled = self._stalled.get(run_id)
+        stalled = self._host.stalled.get(run_id)
         if stalled is not None:
             raise RunStalledError(run_id, stalled)
-        if self._closing and run_id not in self._actors:
+        if self._closing and run_id not in self._host.handles:
             raise RunStalledError(run_id, "the engine stopped before the run ended")
 
     async def follow(self, run_id: str, *, after: int = 0) -> AsyncGenerator[LogEntry, None]:
@@ -540,7 +444,7 @@ class Engine:
         """
         resumed = 0
         for record in await self.store.unfinished_runs():
-            if record.run_id in self._actors:
+            if record.run_id in self._host.handles:
                 continue
             if crashed and record.status is RunStatus.RUNNING:
                 record = record.evolve(crashes=record.crashes + 1)
@@ -561,7 +465,7 @@ class Engine:
                                      node=record.current_node)  # fmt: skip
                 await self._fail_stored(record, failure)
                 continue
-            self._spawn(graph, record)
+            self._host.spawn(graph, record)
             resumed += 1
         return resumed
 

@@ -1,0 +1,124 @@
+"""What reaches a run's actor: typed commands, through one bounded mailbox per run.
+
+The engine holds a :class:`RunHandle` per active run (the send end of the
+mailbox, the run's cancel scope, and ``done``); the actor holds the receive
+end and handles every command in one dispatcher. A running actor drains its
+mailbox between steps; a parked one (waiting for a running slot) awaits it.
+There is no reader task per run.
+
+``Cancel`` is also a signal: sending it cancels the run's scope at once, so
+it interrupts a node that blocks. Every other command is taken between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .errors import CapacityError
+from .runs import RunRecord
+
+#: Commands a run's mailbox holds before senders get CapacityError.
+MAILBOX_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """End the run ``cancelled`` now."""
+
+    reason: str = "cancelled by request"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The input the run waited for was accepted and merged (by the engine)."""
+
+    input: dict[str, Any]
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """Signals are stored for the run: apply them before the next step.
+
+    The store's inbox is the source of truth (a signal is stored before its
+    sender is answered); this command only says there is something to read,
+    so one pending ``Signal`` is as good as several.
+    """
+
+    name: str
+    updates: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The run may execute now: it has a running slot (sent by the engine)."""
+
+
+Command = Cancel | Resume | Signal | Start
+
+
+class RunHandle:
+    """The engine's side of one active run: the mailbox's send end, the scope, ``done``."""
+
+    __slots__ = (
+        "_send", "cancel_reason", "done", "pending", "record", "run_id", "scope", "signal_queued",
+    )  # fmt: skip
+
+    def __init__(self, run_id: str, send: trio.MemorySendChannel[Command]) -> None:
+        self.run_id = run_id
+        self._send = send
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        #: Commands sent and not yet taken: the actor looks at this (an int)
+        #: between steps instead of polling its channel.
+        self.pending = 0
+        #: Why the run was cancelled, once it was.
+        self.cancel_reason: str | None = None
+        #: A Signal command is in the mailbox and not yet taken.
+        self.signal_queued = False
+        #: The run's record as the actor last committed it, once ``done`` is set.
+        self.record: RunRecord | None = None
+
+    def send(self, command: Command) -> None:
+        """Post ``command`` to the run. Posting to a finished run does nothing.
+
+        Raises:
+            CapacityError: the mailbox is full (a Cancel is never refused: it
+                cancels the run's scope whatever the mailbox holds).
+        """
+        if self.done.is_set():
+            return
+        if isinstance(command, Cancel):
+            if self.cancel_reason is None:
+                self.cancel_reason = command.reason
+                self.scope.cancel()
+            return
+        if isinstance(command, Signal):
+            if self.signal_queued:
+                return  # the one already queued reads every stored signal
+            self.signal_queued = True
+        try:
+            self._send.send_nowait(command)
+        except trio.WouldBlock:
+            if isinstance(command, Signal):
+                self.signal_queued = False
+            raise CapacityError(
+                f"run {self.run_id!r} has {MAILBOX_SIZE} commands waiting; try again shortly",
+                details={"run_id": self.run_id, "mailbox": MAILBOX_SIZE},
+            ) from None
+        self.pending += 1
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_reason is not None
+
+
+def open_mailbox(
+    run_id: str,
+) -> tuple[RunHandle, trio.MemoryReceiveChannel[Command]]:
+    """A run's handle (for the engine) and the receive end of its mailbox (for the actor)."""
+    send, receive = trio.open_memory_channel[Command](MAILBOX_SIZE)
+    return RunHandle(run_id, send), receive

@@ -1,0 +1,158 @@
+"""What the run actors of one engine share: the store, running slots, handles, store health.
+
+The engine owns one :class:`RunHost`; every actor gets it at construction and
+calls only its public methods, never the engine's. It keeps:
+
+* a :class:`~trioflow.commands.RunHandle` per active run, by run id;
+* running slots: a counter and a FIFO of runs waiting for one, so that
+  pending runs start in the order they were created (a ``CapacityLimiter``
+  would serve them in the order their tasks happened to start);
+* runs that stopped without an end because the store refused it (stalled);
+* the store's health, learnt from every checkpoint and from probes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .commands import Command, RunHandle, Start, open_mailbox
+from .errors import StoreError
+from .graph import Graph
+from .runs import RunRecord
+from .stores.base import Store
+
+if TYPE_CHECKING:
+    from .engine import EngineLimits
+
+log = logging.getLogger("trioflow.engine")
+
+#: Fewest seconds between two store probes while writes fail.
+PROBE_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """Whether the store takes writes.
+
+    Attributes:
+        ok: the last write (a checkpoint or a probe) succeeded.
+        error: the last write error while not ok.
+        since: when writes started failing (seconds since the Unix epoch).
+    """
+
+    ok: bool
+    error: str | None = None
+    since: float | None = None
+
+
+class RunHost:
+    """The engine's bookkeeping of its runs' actors. One per engine."""
+
+    def __init__(self, store: Store, limits: EngineLimits, nursery: trio.Nursery) -> None:
+        self.store = store
+        self.limits = limits
+        self.thread_limiter = trio.CapacityLimiter(limits.worker_threads)
+        self.handles: dict[str, RunHandle] = {}
+        self._nursery = nursery
+        self._running = 0
+        self._queue: deque[RunHandle] = deque()
+        self._holds_slot: set[str] = set()
+        self.stalled: dict[str, str] = {}
+        #: True while store writes fail (checked by every checkpoint: keep it a bool).
+        self.store_failing = False
+        self._store_error: StoreError | None = None
+        self._store_failing_since: float | None = None
+        self._last_probe = -PROBE_INTERVAL_S
+
+    # -- actors ------------------------------------------------------------------
+
+    def spawn(self, graph: Graph, record: RunRecord, *first: Command) -> RunHandle:
+        """Start an actor for ``record``; it executes once it gets a running slot.
+
+        ``first`` commands are in its mailbox before anything else.
+        """
+        from .actor import RunActor  # the actor module imports this one
+
+        handle, inbox = open_mailbox(record.run_id)
+        for command in first:
+            handle.send(command)
+        actor = RunActor(self, graph, record, handle, inbox)
+        self.handles[record.run_id] = handle
+        if self._running < self.limits.max_running:
+            self._grant(handle)
+        else:
+            self._queue.append(handle)
+        self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
+        return handle
+
+    def _grant(self, handle: RunHandle) -> None:
+        self._running += 1
+        self._holds_slot.add(handle.run_id)
+        handle.send(Start())
+
+    def release_slot(self, handle: RunHandle) -> None:
+        """Called once by every actor when it stops executing."""
+        if handle.run_id not in self._holds_slot:
+            return  # it never held one (cancelled while pending)
+        self._holds_slot.discard(handle.run_id)
+        self._running -= 1
+        while self._queue and self._running < self.limits.max_running:
+            nxt = self._queue.popleft()
+            if nxt.done.is_set() or nxt.cancel_requested:
+                continue
+            self._grant(nxt)
+
+    def finished(self, handle: RunHandle) -> None:
+        """Called once by every actor as it ends."""
+        if self.handles.get(handle.run_id) is handle:
+            del self.handles[handle.run_id]
+
+    def stall(self, run_id: str, error: StoreError) -> None:
+        """Called by an actor that stopped without a terminal record (its store failed)."""
+        reason = f"its checkpoint could not be written ({error.message})"
+        log.error("run %s stopped at its last checkpoint: %s", run_id, reason)
+        self.stalled[run_id] = reason
+        # Followers waiting for entries that will not come learn it now.
+        self.store.notifier.notify(run_id)
+
+    # -- store health ------------------------------------------------------------
+
+    def store_failed(self, error: StoreError) -> None:
+        if not self.store_failing:
+            self.store_failing = True
+            self._store_failing_since = time.time()
+            log.error("store writes are failing: %s", error.message)
+        self._store_error = error
+
+    def store_recovered(self) -> None:
+        if self.store_failing:
+            since = self._store_failing_since or time.time()
+            log.warning("store writes work again after %.1f s", time.time() - since)
+        self.store_failing = False
+        self._store_error = None
+        self._store_failing_since = None
+
+    def store_health(self) -> StoreHealth:
+        """See :meth:`trioflow.Engine.store_health`."""
+        if not self.store_failing:
+            return StoreHealth(ok=True)
+        now = trio.current_time()
+        if now - self._last_probe >= PROBE_INTERVAL_S:
+            self._last_probe = now
+            self._nursery.start_soon(self._probe_store)
+        error = self._store_error.message if self._store_error is not None else None
+        return StoreHealth(ok=False, error=error, since=self._store_failing_since)
+
+    async def _probe_store(self) -> None:
+        try:
+            await self.store.probe()
+        except StoreError as exc:
+            self.store_failed(exc)
+        else:
+            self.store_recovered()
