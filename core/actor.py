@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 import traceback
@@ -37,6 +38,7 @@ from .graph import Graph, Node
 from .logs import Event, Level, LogEntry, bound_data, bound_text
 from .planning import decide
 from .runs import RunRecord, RunStatus
+from .signals import fold_signals
 
 if TYPE_CHECKING:
     from .host import RunHost
@@ -90,6 +92,12 @@ async def _let_others_run() -> None:
         await trio.lowlevel.checkpoint()
 
 
+def _answered(record: RunRecord, node_id: str) -> bool:
+    """The input this wait node asked for has arrived (the run may go on)."""
+    waiting = record.waiting
+    return waiting is not None and waiting.get("node") == node_id and bool(waiting.get("answered"))
+
+
 def _backoff(node: Node, attempt: int) -> float:
     retry = node.retry
     delay = min(retry.backoff_s * retry.multiplier ** (attempt - 1), retry.max_backoff_s)
@@ -134,6 +142,11 @@ class RunActor:
         self.handle = handle
         self._inbox = inbox
         self._started = False
+        #: The engine merged the input this run waited for and spawned it to go on.
+        self._input_resume = False
+        #: Stored signals may be waiting: a run coming back (after a crash, or
+        #: from a wait) looks once; a Signal command says so later.
+        self._signals_due = record.status is not RunStatus.PENDING
         self._seq = record.last_seq
         self._model: BaseModel | None = None
         self._last_yield = time.perf_counter()
@@ -153,8 +166,9 @@ class RunActor:
                 pass  # the scope is cancelled; the reason is on the handle
             case Signal():
                 self.handle.signal_queued = False
+                self._signals_due = True
             case Resume():
-                pass
+                self._input_resume = True
             case _:  # pragma: no cover - a new command without a handler
                 raise TypeError(f"run {self.run_id}: no handler for command {command!r}")
 
@@ -216,7 +230,8 @@ class RunActor:
             try:
                 while not self._started:  # pending: the engine grants slots in FIFO order
                     await self._take()
-                await self._begin()
+                if not self._input_resume:  # the engine wrote run_input already
+                    await self._begin()
                 await self._steps()
             except _RunFailed as exc:
                 failure, entries = exc.failure, exc.entries
@@ -422,16 +437,22 @@ class RunActor:
         while True:
             if self.handle.pending:
                 self._drain()
+            if self._signals_due:
+                await self._apply_signals()
             record = self.record
             node_id = record.current_node
             if node_id is None:  # pragma: no cover - _begin always sets it
                 raise _RunFailed(RunFailure("internal_error", "run has no current node"))
             node = graph.nodes[node_id]
+            if node.wait is not None and not _answered(record, node_id):
+                await self._park(node)
+                return
+            tool = node.tool
             # Only a tool that takes (state, ctx) can log custom lines.
             ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1,
                               _max_lines=self.limits.max_log_lines_per_step)
-                   if node.tool.arity == 2 else None)  # fmt: skip
-            result = await self._call_node(node, ctx)
+                   if tool is not None and tool.arity == 2 else None)  # fmt: skip
+            result = await self._call_node(node, ctx) if tool is not None else None
             entries = self._custom(ctx)
             try:
                 applied = graph.state.apply(record.state, result, node_id)
@@ -502,10 +523,11 @@ class RunActor:
             entries.append(LogEntry(self._seq, now, _INFO, _NODE_STARTED, edge.target,
                                     graph.nodes[edge.target].started_message,
                                     {"step": step}))  # fmt: skip
+            # (crashes back to 0, no wait answered any more, the same signal cursor)
             await self._commit(RunRecord(
                 record.run_id, record.graph_id, RunStatus.RUNNING, state, edge.target, step,
                 counters, None, record.created_at, record.started_at, None, now, self._seq,
-                record.attempt,
+                record.attempt, 0, None, record.signal_cursor,
             ), entries)  # fmt: skip
             # Steps of inline tools on the memory store never block. Yield at
             # least every YIELD_INTERVAL_S so that one long run cannot starve
@@ -519,6 +541,48 @@ class RunActor:
                 if polite:
                     await _let_others_run()
                 self._last_yield = time.perf_counter()
+
+    async def _park(self, node: Node) -> None:
+        """Stop at a wait: one checkpoint (status ``waiting``), then the actor ends.
+
+        Nothing of the run stays in memory: the store holds it, the engine's
+        timer finds its deadline there, and a resume starts a new actor.
+        """
+        plan = node.wait
+        if plan is None:  # pragma: no cover - called for wait nodes only
+            raise TypeError(f"node {node.id} does not wait")
+        request_id = os.urandom(8).hex()
+        deadline = None if plan.timeout_s is None else self.host.wall() + plan.timeout_s
+        waiting = {"node": node.id, **plan.describe(), "request_id": request_id,
+                   "deadline": deadline, "answered": False}  # fmt: skip
+        data = {"request_id": request_id, "deadline": deadline, **plan.describe()}
+        message = plan.prompt or f"waiting for input at node {node.id}"
+        entry = self._entry(Event.RUN_WAITING, message, node=node.id,
+                            data=bound_data(data, self.limits.max_log_data_bytes))  # fmt: skip
+        await self._save([entry], status=RunStatus.WAITING, waiting=waiting)
+        self.host.parked(deadline)
+
+    async def _apply_signals(self) -> None:
+        """Apply the stored signals after the run's cursor, in one checkpoint per batch."""
+        self._signals_due = False
+        while True:
+            record = self.record
+            pending = await self.host.store.signals_after(record.run_id, record.signal_cursor)
+            if not pending:
+                return
+
+            def entry(event: str, message: str, level: Level, node: str | None,
+                      data: dict[str, Any]) -> LogEntry:  # fmt: skip
+                return self._entry(event, message, level=level, node=node, data=data)
+
+            folded = fold_signals(
+                self.graph, record.state, pending, node=record.current_node,
+                max_state_bytes=self.limits.max_state_bytes,
+                max_data_bytes=self.limits.max_log_data_bytes, entry=entry,
+            )  # fmt: skip
+            if folded.changed:
+                self._model = None  # the next node gets the state with the signals
+            await self._save(folded.entries, state=folded.state, signal_cursor=folded.cursor)
 
     def _completed(self, node_id: str, step: int) -> LogEntry:
         return self._entry(Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id,
@@ -577,6 +641,8 @@ class RunActor:
 
     async def _invoke(self, node: Node, ctx: RunContext | None) -> Any:
         tool = node.tool
+        if tool is None:  # pragma: no cover - _steps calls tools only
+            return None
         model = self._current_model()
         args: tuple[Any, ...] = (model, ctx)[: tool.arity]
         if tool.is_async:

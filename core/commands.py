@@ -59,12 +59,16 @@ class Start:
 
 Command = Cancel | Resume | Signal | Start
 
+#: The one Start command (it carries nothing).
+START = Start()
+
 
 class RunHandle:
     """The engine's side of one active run: the mailbox's send end, the scope, ``done``."""
 
     __slots__ = (
-        "_send", "cancel_reason", "done", "pending", "record", "run_id", "scope", "signal_queued",
+        "_send", "cancel_reason", "done", "has_slot", "pending", "record", "run_id", "scope",
+        "signal_queued",
     )  # fmt: skip
 
     def __init__(self, run_id: str, send: trio.MemorySendChannel[Command]) -> None:
@@ -81,6 +85,8 @@ class RunHandle:
         self.signal_queued = False
         #: The run's record as the actor last committed it, once ``done`` is set.
         self.record: RunRecord | None = None
+        #: The run holds one of the engine's running slots.
+        self.has_slot = False
 
     def send(self, command: Command) -> None:
         """Post ``command`` to the run. Posting to a finished run does nothing.

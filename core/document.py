@@ -7,7 +7,7 @@ cycles bounded, expressions safe) is checked by :mod:`core.validation`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,9 +31,31 @@ class RetrySpec(_Strict):
     jitter: bool = True
 
 
+class TimeoutInput(_Strict):
+    """``on_timeout`` that resumes the run with this input."""
+
+    input: dict[str, Any]
+
+
+class WaitSpec(_Strict):
+    """A node that waits for input before its callable (if any) runs.
+
+    ``input_schema`` (a JSON Schema object, in the subset documented in
+    ``docs/semantics.md``) or ``input_model`` (a registered Pydantic model)
+    says what the input may be; with neither, any JSON object is accepted.
+    """
+
+    prompt: Annotated[str, Field(max_length=4000)] = ""
+    input_schema: dict[str, Any] | None = None
+    input_model: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    timeout_s: Annotated[float | None, Field(gt=0, le=366 * 86_400)] = None
+    on_timeout: Literal["fail"] | TimeoutInput = "fail"
+
+
 class NodeSpec(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=200)]
-    callable: Annotated[str, Field(min_length=1, max_length=200)]
+    callable: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    wait: WaitSpec | None = None
     timeout_s: Annotated[float | None, Field(gt=0, le=86_400)] = None
     retry: RetrySpec | None = None
     description: Annotated[str | None, Field(max_length=2000)] = None

@@ -82,6 +82,30 @@ class ExpressionBudgetError(ExpressionEvaluationError):
     code = "expression_budget_exceeded"
 
 
+class InputValidationError(EngineError):
+    """Raised when the input given to a waiting run does not fit what its wait accepts.
+
+    ``problems`` lists every problem, each with the JSON path of the input
+    it is about. The run keeps waiting.
+    """
+
+    code = "input_invalid"
+
+    def __init__(self, problems: Sequence[Problem], run_id: str | None = None) -> None:
+        self.problems = tuple(problems)
+        n = len(self.problems)
+        first = self.problems[0].message if self.problems else "invalid input"
+        where = f" for run {run_id!r}" if run_id else ""
+        if n == 1:
+            summary = f"{first} ({self.problems[0].path})"
+        else:
+            summary = f"{n} problems, first: {first}"
+        super().__init__(
+            f"invalid input{where}: {summary}",
+            details={"run_id": run_id, "problems": [p.as_dict() for p in self.problems]},
+        )
+
+
 class RegistryError(EngineError):
     """Raised on a bad registration: duplicate name, wrong kind of object, bad module path."""
 

@@ -22,6 +22,7 @@ from .errors import ExpressionError, GraphValidationError, Problem
 from .expressions import Evaluator, Expression, compile_expression
 from .registry import Registry, Tool
 from .state import JsonState, StateAdapter
+from .waits import WaitPlan, compile_wait
 
 MAX_NODES = 1000
 MAX_EDGES = 4000
@@ -44,10 +45,13 @@ class GraphLimits:
 
 @dataclass(frozen=True, slots=True)
 class Node:
+    """A compiled node: its tool (``None`` for a node that only waits) and its wait."""
+
     id: str
-    tool: Tool
+    tool: Tool | None
     timeout_s: float | None
     retry: RetrySpec
+    wait: WaitPlan | None = None
     # Log messages, built once here rather than on every step.
     started_message: str = field(init=False, repr=False, compare=False)
     completed_message: str = field(init=False, repr=False, compare=False)
@@ -185,12 +189,24 @@ class _Checker:
                 self.add("duplicate_node_id", f"$.nodes[{i}].id", f"node id {spec.id!r} repeats")
                 continue
             seen_ids.add(spec.id)
-            tool = self.registry.get_tool(spec.callable)
-            if tool is None:
-                self.add("unknown_callable", f"$.nodes[{i}].callable",
-                         f"callable {spec.callable!r} is not registered")  # fmt: skip
+            path = f"$.nodes[{i}]"
+            if spec.callable is None and spec.wait is None:
+                self.add("missing_key", f"{path}.callable",
+                         "a node needs a callable, a wait block, or both")  # fmt: skip
                 continue
-            nodes[spec.id] = Node(spec.id, tool, spec.timeout_s, spec.retry or RetrySpec())
+            tool = None
+            if spec.callable is not None:
+                tool = self.registry.get_tool(spec.callable)
+                if tool is None:
+                    self.add("unknown_callable", f"{path}.callable",
+                             f"callable {spec.callable!r} is not registered")  # fmt: skip
+            wait = None
+            if spec.wait is not None:
+                wait, problems = compile_wait(spec.wait, self.registry.models(), f"{path}.wait")
+                self.problems.extend(problems)
+            if (spec.callable is not None and tool is None) or (spec.wait and wait is None):
+                continue
+            nodes[spec.id] = Node(spec.id, tool, spec.timeout_s, spec.retry or RetrySpec(), wait)
         node_ids = {spec.id for spec in doc.nodes}
 
         if doc.start_node not in node_ids:

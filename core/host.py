@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .commands import Command, RunHandle, Start, open_mailbox
+from .commands import START, Command, RunHandle, open_mailbox
 from .errors import StoreError
 from .graph import Graph
 from .runs import RunRecord
@@ -62,13 +62,19 @@ class RunHost:
         self._nursery = nursery
         self._running = 0
         self._queue: deque[RunHandle] = deque()
-        self._holds_slot: set[str] = set()
         self.stalled: dict[str, str] = {}
         #: True while store writes fail (checked by every checkpoint: keep it a bool).
         self.store_failing = False
         self._store_error: StoreError | None = None
         self._store_failing_since: float | None = None
         self._last_probe = -PROBE_INTERVAL_S
+        # Wall-clock time as the engine measures it: fixed at start, then
+        # advanced by Trio's clock (so deadlines follow a virtual clock in
+        # tests, and a clock step while running does not fire them early).
+        self._wall0 = time.time()
+        self._trio0 = trio.current_time()
+        #: Set when a run parks with a deadline: the deadline timer looks again.
+        self.deadlines_changed = trio.Event()
 
     # -- actors ------------------------------------------------------------------
 
@@ -93,14 +99,14 @@ class RunHost:
 
     def _grant(self, handle: RunHandle) -> None:
         self._running += 1
-        self._holds_slot.add(handle.run_id)
-        handle.send(Start())
+        handle.has_slot = True
+        handle.send(START)
 
     def release_slot(self, handle: RunHandle) -> None:
         """Called once by every actor when it stops executing."""
-        if handle.run_id not in self._holds_slot:
+        if not handle.has_slot:
             return  # it never held one (cancelled while pending)
-        self._holds_slot.discard(handle.run_id)
+        handle.has_slot = False
         self._running -= 1
         while self._queue and self._running < self.limits.max_running:
             nxt = self._queue.popleft()
@@ -120,6 +126,15 @@ class RunHost:
         self.stalled[run_id] = reason
         # Followers waiting for entries that will not come learn it now.
         self.store.notifier.notify(run_id)
+
+    def wall(self) -> float:
+        """Seconds since the Unix epoch, as deadlines are kept."""
+        return self._wall0 + (trio.current_time() - self._trio0)
+
+    def parked(self, deadline: float | None) -> None:
+        """Called by an actor that parked its run at a wait (it ends right after)."""
+        if deadline is not None:
+            self.deadlines_changed.set()
 
     # -- store health ------------------------------------------------------------
 

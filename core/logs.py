@@ -28,6 +28,11 @@ class Event(enum.StrEnum):
     RUN_COMPLETED = "run_completed"
     RUN_FAILED = "run_failed"
     RUN_CANCELLED = "run_cancelled"
+    RUN_WAITING = "run_waiting"
+    RUN_INPUT = "run_input"
+    WAIT_TIMED_OUT = "wait_timed_out"
+    SIGNAL_RECEIVED = "signal_received"
+    SIGNAL_REJECTED = "signal_rejected"
     CUSTOM = "custom"
 
 

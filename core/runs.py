@@ -81,6 +81,8 @@ class RunRecord:
     last_seq: int = 0
     attempt: int = 1
     crashes: int = 0
+    waiting: dict[str, Any] | None = None
+    signal_cursor: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``; a status change goes through the transition guard."""
@@ -92,7 +94,8 @@ class RunRecord:
         new = RunRecord(
             self.run_id, self.graph_id, self.status, self.state, self.current_node, self.step,
             self.loop_counters, self.error, self.created_at, self.started_at, self.finished_at,
-            self.updated_at, self.last_seq, self.attempt, self.crashes,
+            self.updated_at, self.last_seq, self.attempt, self.crashes, self.waiting,
+            self.signal_cursor,
         )  # fmt: skip
         for name, value in changes.items():
             if name not in _FIELD_SET:
@@ -116,6 +119,7 @@ class RunRecord:
             "updated_at": self.updated_at,
             "last_seq": self.last_seq,
             "attempt": self.attempt,
+            "waiting": self.waiting,
         }
 
 

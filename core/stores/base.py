@@ -29,6 +29,26 @@ class StoredGraph:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredSignal:
+    """A signal stored for a run. ``signal_id`` is 1, 2, 3, ... per run, in arrival order."""
+
+    run_id: str
+    signal_id: int
+    name: str
+    updates: dict[str, Any]
+    created_at: float
+
+
+def deadline_of(run: RunRecord) -> float | None:
+    """When a waiting run's wait times out (``None``: never, or not waiting for input)."""
+    waiting = run.waiting
+    if run.status is not RunStatus.WAITING or not waiting or waiting.get("answered"):
+        return None
+    deadline = waiting.get("deadline")
+    return float(deadline) if deadline is not None else None
+
+
+@dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
     """One page of a listing; pass ``next_cursor`` back to get the next one."""
 
@@ -208,7 +228,34 @@ class Store(ABC):
 
     @abstractmethod
     async def unfinished_runs(self) -> list[RunRecord]:
-        """Runs left ``pending``, ``running`` or ``waiting`` (to resume at start)."""
+        """Runs left ``pending`` or ``running``, to resume at start (waiting ones stay parked)."""
+
+    # -- waits and signals --------------------------------------------------------
+
+    @abstractmethod
+    async def next_deadline(self) -> float | None:
+        """The earliest deadline of a run waiting for input, if any."""
+
+    @abstractmethod
+    async def due_waits(self, now: float, *, limit: int = 100) -> list[RunRecord]:
+        """Runs waiting for input whose deadline is at or before ``now``, earliest first."""
+
+    @abstractmethod
+    async def add_signal(
+        self, run_id: str, name: str, updates: dict[str, Any], created_at: float
+    ) -> StoredSignal:
+        """Store a signal for a run that has not ended, with the next id of that run.
+
+        Raises:
+            UnknownRunError: no such run.
+            RunStateError: the run has ended.
+        """
+
+    @abstractmethod
+    async def signals_after(
+        self, run_id: str, after: int, *, limit: int = 100
+    ) -> list[StoredSignal]:
+        """The run's signals with ``signal_id > after``, in id order."""
 
     @abstractmethod
     async def delete_runs(self, *, finished_before: float) -> int:

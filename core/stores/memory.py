@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from ..errors import StoreError
+from ..errors import RunStateError, StoreError, UnknownRunError
 from ..logs import LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
-from .base import Cursor, Page, PutResult, Store, StoredGraph, checkpoint_conflict
+from .base import (
+    Cursor,
+    Page,
+    PutResult,
+    Store,
+    StoredGraph,
+    StoredSignal,
+    checkpoint_conflict,
+    deadline_of,
+)
+
+_UNFINISHED = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
 
 
 class MemoryStore(Store):
@@ -16,6 +28,7 @@ class MemoryStore(Store):
         self._graphs: dict[str, StoredGraph] = {}
         self._runs: dict[str, RunRecord] = {}
         self._logs: dict[str, list[LogEntry]] = {}
+        self._signals: dict[str, list[StoredSignal]] = {}
 
     async def put_graph(self, graph: StoredGraph) -> PutResult:
         existing = self._graphs.get(graph.graph_id)
@@ -90,7 +103,38 @@ class MemoryStore(Store):
         return log[start : start + limit]
 
     async def unfinished_runs(self) -> list[RunRecord]:
-        return [r for r in self._runs.values() if r.status not in TERMINAL]
+        return [r for r in self._runs.values() if r.status in _UNFINISHED]
+
+    async def next_deadline(self) -> float | None:
+        deadlines = [d for d in map(deadline_of, self._runs.values()) if d is not None]
+        return min(deadlines, default=None)
+
+    async def due_waits(self, now: float, *, limit: int = 100) -> list[RunRecord]:
+        due = []
+        for run in self._runs.values():
+            deadline = deadline_of(run)
+            if deadline is not None and deadline <= now:
+                due.append((deadline, run.run_id, run))
+        due.sort(key=lambda item: item[:2])
+        return [run for _, _, run in due[:limit]]
+
+    async def add_signal(
+        self, run_id: str, name: str, updates: dict[str, Any], created_at: float
+    ) -> StoredSignal:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise UnknownRunError(run_id)
+        if run.status in TERMINAL:
+            raise RunStateError(run_id, run.status.value, "signal")
+        signals = self._signals.setdefault(run_id, [])
+        signal = StoredSignal(run_id, len(signals) + 1, name, updates, created_at)
+        signals.append(signal)
+        return signal
+
+    async def signals_after(
+        self, run_id: str, after: int, *, limit: int = 100
+    ) -> list[StoredSignal]:
+        return self._signals.get(run_id, [])[max(after, 0) : max(after, 0) + limit]
 
     async def delete_runs(self, *, finished_before: float) -> int:
         doomed = [
@@ -103,5 +147,6 @@ class MemoryStore(Store):
         for run_id in doomed:
             del self._runs[run_id]
             del self._logs[run_id]
+            self._signals.pop(run_id, None)
         return len(doomed)
 

@@ -51,10 +51,19 @@ from typing import Any, Literal, TypeVar
 
 import trio
 
-from ..errors import StoreError
+from ..errors import EngineError, RunStateError, StoreError, UnknownRunError
 from ..logs import Level, LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
-from .base import Cursor, Page, PutResult, Store, StoredGraph, checkpoint_conflict
+from .base import (
+    Cursor,
+    Page,
+    PutResult,
+    Store,
+    StoredGraph,
+    StoredSignal,
+    checkpoint_conflict,
+    deadline_of,
+)
 from .ownerlock import OwnerLock
 
 T = TypeVar("T")
@@ -113,6 +122,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # session ended cleanly.
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     ),
+    (
+        # Runs waiting for input: what they wait for, and when the wait times
+        # out (indexed for the timer, only while a run waits).
+        "ALTER TABLE runs ADD COLUMN waiting TEXT",
+        "ALTER TABLE runs ADD COLUMN deadline REAL",
+        "CREATE INDEX runs_by_deadline ON runs (deadline) WHERE deadline IS NOT NULL",
+        # The id of the last signal applied, and the signals themselves.
+        "ALTER TABLE runs ADD COLUMN signal_cursor INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE signals (
+            run_id     TEXT NOT NULL,
+            signal_id  INTEGER NOT NULL,
+            name       TEXT NOT NULL,
+            updates    TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (run_id, signal_id)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 #: The schema version this code writes and reads.
@@ -123,23 +149,27 @@ _loads = json.loads
 
 _RUN_COLUMNS = (
     "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
-    "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes"
+    "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes, waiting, "
+    "signal_cursor, deadline"
 )
-_INSERT_RUN = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"  # noqa: E501
+_INSERT_RUN = (
+    f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
+    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+)
 # A checkpoint applies only on top of the stored record it continues (?16 is
 # the stored last_seq it expects), so a log never gets a gap or a rewrite.
 _UPDATE_RUN = (
     "UPDATE runs SET graph_id = ?2, status = ?3, current_node = ?4, state = ?5, step = ?6, "
     "loop_counters = ?7, error = ?8, created_at = ?9, started_at = ?10, finished_at = ?11, "
-    "updated_at = ?12, last_seq = ?13, attempt = ?14, crashes = ?15 "
-    "WHERE run_id = ?1 AND last_seq = ?16"
+    "updated_at = ?12, last_seq = ?13, attempt = ?14, crashes = ?15, waiting = ?16, "
+    "signal_cursor = ?17, deadline = ?18 WHERE run_id = ?1 AND last_seq = ?19"
 )
 _INSERT_LOG = (
     "INSERT INTO logs (run_id, seq, ts, level, event, node, message, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _TERMINAL_SQL = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
-_UNFINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(set(RunStatus) - TERMINAL))
+_UNFINISHED_SQL = f"'{RunStatus.PENDING.value}', '{RunStatus.RUNNING.value}'"
 
 Row = tuple[Any, ...]
 
@@ -149,7 +179,8 @@ def _run_params(run: RunRecord) -> Row:
         run.run_id, run.graph_id, run.status.value, run.current_node, _dumps(run.state),
         run.step, _dumps(run.loop_counters), None if run.error is None else _dumps(run.error),
         run.created_at, run.started_at, run.finished_at, run.updated_at, run.last_seq, run.attempt,
-        run.crashes,
+        run.crashes, None if run.waiting is None else _dumps(run.waiting), run.signal_cursor,
+        deadline_of(run),
     )  # fmt: skip
 
 
@@ -160,7 +191,8 @@ def _run_from_row(row: Row) -> RunRecord:
         state=_loads(row[4]), step=row[5], loop_counters=_loads(row[6]),
         error=None if error is None else _loads(error), created_at=row[8], started_at=row[9],
         finished_at=row[10], updated_at=row[11], last_seq=row[12], attempt=row[13],
-        crashes=row[14],
+        crashes=row[14], waiting=None if row[15] is None else _loads(row[15]),
+        signal_cursor=row[16],
     )  # fmt: skip
 
 
@@ -175,10 +207,11 @@ def _entry_from_row(row: Row) -> LogEntry:
     return LogEntry(row[0], row[1], Level(row[2]), row[3], row[4], row[5], _loads(row[6]))
 
 
-def _store_error(exc: Exception, prefix: str = "") -> StoreError:
-    """``exc`` as a StoreError; SQLite's operational errors (locked, busy, disk
-    full, I/O, read-only) may pass, so they are transient."""
-    if isinstance(exc, StoreError):
+def _store_error(exc: Exception, prefix: str = "") -> EngineError:
+    """``exc`` as an engine error: the engine's own errors (raised by a write
+    on purpose) as they are, the rest as a StoreError. SQLite's operational
+    errors (locked, busy, disk full, I/O, read-only) may pass: transient."""
+    if isinstance(exc, EngineError):
         return exc
     return StoreError(f"{prefix}{type(exc).__name__}: {exc}",
                       transient=isinstance(exc, sqlite3.OperationalError))  # fmt: skip
@@ -201,7 +234,7 @@ class _Job:
     wait: bool
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
-    error: StoreError | None = None
+    error: EngineError | None = None
 
 
 #: Most jobs committed in one transaction.
@@ -339,7 +372,7 @@ class SQLiteStore(Store):
         self._writer_thread: _WriterThread | None = None
         self._in_flight = 0
         self._room = trio.Event()
-        self._async_errors: dict[str, StoreError] = {}
+        self._async_errors: dict[str, EngineError] = {}
         self._owner = OwnerLock(path)
         # Our own thread budget: store calls never queue behind sync tools.
         self._limiter = trio.CapacityLimiter(readers + 1)
@@ -706,12 +739,72 @@ class SQLiteStore(Store):
 
         return [_run_from_row(r) for r in await self._read(read)]
 
+    async def next_deadline(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> Row | None:
+            return conn.execute(  # type: ignore[no-any-return]
+                "SELECT MIN(deadline) FROM runs WHERE deadline IS NOT NULL"
+            ).fetchone()
+
+        row = await self._read(read)
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def due_waits(self, now: float, *, limit: int = 100) -> list[RunRecord]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE deadline IS NOT NULL AND deadline <= ? "
+                "ORDER BY deadline, run_id LIMIT ?",
+                (now, max(limit, 0)),
+            ).fetchall()
+
+        return [_run_from_row(r) for r in await self._read(read)]
+
+    async def add_signal(
+        self, run_id: str, name: str, updates: dict[str, Any], created_at: float
+    ) -> StoredSignal:
+        encoded = _dumps(updates)
+
+        def add(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise UnknownRunError(run_id)
+            if RunStatus(row[0]) in TERMINAL:
+                raise RunStateError(run_id, row[0], "signal")
+            (last,) = conn.execute(
+                "SELECT COALESCE(MAX(signal_id), 0) FROM signals WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO signals (run_id, signal_id, name, updates, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, last + 1, name, encoded, created_at),
+            )
+            return int(last) + 1
+
+        signal_id = await self._write(add)
+        return StoredSignal(run_id, signal_id, name, updates, created_at)
+
+    async def signals_after(
+        self, run_id: str, after: int, *, limit: int = 100
+    ) -> list[StoredSignal]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                "SELECT signal_id, name, updates, created_at FROM signals "
+                "WHERE run_id = ? AND signal_id > ? ORDER BY signal_id LIMIT ?",
+                (run_id, max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        rows = await self._read(read)
+        return [StoredSignal(run_id, r[0], r[1], _loads(r[2]), r[3]) for r in rows]
+
     async def delete_runs(self, *, finished_before: float) -> int:
         doomed = f"status IN ({_TERMINAL_SQL}) AND finished_at < ?"
 
         def delete(conn: sqlite3.Connection) -> int:
             conn.execute(
                 f"DELETE FROM logs WHERE run_id IN (SELECT run_id FROM runs WHERE {doomed})",
+                (finished_before,),
+            )
+            conn.execute(
+                f"DELETE FROM signals WHERE run_id IN (SELECT run_id FROM runs WHERE {doomed})",
                 (finished_before,),
             )
             return conn.execute(f"DELETE FROM runs WHERE {doomed}", (finished_before,)).rowcount

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import trio
 
 from trioflow.errors import StoreError
 from trioflow.logs import LogEntry
 from trioflow.runs import RunRecord, RunStatus
-from trioflow.stores.base import Page, PutResult, Store, StoredGraph
+from trioflow.stores.base import Page, PutResult, Store, StoredGraph, StoredSignal
 
 Rule = Callable[[RunRecord], bool]
 
@@ -125,3 +126,19 @@ class FaultyStore(Store):
 
     async def delete_runs(self, *, finished_before: float) -> int:
         return await self.inner.delete_runs(finished_before=finished_before)
+
+    async def next_deadline(self) -> float | None:
+        return await self.inner.next_deadline()
+
+    async def due_waits(self, now: float, *, limit: int = 100) -> list[RunRecord]:
+        return await self.inner.due_waits(now, limit=limit)
+
+    async def add_signal(
+        self, run_id: str, name: str, updates: dict[str, Any], created_at: float
+    ) -> StoredSignal:
+        return await self.inner.add_signal(run_id, name, updates, created_at)
+
+    async def signals_after(
+        self, run_id: str, after: int, *, limit: int = 100
+    ) -> list[StoredSignal]:
+        return await self.inner.signals_after(run_id, after, limit=limit)

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow.errors import StoreConflictError, StoreError
+from trioflow.errors import RunStateError, StoreConflictError, StoreError, UnknownRunError
 from trioflow.logs import Event, Level, LogEntry
 from trioflow.runs import RunRecord, RunStatus
 from trioflow.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
@@ -273,11 +273,61 @@ async def test_list_runs_rejects_an_invalid_cursor(store: Store, cursor: str) ->
 # -- resume and retention -------------------------------------------------------------
 
 
-async def test_unfinished_runs_are_the_non_terminal_ones(store: Store) -> None:
+async def test_unfinished_runs_are_the_pending_and_running_ones(store: Store) -> None:
+    # A waiting run stays parked (it holds no task); it is not resumed at start.
     for i, status in enumerate(RunStatus):
         await store.create_run(_run(f"r-{status.value}", created_at=float(i), status=status))
     unfinished = await store.unfinished_runs()
-    assert sorted(r.run_id for r in unfinished) == ["r-pending", "r-running", "r-waiting"]
+    assert sorted(r.run_id for r in unfinished) == ["r-pending", "r-running"]
+
+
+def _waiting(run_id: str, deadline: float | None, *, answered: bool = False) -> RunRecord:
+    return _run(run_id, status=RunStatus.WAITING, waiting={
+        "node": "a", "prompt": "ok?", "input_schema": None, "request_id": f"q-{run_id}",
+        "deadline": deadline, "answered": answered})  # fmt: skip
+
+
+async def test_deadlines_of_waiting_runs(store: Store) -> None:
+    assert await store.next_deadline() is None
+    await store.create_run(_waiting("later", 300.0))
+    await store.create_run(_waiting("sooner", 200.0))
+    await store.create_run(_waiting("never", None))
+    await store.create_run(_waiting("answered", 100.0, answered=True))
+    await store.create_run(_run("running", status=RunStatus.RUNNING))
+    assert await store.next_deadline() == 200.0
+    assert await store.due_waits(199.0) == []
+    assert [r.run_id for r in await store.due_waits(250.0)] == ["sooner"]
+    assert [r.run_id for r in await store.due_waits(1e9)] == ["sooner", "later"]
+    assert [r.run_id for r in await store.due_waits(1e9, limit=1)] == ["sooner"]
+    # A wait that ends (resumed, cancelled) leaves the timer's view.
+    sooner = await store.get_run("sooner")
+    assert sooner is not None and sooner.waiting is not None
+    assert sooner.waiting["request_id"] == "q-sooner"
+    await store.save_run(sooner.evolve(status=RunStatus.CANCELLED, waiting=None), [])
+    assert await store.next_deadline() == 300.0
+
+
+async def test_signals_get_ids_in_arrival_order_per_run(store: Store) -> None:
+    await store.create_run(_run("r1", status=RunStatus.RUNNING))
+    await store.create_run(_run("r2", status=RunStatus.WAITING))
+    first = await store.add_signal("r1", "poke", {"n": 1}, 5.0)
+    second = await store.add_signal("r1", "poke", {"n": 2, "nested": {"x": [1, "é"]}}, 6.0)
+    other = await store.add_signal("r2", "other", {}, 7.0)
+    assert (first.signal_id, second.signal_id, other.signal_id) == (1, 2, 1)
+    assert await store.signals_after("r1", 0) == [first, second]
+    assert await store.signals_after("r1", 1) == [second]
+    assert await store.signals_after("r1", 2) == []
+    assert await store.signals_after("r1", 0, limit=1) == [first]
+    assert await store.signals_after("missing", 0) == []
+
+
+async def test_a_signal_to_an_ended_or_unknown_run_is_refused(store: Store) -> None:
+    await store.create_run(_run("done", status=RunStatus.COMPLETED))
+    with pytest.raises(RunStateError):
+        await store.add_signal("done", "late", {}, 1.0)
+    with pytest.raises(UnknownRunError):
+        await store.add_signal("missing", "late", {}, 1.0)
+    assert await store.signals_after("done", 0) == []
 
 
 async def test_delete_runs_removes_only_terminal_runs_finished_before(store: Store) -> None:
