@@ -19,11 +19,13 @@ from .errors import ExpressionError as ExpressionError
 from .errors import ExpressionEvaluationError as ExpressionEvaluationError
 from .errors import GraphConflictError as GraphConflictError
 from .errors import GraphValidationError as GraphValidationError
+from .errors import InputValidationError as InputValidationError
 from .errors import LimitExceededError as LimitExceededError
 from .errors import Problem as Problem
 from .errors import RegistryError as RegistryError
 from .errors import RunStalledError as RunStalledError
 from .errors import RunStateError as RunStateError
+from .errors import StaleRequestError as StaleRequestError
 from .errors import StateValidationError as StateValidationError
 from .errors import StoreConflictError as StoreConflictError
 from .errors import StoreError as StoreError

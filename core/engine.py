@@ -35,8 +35,9 @@ from .host import RunHost, StoreHealth
 from .logs import Event, Level, LogEntry
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
-from .stores.base import Page, Store, StoredGraph
+from .stores.base import Page, Store, StoredGraph, StoredSignal
 from .stores.memory import MemoryStore
+from .waiting import Waiting
 
 log = logging.getLogger("trioflow.engine")
 
@@ -110,6 +111,7 @@ class Engine:
         self._nursery = nursery
         self._graphs: dict[str, Graph] = {}
         self._host = RunHost(store, limits, nursery)
+        self._waits = Waiting(self._host, self.get_graph)
         self._followers = 0
         #: Set when the engine starts closing: no run ends here after that.
         self._closing = False
@@ -297,7 +299,7 @@ class Engine:
                              record.current_node, "cancelled by request",
                              {"steps": record.step})  # fmt: skip
             final = record.evolve(status=RunStatus.CANCELLED, finished_at=now, updated_at=now,
-                                  last_seq=entry.seq)  # fmt: skip
+                                  last_seq=entry.seq, waiting=None)  # fmt: skip
             try:
                 await self.store.save_run(final, [entry])
             except StoreConflictError:
@@ -312,6 +314,83 @@ class Engine:
             return final
         raise RunStateError(record.run_id, record.status.value,
                             "cancel (another process keeps writing it)")  # fmt: skip
+
+    async def resume(
+        self, run_id: str, input: Any, *, request_id: str | None = None
+    ) -> RunRecord:
+        """Give a waiting run the input it waits for; it goes on at once.
+
+        The input is checked against the wait (its ``input_schema`` or
+        ``input_model``), merged into the state as a node's update would be,
+        and recorded (``run_input``) in one checkpoint on top of the waiting
+        record: of two concurrent resumes exactly one wins. The run then goes
+        on from the wait's node: its callable, if it has one, then its edges.
+
+        Args:
+            run_id: the waiting run.
+            input: a JSON object.
+            request_id: when given, it must be the current wait's (as in
+                ``waiting.request_id``), so an answer to an older question is
+                refused rather than applied to a newer one.
+
+        Returns:
+            The run's record as it left the wait (``running``).
+
+        Raises:
+            UnknownRunError: no such run.
+            RunStateError: the run is not waiting (or another resume won).
+            StaleRequestError: ``request_id`` is not the current wait's.
+            InputValidationError: the input does not fit; every problem listed.
+            StateValidationError: the state model rejects the merged state.
+            LimitExceededError: the input or the merged state is too large.
+            CapacityError: the process holds ``max_active_runs`` runs.
+        """
+        return await self._waits.resume(run_id, input, request_id)
+
+    async def signal(self, run_id: str, name: str, updates: Mapping[str, Any]) -> StoredSignal:
+        """Send a run state updates from outside; stored before this returns.
+
+        The run applies its signals between steps, in the order they arrived,
+        as state updates the state model validates (``signal_received``, or
+        ``signal_rejected`` when the model refuses them at that point), each
+        exactly once, across crashes too. A waiting run has them applied at
+        once and keeps waiting.
+
+        Returns:
+            The stored signal (its ``signal_id`` is 1, 2, 3, ... per run).
+
+        Raises:
+            UnknownRunError: no such run.
+            RunStateError: the run has ended.
+            StateValidationError: the updates are not a JSON object the
+                state model accepts now.
+            LimitExceededError: the updates are over ``max_state_bytes``.
+        """
+        return await self._waits.signal(run_id, name, updates)
+
+    async def wait_stop(self, run_id: str) -> RunRecord:
+        """Wait until the run ends or waits for input, and return its record.
+
+        Raises:
+            UnknownRunError: no such run.
+            RunStalledError: the run stopped without an end (see :meth:`wait`).
+        """
+        handle = self._host.handles.get(run_id)
+        if handle is not None:
+            await handle.done.wait()
+            final = handle.record
+            if final is not None and (final.status.is_terminal or
+                                      final.status is RunStatus.WAITING):  # fmt: skip
+                return final
+        record = await self.get_run(run_id)
+        if record.status.is_terminal or record.status is RunStatus.WAITING:
+            return record
+        self._raise_if_stopped(run_id)
+        async with aclosing(self.follow(run_id, after=record.last_seq)) as entries:
+            async for entry in entries:
+                if entry.event == Event.RUN_WAITING.value:
+                    break
+        return await self.get_run(run_id)
 
     async def cancel_many(self, run_ids: Iterable[str]) -> list[RunRecord]:
         """Cancel many runs of this engine at once and wait until each is recorded.
@@ -548,6 +627,8 @@ async def open_engine(
                 count = await engine._resume_unfinished(crashed=not clean)
                 if count:
                     log.info("resumed %d unfinished runs", count)
+                # The engine that owns the store's runs times out their waits.
+                nursery.start_soon(engine._waits.watch_deadlines, name="wait-deadlines")
             try:
                 yield engine
             finally:

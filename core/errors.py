@@ -163,6 +163,27 @@ class RunStateError(EngineError):
         )
 
 
+class StaleRequestError(RunStateError):
+    """Raised by a resume that names a ``request_id`` other than the current wait's.
+
+    The input answered an earlier question (the run has moved on, or waits
+    for something else now); nothing is changed.
+    """
+
+    code = "stale_request"
+
+    def __init__(self, run_id: str, given: str, current: str | None) -> None:
+        EngineError.__init__(
+            self,
+            f"run {run_id!r} is not waiting for request {given!r}"
+            + (f" (it waits for {current!r})" if current else ""),
+            details={"run_id": run_id, "request_id": given, "current_request_id": current},
+        )
+        self.run_id = run_id
+        self.status = "waiting"
+        self.operation = "resume"
+
+
 class InvalidTransitionError(EngineError):
     """Raised by the status guard on an illegal transition. Always a bug."""
 
