@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from samples import python_review
 from samples.python_review import analyse, apply_fixes
@@ -44,10 +45,11 @@ async def review_engine(review_registry: Registry, engine: Engine) -> Engine:
 async def run_review(
     engine: Engine, source: str, **fields: Any
 ) -> tuple[RunRecord, list[LogEntry]]:
+    """Until the run ends, or waits for a reviewer."""
     with trio.fail_after(20):
         run = await engine.start_run("python-review", {"source": textwrap.dedent(source), **fields})
-        log = [entry async for entry in engine.follow(run.run_id)]
-        return await engine.wait(run.run_id), log
+        stopped = await engine.wait_stop(run.run_id)
+        return stopped, await engine.read_log(run.run_id)
 
 
 def nodes_run(log: list[LogEntry]) -> list[str | None]:
@@ -73,7 +75,7 @@ def test_graph_names_every_missing_tool_without_the_module() -> None:
         compile_graph(python_review.graph_document(), default_registry())
     problems = {(p.code, p.path) for p in info.value.problems}
     assert ("unknown_state_model", "$.state_model") in problems
-    assert sum(code == "unknown_callable" for code, _ in problems) == 6
+    assert sum(code == "unknown_callable" for code, _ in problems) == 7
 
 
 def test_register_twice_is_harmless(review_registry: Registry) -> None:
@@ -124,23 +126,64 @@ async def test_clean_source_goes_straight_to_approve(review_engine: Engine) -> N
     )  # fmt: skip
 
 
-async def test_unfixable_issues_go_to_a_human(review_engine: Engine) -> None:
-    source = """\
-        def report(rows):
-            total = 0
-            for row in rows:
-                total += row
-                print(row)
-            return total
-        """
-    final, log = await run_review(review_engine, source, max_statements=3)
-    assert final.status is RunStatus.COMPLETED
-    assert nodes_run(log) == ["parse", "review", "needs_human"]
-    state = final.state
+UNFIXABLE = """\
+    def report(rows):
+        total = 0
+        for row in rows:
+            total += row
+            print(row)
+        return total
+    """
+
+
+async def test_unfixable_issues_wait_for_a_human(review_engine: Engine) -> None:
+    waiting, log = await run_review(review_engine, UNFIXABLE, max_statements=3)
+    assert waiting.status is RunStatus.WAITING
+    assert nodes_run(log) == ["parse", "review", "needs_human", "human_review"]
+    assert log[-1].event == "run_waiting"
+    assert waiting.waiting is not None
+    assert waiting.waiting["input_schema"]["required"] == ["approved"]
+    state = waiting.state
     assert (state["verdict"], state["approved"]) == ("needs_human", False)
-    assert codes(final) == {"T201", "PLR0915"}
+    assert codes(waiting) == {"T201", "PLR0915"}
     assert state["issues_fixable"] == 0
-    assert state["source"] == textwrap.dedent(source)
+    assert state["source"] == textwrap.dedent(UNFIXABLE)
+
+
+@pytest.mark.parametrize("approved", [True, False])
+async def test_the_reviewers_answer_decides_the_verdict(
+    review_engine: Engine, approved: bool
+) -> None:
+    waiting, _ = await run_review(review_engine, UNFIXABLE, max_statements=3)
+    await review_engine.resume(waiting.run_id, {"approved": approved, "comment": "looked at it"})
+    final = await review_engine.wait(waiting.run_id)
+    assert final.status is RunStatus.COMPLETED
+    state = final.state
+    assert (state["approved"], state["decided_by"], state["comment"]) == (
+        approved, "human", "looked at it")  # fmt: skip
+    assert state["verdict"] == ("approved" if approved else "rejected")
+    log = await review_engine.read_log(waiting.run_id)
+    assert [e.event for e in log].count("run_input") == 1
+
+
+@pytest.fixture
+def patient_clock() -> trio.testing.MockClock:
+    # Virtual time, jumping only after 50 ms of real idleness: parse and
+    # review run in worker threads, during which the clock must not jump
+    # (it would jump to their 10 s timeout).
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+async def test_nobody_answering_for_seven_days_rejects(
+    patient_clock: trio.testing.MockClock, review_engine: Engine
+) -> None:
+    waiting, _ = await run_review(review_engine, UNFIXABLE, max_statements=3)
+    assert waiting.status is RunStatus.WAITING
+    start = trio.current_time()
+    final = await review_engine.wait(waiting.run_id)
+    assert trio.current_time() - start == pytest.approx(7 * 86400, abs=60)
+    assert final.state["verdict"] == "rejected"
+    assert final.state["comment"] == "no reviewer answered within 7 days"
 
 
 async def test_allow_print_turns_the_print_check_off(review_engine: Engine) -> None:
@@ -150,7 +193,7 @@ async def test_allow_print_turns_the_print_check_off(review_engine: Engine) -> N
 
 async def test_mixed_issues_fix_what_they_can_then_loop_to_a_human(review_engine: Engine) -> None:
     final, log = await run_review(review_engine, "import sys\nprint('hi')\n")
-    assert nodes_run(log) == ["parse", "review", "autofix", "review", "needs_human"]
+    assert nodes_run(log) == ["parse", "review", "autofix", "review", "needs_human", "human_review"]
     [loop] = [e for e in log if e.event == "edge_taken" and e.data["type"] == "loop"]
     assert loop.data == {"edge": "autofix->review", "type": "loop", "iteration": 1}
     assert final.state["source"] == "print('hi')\n"

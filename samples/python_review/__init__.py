@@ -10,7 +10,7 @@ The graph is ``samples/python_review.json``; its state model is :class:`State`
       |    --fixable issues--> autofix --loop (at most 3, until no issues)--> review
       |                          |  --no issues left--> approve
       |                          '- otherwise (loop exhausted) --> needs_human
-      '- otherwise (only unfixable issues) --> needs_human
+      '- otherwise (only unfixable issues) --> needs_human --> human_review (waits)
 
 ``parse`` checks that the source compiles; a syntax error becomes an ``E999``
 issue and the run ends at ``reject`` (``verdict == "rejected"``): there is
@@ -33,8 +33,13 @@ that code), e.g. for an import kept for its side effects.
 its line with another, a one-line function or an unusual annotation is left
 alone and reported as not fixable), parses the result again to prove it is
 valid Python, and re-reviews it; the loop edge sends it back to ``review``
-until nothing is open. Issues a machine cannot fix end the run at
-``needs_human`` (``verdict == "needs_human"``).
+until nothing is open. When only issues a machine cannot fix remain,
+``needs_human`` logs them (``verdict == "needs_human"``) and the run waits at
+``human_review`` for a reviewer's answer, ``{"approved": bool, "comment":
+str}`` (``POST /graph/resume/{run_id}``, or ``Engine.resume``); ``decide``
+then turns it into the verdict (``approved`` or ``rejected``, with
+``decided_by == "human"``). Nobody answering within seven days counts as a
+rejection (the wait's ``on_timeout`` input).
 
 The tools show the three ways a node can run: ``parse`` is async (it hands the
 parse to a worker thread itself, so the event loop never blocks); ``review``
@@ -97,6 +102,10 @@ class State(BaseModel):
     rounds: int = 0
     approved: bool = False
     verdict: Literal["pending", "approved", "needs_human", "rejected"] = "pending"
+    #: Who decided the verdict: the checks, or a reviewer at ``human_review``.
+    decided_by: Literal["machine", "human"] = "machine"
+    #: The reviewer's comment, from the answer to ``human_review``.
+    comment: Annotated[str, Field(max_length=2000)] = ""
 
 
 # -- tools -----------------------------------------------------------------------
@@ -190,11 +199,21 @@ def reject(state: State, ctx: RunContext) -> dict[str, Any]:
 
 
 def escalate(state: State, ctx: RunContext) -> dict[str, Any]:
-    """Hand the remaining, unfixable issues to a human reviewer."""
+    """Log the remaining, unfixable issues for the reviewer the run is about to wait for."""
     codes = sorted({issue.code for issue in state.issues})
     ctx.log(f"{state.issues_open} issues need a human: {', '.join(codes)}", level="warning",
             codes=codes)  # fmt: skip
     return {"approved": False, "verdict": "needs_human"}
+
+
+def decide(state: State, ctx: RunContext) -> dict[str, Any]:
+    """Turn a reviewer's answer (``approved``, ``comment``, in the state) into the verdict."""
+    verdict = "approved" if state.approved else "rejected"
+    comment = f": {state.comment}" if state.comment else ""
+    level = "info" if state.approved else "warning"
+    ctx.log(f"a reviewer {verdict} {state.filename}{comment}", level=level,
+            issues_open=state.issues_open)  # fmt: skip
+    return {"verdict": verdict, "decided_by": "human"}
 
 
 def graph_document() -> dict[str, Any]:
@@ -212,3 +231,4 @@ def register(registry: Registry) -> None:
     registry.add_tool("python_review.approve", approve, inline=True)
     registry.add_tool("python_review.reject", reject, inline=True)
     registry.add_tool("python_review.escalate", escalate, inline=True)
+    registry.add_tool("python_review.decide", decide, inline=True)
