@@ -130,9 +130,10 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409, 413, 415)},
         tag="runs",
     ),
+    # Listed after the fixed /graph/... routes: Starlette matches in table order.
     Operation(
         "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
-        "The stored, normalised graph document (after the fixed /graph/... routes)",
+        "The stored, normalised graph document",
         {200: ("The document", GraphDocument), **_errors(404)}, tag="graphs",
     ),
     Operation(

@@ -113,3 +113,10 @@ def test_openapi_covers_every_route() -> None:
     assert DOCUMENT["openapi"].startswith("3.1")
     for name in ("LogMessage", "StatusMessage", "ErrorMessage", "ErrorResponse", "RunWithLogs"):
         assert name in DOCUMENT["components"]["schemas"]
+
+
+def test_summaries_are_for_readers_of_the_api() -> None:
+    # Internal notes (route order, implementation) belong in comments, not in the document.
+    for operations in DOCUMENT["paths"].values():
+        for operation in operations.values():
+            assert "(after " not in operation["summary"], operation
