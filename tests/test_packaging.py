@@ -19,11 +19,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 PROGRAM = """
-import importlib.util, pathlib, sys
+import importlib.resources, importlib.util, pathlib, sys
 import trioflow
 from trioflow import Engine, EngineLimits, Registry, default_registry, open_engine
 from trioflow.web import Settings, create_app
+from trioflow.web.docs_page import STATIC_FILES
 assert pathlib.Path(trioflow.__file__).is_relative_to(sys.prefix), trioflow.__file__
+static = importlib.resources.files("trioflow.web").joinpath("static")
+for path in STATIC_FILES:
+    assert static.joinpath(*path.split("/")).read_bytes(), path
 for name in ("core", "web", "samples", "tests", "bench"):
     assert importlib.util.find_spec(name) is None, name
 print("ok", trioflow.__version__)
@@ -50,6 +54,12 @@ def test_the_wheel_holds_only_the_trioflow_package(wheel: pathlib.Path) -> None:
     assert "trioflow/web/__init__.py" in names
     assert "trioflow/stores/sqlite.py" in names
     assert "trioflow/py.typed" in names and "trioflow/web/py.typed" in names
+    # The /docs page's files (Swagger UI is vendored: no CDN), without source maps.
+    from trioflow.web.docs_page import STATIC_FILES
+
+    for path in STATIC_FILES:
+        assert f"trioflow/web/static/{path}" in names, path
+    assert not [name for name in names if name.endswith(".map")]
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "trioflow = trioflow.web.cli:main" in text

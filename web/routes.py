@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from trioflow import GraphDocument
 
-from . import handlers, schemas, streaming
+from . import docs_page, handlers, schemas, streaming
 
 Body = type[BaseModel] | dict[str, Any] | None
 """A response body: a wire model, a raw JSON schema (``{}`` = any JSON), or nothing."""
@@ -130,9 +130,10 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409, 413, 415)},
         tag="runs",
     ),
+    # Listed after the fixed /graph/... routes: Starlette matches in table order.
     Operation(
         "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
-        "The stored, normalised graph document (after the fixed /graph/... routes)",
+        "The stored, normalised graph document",
         {200: ("The document", GraphDocument), **_errors(404)}, tag="graphs",
     ),
     Operation(
@@ -166,15 +167,26 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/openapi.json", handlers.openapi, "openapi", "This document",
         {200: ("OpenAPI 3.1", {"type": "object"}), **_errors()}, tag="service",
     ),
+    Operation(
+        "GET", "/docs", docs_page.docs, "docs",
+        "This API as an interactive page (Swagger UI, served by this server)",
+        {200: ("An HTML page; its scripts and styles are under /static/", {"type": "string"}),
+         **_errors()},
+        tag="service", media_type="text/html",
+    ),
 )  # fmt: skip
 
 WEBSOCKET_PATH = "/ws/logs/{run_id}"
 
+STATIC_PATH = "/static/{path:path}"
+"""The /docs page's scripts and styles; not an API operation, so not in /openapi.json."""
+
 
 def starlette_routes() -> list[BaseRoute]:
-    """The Starlette routes of every operation, plus the WebSocket log stream."""
+    """The Starlette routes of every operation, the WebSocket log stream and the static files."""
     routes: list[BaseRoute] = [
         Route(op.path, op.endpoint, methods=[op.method], name=op.operation_id) for op in OPERATIONS
     ]
     routes.append(WebSocketRoute(WEBSOCKET_PATH, streaming.ws_logs, name="followRunLog"))
+    routes.append(Route(STATIC_PATH, docs_page.static_file, methods=["GET"], name="static"))
     return routes
