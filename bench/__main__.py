@@ -20,7 +20,8 @@ from ._common import Row, fmt
 
 #: In the order they run. ``profile`` prints its own report and is not in the table.
 BENCHMARKS = (
-    "per_step", "service", "concurrency", "streaming", "listing", "expressions", "condition_stall",
+    "per_step", "service", "concurrency", "waits", "streaming", "listing", "expressions",
+    "condition_stall",
 )  # fmt: skip
 EXTRA = ("profile",)
 

@@ -555,10 +555,11 @@ class RunActor:
         deadline = None if plan.timeout_s is None else self.host.wall() + plan.timeout_s
         waiting = {"node": node.id, **plan.describe(), "request_id": request_id,
                    "deadline": deadline, "answered": False}  # fmt: skip
+        # Bounded already: the prompt and the schema come from the graph
+        # document (and are shared with it, not copied, in a memory store).
         data = {"request_id": request_id, "deadline": deadline, **plan.describe()}
         message = plan.prompt or f"waiting for input at node {node.id}"
-        entry = self._entry(Event.RUN_WAITING, message, node=node.id,
-                            data=bound_data(data, self.limits.max_log_data_bytes))  # fmt: skip
+        entry = self._entry(Event.RUN_WAITING, message, node=node.id, data=data)
         await self._save([entry], status=RunStatus.WAITING, waiting=waiting)
         self.host.parked(deadline)
 
