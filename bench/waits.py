@@ -114,10 +114,12 @@ def run(quick: bool = False) -> list[Row]:
                         met=sample["rss_per_run_b"] < 1000 if store_kind == "sqlite" else None,
                         note=f"RSS {sample['rss0_mb']:.0f} -> {sample['rss1_mb']:.0f} MB; "
                              "no task per waiting run"))  # fmt: skip
+        park_rate = n / sample["park_s"]
         rows.append(row("waits", case, "park all", "s", [sample["park_s"]],
-                        note=f"{n / sample['park_s']:,.0f} runs/s to start and reach the wait"))  # fmt: skip
+                        note=f"{park_rate:,.0f} runs/s to start and reach the wait"))  # fmt: skip
+        resume_rate = n / sample["resume_s"]
         rows.append(row("waits", case, "resume all", "s", [sample["resume_s"]],
-                        note=f"{n / sample['resume_s']:,.0f} resumes/s, each run to completion"))  # fmt: skip
+                        note=f"{resume_rate:,.0f} resumes/s, each run to completion"))  # fmt: skip
     return rows
 
 
