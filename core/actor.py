@@ -132,7 +132,6 @@ class RunActor:
         graph: Graph,
         record: RunRecord,
         handle: RunHandle,
-        inbox: trio.MemoryReceiveChannel[Command],
     ) -> None:
         self.host = host
         self.limits = host.limits
@@ -140,7 +139,6 @@ class RunActor:
         self.record = record
         self.run_id = record.run_id
         self.handle = handle
-        self._inbox = inbox
         self._started = False
         #: The engine merged the input this run waited for and spawned it to go on.
         self._input_resume = False
@@ -174,15 +172,13 @@ class RunActor:
 
     def _drain(self) -> None:
         """Take every command waiting in the mailbox (between steps: never blocks)."""
-        while self.handle.pending:
-            self.handle.pending -= 1
-            self._dispatch(self._inbox.receive_nowait())
+        handle = self.handle
+        while handle.pending:
+            self._dispatch(handle.take_nowait())
 
     async def _take(self) -> None:
         """Wait for the next command (while parked)."""
-        command = await self._inbox.receive()
-        self.handle.pending -= 1
-        self._dispatch(command)
+        self._dispatch(await self.handle.take())
 
     # -- lifetime --------------------------------------------------------------
 
@@ -228,7 +224,11 @@ class RunActor:
         retry = True
         with self.handle.scope:
             try:
-                while not self._started:  # pending: the engine grants slots in FIFO order
+                # Most runs get their slot as they start; a pending one waits
+                # for Start (the engine grants slots in FIFO order).
+                self._drain()
+                self._started = self._started or self.handle.has_slot
+                while not self._started:
                     await self._take()
                 if not self._input_resume:  # the engine wrote run_input already
                     await self._begin()

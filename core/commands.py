@@ -64,16 +64,23 @@ START = Start()
 
 
 class RunHandle:
-    """The engine's side of one active run: the mailbox's send end, the scope, ``done``."""
+    """One active run's mailbox, cancel scope and ``done`` event.
+
+    The engine sends (:meth:`send`); the run's actor takes (:meth:`take_nowait`
+    between steps, :meth:`take` while it waits for its slot). The mailbox is
+    a bounded Trio memory channel, opened on first use: a run that starts at
+    once and is never sent a command (most runs) never pays for one.
+    """
 
     __slots__ = (
-        "_send", "cancel_reason", "done", "has_slot", "pending", "record", "run_id", "scope",
-        "signal_queued",
+        "_receive", "_send", "cancel_reason", "done", "has_slot", "pending", "record", "run_id",
+        "scope", "signal_queued",
     )  # fmt: skip
 
-    def __init__(self, run_id: str, send: trio.MemorySendChannel[Command]) -> None:
+    def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        self._send = send
+        self._send: trio.MemorySendChannel[Command] | None = None
+        self._receive: trio.MemoryReceiveChannel[Command] | None = None
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         #: Commands sent and not yet taken: the actor looks at this (an int)
@@ -87,6 +94,12 @@ class RunHandle:
         self.record: RunRecord | None = None
         #: The run holds one of the engine's running slots.
         self.has_slot = False
+
+    def _open(self) -> tuple[trio.MemorySendChannel[Command], trio.MemoryReceiveChannel[Command]]:
+        if self._send is None or self._receive is None:
+            # (not open_memory_channel[Command](...): subscripting costs a microsecond)
+            self._send, self._receive = trio.open_memory_channel(MAILBOX_SIZE)
+        return self._send, self._receive
 
     def send(self, command: Command) -> None:
         """Post ``command`` to the run. Posting to a finished run does nothing.
@@ -107,7 +120,7 @@ class RunHandle:
                 return  # the one already queued reads every stored signal
             self.signal_queued = True
         try:
-            self._send.send_nowait(command)
+            self._open()[0].send_nowait(command)
         except trio.WouldBlock:
             if isinstance(command, Signal):
                 self.signal_queued = False
@@ -117,14 +130,17 @@ class RunHandle:
             ) from None
         self.pending += 1
 
+    def take_nowait(self) -> Command:
+        """For the actor: the next command (call only while ``pending``)."""
+        self.pending -= 1
+        return self._open()[1].receive_nowait()
+
+    async def take(self) -> Command:
+        """For the actor: wait for the next command."""
+        command = await self._open()[1].receive()
+        self.pending -= 1
+        return command
+
     @property
     def cancel_requested(self) -> bool:
         return self.cancel_reason is not None
-
-
-def open_mailbox(
-    run_id: str,
-) -> tuple[RunHandle, trio.MemoryReceiveChannel[Command]]:
-    """A run's handle (for the engine) and the receive end of its mailbox (for the actor)."""
-    send, receive = trio.open_memory_channel[Command](MAILBOX_SIZE)
-    return RunHandle(run_id, send), receive

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .commands import START, Command, RunHandle, open_mailbox
+from .commands import START, Command, RunHandle
 from .errors import StoreError
 from .graph import Graph
 from .runs import RunRecord
@@ -85,13 +85,15 @@ class RunHost:
         """
         from .actor import RunActor  # the actor module imports this one
 
-        handle, inbox = open_mailbox(record.run_id)
+        handle = RunHandle(record.run_id)
         for command in first:
             handle.send(command)
-        actor = RunActor(self, graph, record, handle, inbox)
+        actor = RunActor(self, graph, record, handle)
         self.handles[record.run_id] = handle
         if self._running < self.limits.max_running:
-            self._grant(handle)
+            # It starts at once: the slot needs no command.
+            self._running += 1
+            handle.has_slot = True
         else:
             self._queue.append(handle)
         self._nursery.start_soon(actor.run, name=f"run-{record.run_id}")
