@@ -6,6 +6,7 @@ maps them to status codes in one place.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from typing import Any, TypeVar
@@ -16,7 +17,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import trioflow
-from trioflow import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
+from trioflow import (
+    Engine,
+    GraphValidationError,
+    Problem,
+    RunRecord,
+    RunStatus,
+    Tool,
+    UnknownGraphError,
+)
+from trioflow.stores.base import Cursor
 
 from .errors import RequestError, request_invalid
 from .responses import JSON, log_entry
@@ -174,6 +184,33 @@ async def list_graphs(request: Request) -> Response:
         for g in page.items
     ]
     return JSON({"items": items, "next_cursor": page.next_cursor})
+
+
+# -- tools -----------------------------------------------------------------------
+
+
+def tool_kind(tool: Tool) -> str:
+    """``async``, ``inline`` (a sync tool run on the event loop) or ``sync`` (in a thread)."""
+    return "async" if tool.is_async else "inline" if tool.inline else "sync"
+
+
+async def list_tools(request: Request) -> Response:
+    """``GET /tools``: the registered tools in name order, one page."""
+    query = parse_query(PageQuery, request)
+    tools = services(request).engine.registry.tools()
+    names = sorted(tools)
+    start = 0
+    if query.cursor is not None:
+        _, after = Cursor.decode(query.cursor)  # InvalidCursorError: 400
+        start = bisect.bisect_right(names, after)
+    page = names[start : start + query.limit]
+    more = start + len(page) < len(names)
+    items = [
+        {"name": name, "kind": tool_kind(tools[name]), "description": tools[name].description}
+        for name in page
+    ]
+    next_cursor = Cursor.encode(0, page[-1]) if more and page else None
+    return JSON({"items": items, "next_cursor": next_cursor})
 
 
 # -- runs ------------------------------------------------------------------------

@@ -109,6 +109,12 @@ OPERATIONS: tuple[Operation, ...] = (
         query=schemas.PageQuery,
     ),
     Operation(
+        "GET", "/tools", handlers.list_tools, "listTools",
+        "Registered tools in name order (what a graph may name), paginated",
+        {200: ("One page", schemas.ToolPage), **_errors(400, 422)}, tag="graphs",
+        query=schemas.PageQuery,
+    ),
+    Operation(
         "POST", "/graph/run", handlers.run_graph, "runGraph",
         "Start a run; wait for it unless background",
         {200: ("The finished run with the last ?logs= entries of its log", schemas.RunWithLogs),
