@@ -25,6 +25,7 @@ from .errors import EXCEPTION_HANDLERS
 from .guard import RequestGuard
 from .openapi import openapi_bytes
 from .routes import starlette_routes
+from .serverlog import AccessLog
 from .services import Lifecycle, Services
 from .settings import Settings
 
@@ -93,9 +94,13 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 raise
             yield {"services": Services(owned, settings, lifecycle)}
 
+    # The access log is outermost: it sees the guard's refusals too.
+    middleware = [Middleware(RequestGuard, settings=settings)]
+    if settings.access_log:
+        middleware.insert(0, Middleware(AccessLog))
     app = Starlette(
         routes=starlette_routes(),
-        middleware=[Middleware(RequestGuard, settings=settings)],
+        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -42,6 +42,8 @@ class Settings:
         send_timeout_s: a connection whose client accepts no data for this
             long while the server writes to it (a follower that never
             reads) is closed and everything it held is freed.
+        access_log: log one line per request (logger ``trioflow.access``,
+            see :mod:`web.serverlog`); false leaves the middleware out.
     """
 
     store_url: str = "memory://"
@@ -54,6 +56,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     send_timeout_s: float = 30.0
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if self.evaluator not in EVALUATORS:
