@@ -109,7 +109,17 @@ def load_tool_module(registry: Registry, module: str) -> None:
                             f"{_where(exc)}") from None  # fmt: skip
     register = getattr(imported, "register", None)
     if not callable(register):
-        raise RegistryError(f"tool module {module!r} has no register(registry) function")
+        where = getattr(imported, "__file__", None)
+        if where is None:
+            # A directory without __init__.py: a namespace package, often a
+            # project checkout that shadows the package of the same name.
+            places = ", ".join(getattr(imported, "__path__", ()))
+            raise RegistryError(
+                f"tool module {module!r} is a directory without __init__.py ({places}), "
+                "not a module with register(registry); is it hiding the package of that name?"
+            )
+        raise RegistryError(f"tool module {module!r} has no register(registry) function "
+                            f"({_shown_path(where)})")  # fmt: skip
     try:
         register(registry)
     except Exception as exc:

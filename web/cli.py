@@ -49,7 +49,7 @@ from trioflow import (
     open_store_from_url,
 )
 
-from .app import build_registry, create_app
+from .app import build_registry, create_app, load_tool_module
 from .handlers import tool_kind
 from .serve import SHUTDOWN_SIGNALS, StartupError, serve
 from .serverlog import LOG_FORMATS, configure
@@ -157,10 +157,18 @@ def _importable_from_here() -> None:
 
 
 def _tool_registry(modules: Sequence[str], entry_points: bool) -> Registry:
-    """The registry ``serve`` would build. Raises RegistryError (one line)."""
+    """The registry ``serve`` would build. Raises RegistryError (one line).
+
+    The entry points are loaded before the current directory goes on the
+    import path: they name installed code, which a directory here that has
+    the same name (a project checkout, say) must not shadow.
+    """
+    registry = build_registry((), entry_points=entry_points)
     if modules:
         _importable_from_here()
-    return build_registry(tuple(modules), entry_points=entry_points)
+        for module in modules:
+            load_tool_module(registry, module)
+    return registry
 
 
 def _sample_settings(tools: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

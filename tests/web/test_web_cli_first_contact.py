@@ -193,7 +193,9 @@ async def test_a_tool_module_that_does_not_load_is_one_line_and_exit_3(
             "tool module 'clash': register(registry) failed: tool name 'tools.noop' is already "
             "registered (clash.py, line 2)"
         ),
-        ("tools", "--tools", "empty"): "tool module 'empty' has no register(registry) function",
+        ("tools", "--tools", "empty"): (
+            "tool module 'empty' has no register(registry) function (empty.py)"
+        ),
         ("tools", "--tools", "clash.py"): (
             "tool module 'clash.py' is a file name: --tools takes a module name, such as 'clash'"
         ),
@@ -243,6 +245,15 @@ async def test_installed_entry_points_are_loaded_unless_told_not_to(
         names = [t["name"] for t in (await client.get("/tools")).json()["items"]]
     assert "acme.hello" in names
 
+    # A directory without __init__.py is a namespace package, not a tool module.
+    (tmp_path / "checkout").mkdir()
+    line = one_line(await trioflow("tools", "--tools", "checkout", cwd=tmp_path, env=env))
+    assert line == (
+        f"trioflow: tool module 'checkout' is a directory without __init__.py "
+        f"({tmp_path / 'checkout'}), not a module with register(registry); is it hiding "
+        "the package of that name?"
+    )
+
     fake_distribution(site, "acme_tools:missing")
     line = one_line(await trioflow("tools", cwd=tmp_path, env=env))
     assert line.startswith(
@@ -251,6 +262,50 @@ async def test_installed_entry_points_are_loaded_unless_told_not_to(
     )
     assert line.endswith("(--no-entry-points skips the tools of installed packages)")
     assert (await trioflow("tools", "--no-entry-points", cwd=tmp_path, env=env)).returncode == 0
+
+
+EDITABLE_FINDER = """\
+import importlib.util
+import sys
+
+SOURCE = {source!r}
+
+
+class EditableFinder:
+    # What setuptools installs for `pip install -e` of a flat project: a finder
+    # at the end of sys.meta_path, after the one that searches sys.path.
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "acme_tools":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, SOURCE + "/acme_tools/__init__.py",
+            submodule_search_locations=[SOURCE + "/acme_tools"])
+
+
+sys.meta_path.append(EditableFinder)
+"""
+
+
+async def test_an_editable_package_is_not_shadowed_by_its_checkout_here(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The README's walk: `pip install -e ./acme_tools` from the directory that
+    # holds the checkout, then --tools for a module there. The current
+    # directory goes on the import path for --tools; the checkout's outer
+    # directory, acme_tools/ without __init__.py, must not replace the
+    # installed package when its entry point loads.
+    site = tmp_path / "site"
+    fake_distribution(site)
+    checkout = tmp_path / "acme_tools"
+    checkout.mkdir()
+    (site / "acme_tools").rename(checkout / "acme_tools")
+    (site / "sitecustomize.py").write_text(EDITABLE_FINDER.format(source=str(checkout)))
+    (tmp_path / "local.py").write_text("def register(registry):\n    pass\n")
+    env = user_env(PYTHONPATH=str(site))
+    listed = await trioflow("tools", "--tools", "local", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "acme.hello" in listed.stdout
 
 
 # -- serve: graphs, start-up, log ----------------------------------------------------------
