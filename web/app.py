@@ -2,59 +2,202 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
+import traceback
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from importlib.metadata import entry_points
 from typing import Any
 
 import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+import trioflow
 from trioflow import (
     Engine,
     EngineError,
     Registry,
+    RegistryError,
     default_registry,
     open_engine,
     open_store_from_url,
 )
+from trioflow.registry import ENTRY_POINT_GROUP
 
 from .errors import EXCEPTION_HANDLERS
 from .guard import RequestGuard
 from .openapi import openapi_bytes
 from .routes import starlette_routes
+from .serverlog import AccessLog
 from .services import Lifecycle, Services
 from .settings import Settings
 
 log = logging.getLogger("trioflow.web")
 
 
-def build_registry(tool_modules: tuple[str, ...]) -> Registry:
-    """The built-in tools plus every operator-named tool module.
+def redact_url(url: str) -> str:
+    """``url`` without the password of its user part (``scheme://user:***@host/...``)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or ":" not in userinfo or "/" in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+_ENGINE_DIR = os.path.dirname(trioflow.__file__) + os.sep
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file, line N)``: where the operator's code raised ``exc``.
+
+    Frames of the import machinery and of trioflow itself are skipped: the
+    line to look at is in the tool module.
+    """
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({_shown_path(exc.filename)}, line {exc.lineno})"
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<", _ENGINE_DIR)) and "importlib" not in f.filename
+    ]
+    if not frames:
+        return ""
+    return f" ({_shown_path(frames[-1].filename)}, line {frames[-1].lineno})"
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the current directory when it is inside it."""
+    here = os.getcwd() + os.sep
+    return path[len(here) :] if path.startswith(here) else path
+
+
+def _cause(exc: BaseException) -> str:
+    text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_tool_module(registry: Registry, module: str) -> None:
+    """Import ``module`` and call its ``register(registry)``.
 
     Raises:
-        RegistryError: a module cannot be imported or does not register.
+        RegistryError: in one line, naming the module and the cause: it cannot
+            be imported (or raised while importing), has no ``register``, or
+            ``register`` raised.
+    """
+    if module.endswith(".py") or "/" in module or os.sep in module:
+        name = os.path.splitext(os.path.basename(module))[0]
+        raise RegistryError(
+            f"tool module {module!r} is a file name: --tools takes a module name, such as "
+            f"{name!r} for {name}.py in the current directory"
+        )
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise RegistryError(
+                f"cannot import tool module {module!r}: no module named {exc.name!r} in the "
+                f"current directory ({os.getcwd()}) or the installed packages"
+            ) from None
+        raise RegistryError(f"cannot import tool module {module!r}: {_cause(exc)}"
+                            f"{_where(exc)}") from None  # fmt: skip
+    except Exception as exc:
+        raise RegistryError(f"cannot import tool module {module!r}: {_cause(exc)}"
+                            f"{_where(exc)}") from None  # fmt: skip
+    register = getattr(imported, "register", None)
+    if not callable(register):
+        where = getattr(imported, "__file__", None)
+        if where is None:
+            # A directory without __init__.py: a namespace package, often a
+            # project checkout that shadows the package of the same name.
+            places = ", ".join(getattr(imported, "__path__", ()))
+            raise RegistryError(
+                f"tool module {module!r} is a directory without __init__.py ({places}), "
+                "not a module with register(registry); is it hiding the package of that name?"
+            )
+        raise RegistryError(f"tool module {module!r} has no register(registry) function "
+                            f"({_shown_path(where)})")  # fmt: skip
+    try:
+        register(registry)
+    except Exception as exc:
+        cause = exc.message if isinstance(exc, EngineError) else _cause(exc)
+        raise RegistryError(f"tool module {module!r}: register(registry) failed: {cause}"
+                            f"{_where(exc)}") from None  # fmt: skip
+
+
+_SKIP_HINT = " (--no-entry-points skips the tools of installed packages)"
+
+
+def load_entry_point_tools(registry: Registry) -> list[str]:
+    """Call every ``register(registry)`` of the ``trioflow.tools`` entry-point group.
+
+    Returns the names of the entry points loaded.
+
+    Raises:
+        RegistryError: in one line, naming the entry point, its distribution
+            and the cause.
+    """
+    loaded: list[str] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+        what = f"{ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}, from {dist})"
+        try:
+            register = ep.load()
+        except Exception as exc:
+            raise RegistryError(f"cannot load the {what}: {_cause(exc)}{_where(exc)}"
+                                f"{_SKIP_HINT}") from None  # fmt: skip
+        if not callable(register):
+            raise RegistryError(f"the {what} is not callable{_SKIP_HINT}")
+        try:
+            register(registry)
+        except Exception as exc:
+            cause = exc.message if isinstance(exc, EngineError) else _cause(exc)
+            raise RegistryError(f"the {what} failed: {cause}{_where(exc)}{_SKIP_HINT}") from None
+        loaded.append(ep.name)
+    return loaded
+
+
+def build_registry(tool_modules: tuple[str, ...], *, entry_points: bool = False) -> Registry:
+    """The built-in tools, the installed ``trioflow.tools`` entry points, the named modules.
+
+    Args:
+        tool_modules: modules whose ``register(registry)`` is called, in order.
+        entry_points: load the ``trioflow.tools`` entry-point group first.
+
+    Raises:
+        RegistryError: a module or an entry point cannot be loaded (one line).
     """
     registry = default_registry()
+    if entry_points:
+        load_entry_point_tools(registry)
     for module in tool_modules:
-        registry.load_module(module)
+        load_tool_module(registry, module)
     return registry
 
 
-async def _register_files(engine: Engine, paths: tuple[str, ...]) -> None:
+async def _register_files(engine: Engine, paths: tuple[str, ...]) -> tuple[int, int]:
+    """Register each graph file; one warning line per file that fails. (loaded, skipped)."""
+    loaded = skipped = 0
     for path in paths:
         try:
             text = await trio.Path(path).read_text()
             document = json.loads(text)
             graph = await engine.register_graph(document)
-        except (OSError, ValueError) as exc:
-            log.warning("skipping graph file %s: %s", path, exc)
+        except OSError as exc:
+            log.warning("skipping graph file %s: cannot read it: %s", path, exc.strerror or exc)
+        except ValueError as exc:
+            log.warning("skipping graph file %s: not JSON: %s", path, exc)
         except EngineError as exc:
             log.warning("skipping graph file %s: %s", path, exc.message)
         else:
             log.info("registered graph %s from %s", graph.id, path)
+            loaded += 1
+            continue
+        skipped += 1
+    return loaded, skipped
 
 
 def create_app(engine: Engine | None = None, settings: Settings | None = None) -> Starlette:
@@ -63,10 +206,12 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     Args:
         engine: an open engine to serve (tests, embedding programs); the app
             uses it as is and never closes it. Without one, the app's lifespan
-            opens an engine on ``settings.store_url`` with the built-in tools
-            plus ``settings.tool_modules`` and ``settings.evaluator``, and
-            closes it after the server has stopped (runs still in flight stay
-            resumable in a durable store).
+            opens an engine on ``settings.store_url`` with the built-in tools,
+            the ``trioflow.tools`` entry points (unless
+            ``settings.entry_points`` is false), ``settings.tool_modules`` and
+            ``settings.evaluator``, registers ``settings.graph_files``, logs
+            what it loaded, and closes the engine after the server has
+            stopped (runs still in flight stay resumable in a durable store).
         settings: service settings (default: :class:`Settings()`).
     """
     settings = settings or Settings()
@@ -80,22 +225,40 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             return
         async with AsyncExitStack() as stack:
             try:
-                registry = build_registry(settings.tool_modules)
+                registry = build_registry(settings.tool_modules,
+                                          entry_points=settings.entry_points)  # fmt: skip
+            except EngineError as exc:
+                app.state.startup_error = exc.message
+                raise
+            try:
                 store = open_store_from_url(settings.store_url)
                 owned = await stack.enter_async_context(open_engine(
                     store=store, registry=registry, limits=settings.limits,
                     evaluator=settings.evaluator))  # fmt: skip
-                await _register_files(owned, settings.graph_files)
             except EngineError as exc:
                 # The server reports this in one line (web.serve.StartupError).
                 where = settings.store_url
                 app.state.startup_error = f"cannot open the store {where}: {exc.message}"
                 raise
+            loaded, skipped = await _register_files(owned, settings.graph_files)
+            graphs = f"{loaded} graph(s) loaded from files"
+            if skipped:
+                graphs += f", {skipped} skipped"
+            fields = {"store": redact_url(settings.store_url), "evaluator": owned.evaluator,
+                      "tools": len(registry.tools()), "graphs_loaded": loaded,
+                      "graphs_skipped": skipped, "runs_resumed": owned.active_runs}  # fmt: skip
+            log.info("store %s, evaluator %s, %d tools, %s, %d run(s) resumed",
+                     fields["store"], owned.evaluator, fields["tools"], graphs,
+                     owned.active_runs, extra={"fields": fields})  # fmt: skip
             yield {"services": Services(owned, settings, lifecycle)}
 
+    # The access log is outermost: it sees the guard's refusals too.
+    middleware = [Middleware(RequestGuard, settings=settings)]
+    if settings.access_log:
+        middleware.insert(0, Middleware(AccessLog))
     app = Starlette(
         routes=starlette_routes(),
-        middleware=[Middleware(RequestGuard, settings=settings)],
+        middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -1,15 +1,19 @@
-"""The ``trioflow`` command: serve, validate, run, logs, prune.
+"""The ``trioflow`` command: serve, validate, run, tools, logs, prune.
 
-Exit codes:
+Exit codes (also in ``trioflow --help``, :data:`EXIT_CODES`):
     ``run``: 0 completed, 1 failed, 2 cancelled (Ctrl-C cancels the run), 3 could
-    not start (unreadable file, invalid graph or state, bad tool module).
-    ``validate``: 0 valid, 1 invalid (every problem is printed), 3 unreadable.
+    not start (unreadable file, invalid graph or state, a tool module or entry
+    point that does not load).
+    ``validate``: 0 valid, 1 invalid (every problem is printed), 3 unreadable
+    file or tools that do not load.
     ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
     3 on errors (unknown run, server unreachable or shutting down).
     ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start
-    (bad option or ``TRIOFLOW_EVALUATOR``, unknown tool module, a store that
-    cannot be opened: checked before the port is bound).
-    ``prune``: 0 done, 3 if the store cannot be opened.
+    (bad option or ``TRIOFLOW_EVALUATOR``, a tool module or entry point that
+    does not load, a ``--graphs`` path that does not exist, the port in use, a
+    store that cannot be opened).
+    ``tools``: 0 listed, 3 if the tools do not load.
+    ``prune``: 0 done, 3 if the store cannot be opened or is ``memory://``.
     Usage errors exit 3 as well, so that 2 always means "cancelled".
 """
 
@@ -18,29 +22,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
 import pathlib
 import sys
+import textwrap
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NoReturn
 
 import trio
 
+import trioflow
 from trioflow import (
+    TERMINAL,
     EngineError,
     EngineLimits,
     GraphValidationError,
+    MemoryStore,
     Registry,
     RunStatus,
     open_engine,
     open_store_from_url,
 )
 
-from .app import build_registry, create_app
+from .app import build_registry, create_app, load_tool_module
+from .handlers import tool_kind
 from .serve import SHUTDOWN_SIGNALS, StartupError, serve
+from .serverlog import LOG_FORMATS, configure
 from .settings import EVALUATORS, Settings
 
 EXIT_OK = 0
@@ -53,6 +65,16 @@ STATUS_EXIT = {
     RunStatus.FAILED: EXIT_FAILED,
     RunStatus.CANCELLED: EXIT_CANCELLED,
 }
+
+EXIT_CODES = """\
+exit codes:
+  0  done (run, logs --follow: the run completed)
+  1  validate: the graph is invalid; run, logs --follow: the run failed
+  2  run, logs --follow: the run was cancelled
+  3  could not do it: a usage error or bad option, an unreadable file, a tool
+     module or entry point that does not load, the port in use, a store that
+     cannot be opened, a server that cannot be reached
+"""
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "samples"
 
@@ -73,6 +95,13 @@ log = logging.getLogger("trioflow.cli")
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The epilogs (exit codes) keep their layout; descriptions are wrapped here.
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if kwargs.get("description"):
+            kwargs["description"] = textwrap.fill(kwargs["description"], 79)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
@@ -98,10 +127,51 @@ def _read_document(path: str) -> Any:
     return json.loads(pathlib.Path(path).read_text())
 
 
-# -- serve -------------------------------------------------------------------------
+# -- tools -------------------------------------------------------------------------
 
 
-def _sample_settings(tools: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _add_tool_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tools",
+        action="append",
+        default=[],
+        metavar="MODULE[,MODULE]",
+        help="a tool module to load: it defines register(registry) and is imported like "
+        "python -m would (the current directory first, then the installed packages), "
+        "e.g. mytools or samples.python_review. Repeatable or comma-separated",
+    )
+    p.add_argument(
+        "--no-entry-points",
+        dest="entry_points",
+        action="store_false",
+        help="do not load the tools that installed packages declare in the trioflow.tools "
+        "entry-point group (loaded by default)",
+    )
+
+
+def _importable_from_here() -> None:
+    """Put the current directory first on the import path, as ``python -m`` does."""
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+
+
+def _tool_registry(modules: Sequence[str], entry_points: bool) -> Registry:
+    """The registry ``serve`` would build. Raises RegistryError (one line).
+
+    The entry points are loaded before the current directory goes on the
+    import path: they name installed code, which a directory here that has
+    the same name (a project checkout, say) must not shadow.
+    """
+    registry = build_registry((), entry_points=entry_points)
+    if modules:
+        _importable_from_here()
+        for module in modules:
+            load_tool_module(registry, module)
+    return registry
+
+
+def _sample_settings(tools: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Graph files and tool modules for ``--samples``.
 
     ``samples/NAME.json`` is registered; if ``samples/NAME.py`` or the package
@@ -131,6 +201,47 @@ def _sample_settings(tools: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]
         if module not in tools:
             modules.append(module)
     return tuple(graphs), tuple(modules)
+
+
+def _graph_files(paths: Sequence[str]) -> tuple[str, ...]:
+    """The graph files ``--graphs`` names: files as given, directories' ``*.json`` in order.
+
+    Raises:
+        ValueError: a path that does not exist (one line).
+    """
+    files: list[str] = []
+    for raw in paths:
+        path = pathlib.Path(raw)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.json") if p.is_file())
+            if not found:
+                log.warning("--graphs %s: the directory holds no *.json file", raw)
+            files += found
+        elif path.exists():
+            files.append(raw)
+        else:
+            raise ValueError(f"--graphs {raw}: no such file or directory")
+    return tuple(dict.fromkeys(files))
+
+
+def cmd_tools(args: argparse.Namespace) -> int:
+    configure("warning")
+    modules = list(_names(args.tools))
+    if args.samples:
+        modules += _sample_settings(modules)[1]
+    try:
+        registry = _tool_registry(modules, args.entry_points)
+    except EngineError as exc:
+        return _fail(exc.message)
+    tools = sorted(registry.tools().values(), key=lambda tool: tool.name)
+    width = max(len(tool.name) for tool in tools)
+    for tool in tools:
+        line = f"{tool.name:<{width}}  {tool_kind(tool):<6}  {tool.description}"
+        print(line.rstrip())
+    return EXIT_OK
+
+
+# -- serve -------------------------------------------------------------------------
 
 
 async def _serve(settings: Settings, host: str, port: int, graceful_timeout: float) -> None:
@@ -176,14 +287,20 @@ def engine_limits(assignments: Sequence[str]) -> EngineLimits:
     return EngineLimits(**changes)  # type: ignore[arg-type]
 
 
+def _bind_error(exc: OSError, host: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is in use (another server?); choose another with "
+                "--port PORT, or --port 0 for a free one")  # fmt: skip
+    return f"cannot serve on {host}:{port}: {exc.strerror or exc}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    tools: list[str] = list(args.tools)
-    graphs: tuple[str, ...] = ()
+    configure(args.log_level, args.log_format, access=not args.quiet)
+    tools: list[str] = list(_names(args.tools))
+    graph_paths: list[str] = list(args.graphs)
     if args.samples:
-        graphs, sample_modules = _sample_settings(tools)
+        sample_graphs, sample_modules = _sample_settings(tools)
+        graph_paths = [*sample_graphs, *graph_paths]
         tools += sample_modules
     evaluator = args.evaluator or os.environ.get("TRIOFLOW_EVALUATOR") or "compiled"
     if evaluator not in EVALUATORS:
@@ -193,15 +310,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("--send-timeout must be > 0")
     try:
         limits = engine_limits(args.limit)
+        graphs = _graph_files(graph_paths)
     except ValueError as exc:
         return _fail(str(exc))
     try:
-        build_registry(tuple(tools))
+        _tool_registry(tools, args.entry_points)
     except EngineError as exc:
         return _fail(exc.message)
     settings = Settings(
         store_url=args.store,
         tool_modules=tuple(tools),
+        entry_points=args.entry_points,
         graph_files=graphs,
         evaluator=evaluator,  # type: ignore[arg-type]  # checked against EVALUATORS above
         max_body_bytes=args.max_body_bytes,
@@ -209,16 +328,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_origins=_names(args.allowed_origins),
         send_timeout_s=args.send_timeout,
         limits=limits,
+        access_log=not args.quiet,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
     except OSError as exc:
-        return _fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+        # Bound before anything else starts: nothing was opened or resumed.
+        return _fail(_bind_error(exc, args.host, args.port))
     except StartupError as exc:
-        # The store opens before any socket is bound: a bad URL, an
+        # The store opens before any socket listens: a bad URL, an
         # unwritable directory, a foreign file or a store another server
         # holds is this one line and exit 3.
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C while starting: everything opened has been closed
     return EXIT_OK
 
 
@@ -227,7 +350,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     try:
-        registry = build_registry(tuple(args.tools))
+        registry = _tool_registry(_names(args.tools), args.entry_points)
     except EngineError as exc:
         return _fail(exc.message)
     try:
@@ -287,7 +410,7 @@ async def _run(document: Any, state: Any, registry: Registry) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        registry = build_registry(tuple(args.tools))
+        registry = _tool_registry(_names(args.tools), args.entry_points)
     except EngineError as exc:
         return _fail(exc.message)
     try:
@@ -371,6 +494,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 # -- prune -------------------------------------------------------------------------
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE_NAMES = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
 
 
 def _age(text: str) -> float:
@@ -384,44 +508,129 @@ def _age(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"not an age: {text!r} (use e.g. 90s, 30m, 12h, 30d)"
         ) from None
-    if value < 0 or value != value:
+    if value < 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"an age must be positive: {text!r}")
     return value
 
 
-async def _prune(store_url: str, older_than_s: float) -> int:
+def human_age(seconds: float) -> str:
+    """``2592000`` -> ``"30 days"``: the largest unit that holds it a whole number of times."""
+    for name, size in _AGE_NAMES:
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {name}" + ("" if count == 1 else "s")
+    for name, size in _AGE_NAMES:
+        if seconds >= size:
+            return f"{seconds / size:.3g} {name}s"
+    return f"{seconds:g} seconds"
+
+
+async def _count_prunable(engine: trioflow.Engine, finished_before: float) -> int:
+    """How many runs ``delete_runs`` would delete: terminal, finished before the cut-off."""
+    count = 0
+    for status in sorted(TERMINAL, key=lambda s: s.value):
+        cursor: str | None = None
+        while True:
+            page = await engine.list_runs(status=status, cursor=cursor, limit=500)
+            finished = (r.finished_at for r in page.items if r.finished_at is not None)
+            count += sum(1 for when in finished if when < finished_before)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    return count
+
+
+async def _prune(store_url: str, older_than_s: float, dry_run: bool) -> tuple[int, float]:
     store = open_store_from_url(store_url)
-    # No resume: pruning must not start the runs a stopped server left behind.
+    if isinstance(store, MemoryStore):
+        raise _NothingToPrune
+    # No resume and no session: pruning takes no lock, starts none of the
+    # runs a stopped server left behind, and may run beside a server.
     async with open_engine(store=store, resume=False) as engine:
-        return await engine.delete_runs(older_than_s=older_than_s)
+        cut_off = time.time() - older_than_s
+        if dry_run:
+            return await _count_prunable(engine, cut_off), cut_off
+        return await engine.delete_runs(older_than_s=older_than_s), cut_off
+
+
+class _NothingToPrune(Exception):
+    """A memory store lives in one process: another process has nothing to prune in it."""
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     try:
-        deleted = trio.run(_prune, args.store, args.older_than)
+        count, cut_off = trio.run(_prune, args.store, args.older_than, args.dry_run)
+    except _NothingToPrune:
+        return _fail(f"nothing to prune in {args.store}: a memory store lives inside the "
+                     "process that opened it and ends with it")  # fmt: skip
     except EngineError as exc:
         return _fail(exc.message)
-    print(f"deleted {deleted} terminal run(s) older than {args.older_than:g} s")
+    age = human_age(args.older_than)
+    before = datetime.datetime.fromtimestamp(cut_off).strftime("%Y-%m-%d %H:%M:%S")
+    if args.dry_run:
+        print(f"would delete {count} terminal run(s) older than {age} (finished before "
+              f"{before}); nothing was deleted")  # fmt: skip
+    else:
+        print(f"deleted {count} terminal run(s) older than {age} (finished before {before})")
     return EXIT_OK
 
 
 # -- main --------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="trioflow", description="JSON-defined workflow graphs on Trio.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (got {port})")
+    return port
 
-    p = sub.add_parser("serve", help="serve the HTTP API")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: pick a free one)")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="trioflow",
+        description="JSON-defined workflow graphs on Trio: serve them over HTTP, or validate "
+        "and run them here. `trioflow COMMAND --help` describes each command.",
+        epilog=EXIT_CODES,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {trioflow.__version__}",
+        help="print the version and exit",
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API",
+        description="Serve the HTTP API (REST, WebSocket and SSE log streams). Prints "
+        "`trioflow listening on URL` on stdout once it accepts connections; everything "
+        "else (start-up summary, access lines, warnings) is the log, on stderr.",
+        epilog="exit codes:\n  0  stopped cleanly (SIGINT/SIGTERM)\n"
+        "  3  could not start: a bad option, tools that do not load, a --graphs path that "
+        "does not exist,\n     the port in use, a store that cannot be opened",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, loopback only)")  # fmt: skip
+    p.add_argument("--port", type=_port, default=8000,
+                   help="port to listen on (default: 8000; 0 picks a free one)")  # fmt: skip
     p.add_argument("--store", default=_default_store(),
                    help=f"store URL: sqlite:///PATH or memory:// (default: $TRIOFLOW_STORE, "
                         f"else {DEFAULT_STORE})")  # fmt: skip
-    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE",
-                   help="tool modules to load (each defines register(registry))")  # fmt: skip
+    _add_tool_options(p)
+    p.add_argument(
+        "--graphs",
+        action="append",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="register graph documents at start: a JSON file, or every *.json in a "
+        "directory. Repeatable. A file that cannot be read or is not a valid graph is "
+        "skipped with a warning line; a path that does not exist stops the server (exit 3)",
+    )
     p.add_argument("--samples", action="store_true",
-                   help="register the graphs in samples/ (and their tool modules)")  # fmt: skip
+                   help="register the graphs in the repository's samples/ and load their tool "
+                        "modules (--graphs samples/ --tools samples.python_review)")  # fmt: skip
     p.add_argument("--evaluator", default=None, metavar="|".join(EVALUATORS),
                    help="condition evaluator (default: $TRIOFLOW_EVALUATOR, else compiled)")
     p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST]",
@@ -432,40 +641,97 @@ def build_parser() -> argparse.ArgumentParser:
                         "requests; others get 403. Repeatable or comma-separated; * allows any")
     p.add_argument("--send-timeout", type=float, default=Settings().send_timeout_s,
                    metavar="SECONDS",
-                   help="close a connection whose client accepts no data for this long")
-    p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes)
+                   help="close a connection whose client accepts no data for this long "
+                        "(default: %(default)g)")
+    p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes,
+                   metavar="BYTES",
+                   help="request bodies over this get 413 (default: %(default)d)")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="an engine bound, e.g. max_log_entries=50000 or max_graph_steps=10000 "
                         "(repeatable; see docs/operations.md for every name and default)")
-    p.add_argument("--graceful-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests get on shutdown")  # fmt: skip
+    p.add_argument("--graceful-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds in-flight requests get on shutdown (default: %(default)g)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])  # fmt: skip
+                   choices=["debug", "info", "warning", "error"],
+                   help="the least severe log records written to stderr (default: info)")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text lines, or json: one JSON object per line for every record, "
+                        "access lines included (default: text)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no access log (by default one line per request: method, path, "
+                        "status, duration)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("validate", help="validate a graph document")
-    p.add_argument("file")
-    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE")
+    p = sub.add_parser(
+        "validate",
+        help="validate a graph document",
+        description="Validate a graph document against the tools the server would have, "
+        "printing every problem with its JSON path.",
+        epilog="exit codes:\n  0  valid\n  1  invalid (every problem is printed)\n"
+        "  3  the file cannot be read or the tools do not load",
+    )
+    p.add_argument("file", metavar="FILE", help="the graph document (JSON)")
+    _add_tool_options(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="run a graph here, printing its log (stderr) and state (stdout)")
-    p.add_argument("file")
-    p.add_argument("--state", default="{}", help="initial state as a JSON object")
-    p.add_argument("--tools", nargs="+", action="extend", default=[], metavar="MODULE")
+    p = sub.add_parser(
+        "run",
+        help="run a graph here, printing its log (stderr) and state (stdout)",
+        description="Run a graph in this process with a memory store, printing its log on "
+        "stderr and its final state on stdout. Ctrl-C cancels the run.",
+        epilog="exit codes:\n  0  completed\n  1  failed\n  2  cancelled\n"
+        "  3  could not start: unreadable file, invalid graph or state, tools that do not load",
+    )
+    p.add_argument("file", metavar="FILE", help="the graph document (JSON)")
+    p.add_argument("--state", default="{}", metavar="JSON",
+                   help="initial state as a JSON object (default: {})")  # fmt: skip
+    _add_tool_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("prune", help="delete terminal runs (and their logs) older than an age")
+    p = sub.add_parser(
+        "tools",
+        help="list the tools graphs can name (the registry serve would have)",
+        description="List the registered tools: name, kind (sync: runs in a worker thread, "
+        "inline: a sync tool run on the event loop, async) and the first line of its "
+        "docstring. Takes the same tool options as serve; GET /tools lists a server's.",
+        epilog="exit codes:\n  0  listed\n  3  the tools do not load",
+    )
+    _add_tool_options(p)
+    p.add_argument("--samples", action="store_true",
+                   help="also load the samples' tool modules, as serve --samples does")
+    p.set_defaults(func=cmd_tools)
+
+    p = sub.add_parser(
+        "prune",
+        help="delete terminal runs (and their logs) older than an age",
+        description="Delete the runs that finished (completed, failed or cancelled) more than "
+        "an age ago, with their logs. Takes no lock: safe beside a running server, whose "
+        "runs in flight it never touches.",
+        epilog="exit codes:\n  0  done\n"
+        "  3  the store cannot be opened, or it is memory:// (nothing outlives its process)",
+    )
     p.add_argument("--store", default=_default_store(),
                    help=f"store URL (default: $TRIOFLOW_STORE, else {DEFAULT_STORE})")  # fmt: skip
     p.add_argument("--older-than", required=True, type=_age, metavar="AGE",
                    help="age such as 3600, 90s, 30m, 12h or 30d")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="only say how many runs would be deleted")  # fmt: skip
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("logs", help="print a run's log from a server")
-    p.add_argument("run_id")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p = sub.add_parser(
+        "logs",
+        help="print a run's log from a server",
+        description="Print a run's log from a running server (over its WebSocket).",
+        epilog="exit codes:\n  0  printed (with --follow: the run completed)\n"
+        "  1  with --follow: the run failed\n  2  with --follow: the run was cancelled\n"
+        "  3  unknown run, server unreachable or shutting down",
+    )
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server's base URL (default: %(default)s)")  # fmt: skip
     p.add_argument("--follow", "-f", action="store_true", help="wait for new entries until the end")
-    p.add_argument("--after", type=int, default=0, help="only entries with seq > AFTER")
+    p.add_argument("--after", type=int, default=0, metavar="SEQ",
+                   help="only entries with seq > SEQ (default: 0)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON entry per line")
     p.set_defaults(func=cmd_logs)
     return parser
@@ -474,7 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trioflow`` console script."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except BrokenPipeError:
+        # The reader went away (trioflow tools | head): not an error of ours.
+        # Python would complain again when it flushes stdout on exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return code
 
 

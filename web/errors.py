@@ -120,7 +120,16 @@ def error_response(status: int, code: str, message: str,
     return JSON(error_body(code, message, details), status_code=status, headers=headers)
 
 
+INVALID_CURSOR = (
+    "the cursor is not one this server gave out; pass a next_cursor from a previous page, "
+    "or leave cursor out to start from the first page"
+)
+
+
 def engine_error_response(exc: EngineError) -> JSON:
+    if isinstance(exc, InvalidCursorError):
+        # The store's message says why its decoder failed: nothing a client can act on.
+        return error_response(400, exc.code, INVALID_CURSOR)
     status = engine_status(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message)

@@ -6,19 +6,32 @@ maps them to status codes in one place.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from typing import Any, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 import trioflow
-from trioflow import Engine, GraphValidationError, Problem, RunRecord, RunStatus, UnknownGraphError
+from trioflow import (
+    Engine,
+    EngineError,
+    GraphValidationError,
+    Problem,
+    RunRecord,
+    RunStatus,
+    Tool,
+    UnknownGraphError,
+)
+from trioflow.stores.base import Cursor
 
-from .errors import RequestError, request_invalid
+from .errors import RequestError, engine_error_response, request_invalid
 from .responses import JSON, log_entry
 from .schemas import LogPageQuery, PageQuery, RunLogsQuery, RunRequest, RunsQuery
 from .services import services
@@ -26,8 +39,6 @@ from .services import services
 Q = TypeVar("Q", bound=BaseModel)
 
 _READ_PAGE = 1000
-
-
 
 # -- input -----------------------------------------------------------------------
 
@@ -154,10 +165,70 @@ async def create_graph(request: Request) -> Response:
                         headers={"Location": f"/graph/{graph.id}"})  # fmt: skip
 
 
+# One member of an If-None-Match list (RFC 9110, 8.8.3 and 5.6.1): an entity
+# tag, W/ marking a weak one, or nothing (lists may hold empty members).
+_LIST_MEMBER = re.compile(r'[ \t]*(?:(?:W/)?("[\x21\x23-\x7e\x80-\xff]*"))?[ \t]*(,|$)')
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Whether an ``If-None-Match`` value matches ``etag`` (RFC 9110, 13.1.2).
+
+    The weak comparison: ``W/"x"`` and ``"x"`` match each other. ``*`` alone
+    matches any current representation. A list matches if one member does.
+    A malformed value matches nothing, so the answer is the full one.
+    """
+    if if_none_match.strip(" \t") == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    tags: list[str] = []
+    pos, end = 0, len(if_none_match)
+    while pos < end:
+        member = _LIST_MEMBER.match(if_none_match, pos)
+        if member is None or member.end() == pos:
+            return False
+        if member.group(1) is not None:
+            tags.append(member.group(1))
+        pos = member.end()
+    return opaque in tags
+
+
+def _fixed_graph_routes(request: Request) -> dict[str, str]:
+    """``/graph/NAME`` paths with a route of their own -> their methods (``"POST"``).
+
+    ``GET /graph/{graph_id}`` would otherwise take ``GET /graph/create`` for
+    the graph ``create``.
+    """
+    fixed: dict[str, str] | None = getattr(request.app.state, "fixed_graph_routes", None)
+    if fixed is None:
+        fixed = {}
+        for route in request.app.routes:
+            if isinstance(route, Route) and route.path.startswith("/graph/"):
+                name = route.path.removeprefix("/graph/")
+                if "/" not in name and "{" not in name:
+                    methods = sorted(m for m in route.methods or () if m != "HEAD")
+                    fixed[name] = ", ".join(methods)
+        request.app.state.fixed_graph_routes = fixed
+    return fixed
+
+
 async def get_graph(request: Request) -> Response:
-    """``GET /graph/{graph_id}``: the stored (normalised) document; ``ETag`` is its digest."""
-    stored = await services(request).engine.get_graph_document(request.path_params["graph_id"])
-    return JSON(stored.document, headers={"ETag": f'"{stored.digest}"'})
+    """``GET /graph/{graph_id}``: the stored (normalised) document; ``ETag`` is its digest.
+
+    ``If-None-Match`` with the current tag (or ``*``) answers 304 without a
+    body. A fixed path such as ``/graph/create`` answers 405 with its
+    ``Allow``, not "graph 'create' not found".
+    """
+    graph_id = request.path_params["graph_id"]
+    allow = _fixed_graph_routes(request).get(graph_id)
+    if allow is not None:
+        raise HTTPException(405, f"{request.method} is not allowed on /graph/{graph_id}; "
+                                 f"use {allow}", headers={"Allow": allow})  # fmt: skip
+    stored = await services(request).engine.get_graph_document(graph_id)
+    etag = f'"{stored.digest}"'
+    conditions = request.headers.getlist("if-none-match")
+    if conditions and etag_matches(", ".join(conditions), etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSON(stored.document, headers={"ETag": etag})
 
 
 async def list_graphs(request: Request) -> Response:
@@ -176,11 +247,43 @@ async def list_graphs(request: Request) -> Response:
     return JSON({"items": items, "next_cursor": page.next_cursor})
 
 
+# -- tools -----------------------------------------------------------------------
+
+
+def tool_kind(tool: Tool) -> str:
+    """``async``, ``inline`` (a sync tool run on the event loop) or ``sync`` (in a thread)."""
+    return "async" if tool.is_async else "inline" if tool.inline else "sync"
+
+
+async def list_tools(request: Request) -> Response:
+    """``GET /tools``: the registered tools in name order, one page."""
+    query = parse_query(PageQuery, request)
+    tools = services(request).engine.registry.tools()
+    names = sorted(tools)
+    start = 0
+    if query.cursor is not None:
+        _, after = Cursor.decode(query.cursor)  # InvalidCursorError: 400
+        start = bisect.bisect_right(names, after)
+    page = names[start : start + query.limit]
+    more = start + len(page) < len(names)
+    items = [
+        {"name": name, "kind": tool_kind(tools[name]), "description": tools[name].description}
+        for name in page
+    ]
+    next_cursor = Cursor.encode(0, page[-1]) if more and page else None
+    return JSON({"items": items, "next_cursor": next_cursor})
+
+
 # -- runs ------------------------------------------------------------------------
 
 
 async def run_graph(request: Request) -> Response:
-    """``POST /graph/run``: 200 with the finished run, or 202 at once when ``background``."""
+    """``POST /graph/run``: 200 with the finished run, or 202 at once when ``background``.
+
+    Both carry ``X-Run-Id`` and ``Location: /graph/state/{run_id}``. The sync
+    answer is not streamed: its status is the run's outcome (200, or 503 when
+    the run stalls), known only at its end, so the headers come with it.
+    """
     engine = services(request).engine
     raw = await read_json(request)
     try:
@@ -189,13 +292,21 @@ async def run_graph(request: Request) -> Response:
         raise request_invalid(exc, "body") from None
     query = parse_query(RunLogsQuery, request)
     record = await engine.start_run(body.graph_id, body.initial_state)
+    # Every answer about a started run names it, errors included (a run that
+    # stalls answers 503): a client can always come back to it.
+    run_headers = {"X-Run-Id": record.run_id, "Location": f"/graph/state/{record.run_id}"}
     if body.background:
         accepted = {"run_id": record.run_id, "graph_id": record.graph_id,
                     "status": record.status.value}  # fmt: skip
-        return JSON(accepted, status_code=202,
-                            headers={"Location": f"/graph/state/{record.run_id}"})  # fmt: skip
-    final = await engine.wait(record.run_id)
-    return JSON(await run_with_logs(engine, final, query.logs))
+        return JSON(accepted, status_code=202, headers=run_headers)
+    try:
+        final = await engine.wait(record.run_id)
+        answer = await run_with_logs(engine, final, query.logs)
+    except EngineError as exc:
+        response = engine_error_response(exc)
+        response.headers.update(run_headers)
+        return response
+    return JSON(answer, headers=run_headers)
 
 
 async def run_state(request: Request) -> Response:

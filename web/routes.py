@@ -109,10 +109,18 @@ OPERATIONS: tuple[Operation, ...] = (
         query=schemas.PageQuery,
     ),
     Operation(
+        "GET", "/tools", handlers.list_tools, "listTools",
+        "Registered tools in name order (what a graph may name), paginated",
+        {200: ("One page", schemas.ToolPage), **_errors(400, 422)}, tag="graphs",
+        query=schemas.PageQuery,
+    ),
+    Operation(
         "POST", "/graph/run", handlers.run_graph, "runGraph",
         "Start a run; wait for it unless background",
         {200: ("The finished run with the last ?logs= entries of its log", schemas.RunWithLogs),
          202: ("Started in the background", schemas.RunAccepted),
+         503: ("The store refuses writes (store_error), or the run stalled (run_stalled)",
+               schemas.ErrorResponse),
          **_errors(400, 404, 413, 415, 422, 429)},
         tag="runs", body=schemas.RunRequest, query=schemas.RunLogsQuery,
         body_example={"graph_id": "code-review-a", "initial_state": {"issues_open": 1},
@@ -134,7 +142,14 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
         "The stored, normalised graph document",
-        {200: ("The document", GraphDocument), **_errors(404)}, tag="graphs",
+        {200: ("The document", GraphDocument),
+         304: ("Not modified, no body: If-None-Match holds the current ETag (or *)", {}),
+         405: ("A fixed path such as /graph/create or /graph/run (Allow names its method)",
+               schemas.ErrorResponse),
+         **_errors(404)},
+        tag="graphs",
+        headers={"If-None-Match": ("ETags the client holds (RFC 9110, weak comparison; *)",
+                                   {"type": "string"})},
     ),
     Operation(
         "GET", "/runs", handlers.list_runs, "listRuns",
@@ -152,6 +167,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/sse/logs/{run_id}", streaming.sse_logs, "streamRunLog",
         "A run's log as Server-Sent Events: replay, live tail, final status",
         {200: ("Events `log` (id = seq) then one `status`", {"type": "string"}),
+         204: ("No body: the run has ended and has no entry after Last-Event-ID (or "
+               "?after=), so an EventSource stops reconnecting", {}),
          **_errors(400, 404, 422)},
         tag="runs", query=schemas.FollowQuery, media_type=EVENT_STREAM,
         headers={"Last-Event-ID": ("Resume after this seq (wins over ?after=)",

@@ -233,6 +233,25 @@ class GraphPage(BaseModel):
     next_cursor: str | None
 
 
+ToolKind = Literal["sync", "async", "inline"]
+
+
+class ToolSummary(BaseModel):
+    """A registered tool: what a graph node (or a branch condition) may name."""
+
+    name: str = Field(description="The name graphs use in `callable`.")
+    kind: ToolKind = Field(
+        description="sync: runs in a worker thread; inline: a sync tool run on the event "
+        "loop (cheap, non-blocking); async: a coroutine run on the event loop."
+    )
+    description: str = Field(description="The first line of its docstring (may be empty).")
+
+
+class ToolPage(BaseModel):
+    items: list[ToolSummary]
+    next_cursor: str | None
+
+
 class RunPage(BaseModel):
     items: list[RunOut]
     next_cursor: str | None

@@ -3,9 +3,10 @@
 The loop below is Hypercorn's own ``worker_serve`` (its lifespan, worker
 context and per-connection ``TCPServer``) with two differences:
 
-* the listening sockets are bound only after the app's lifespan has started
-  (the engine and its store are open), so a server that cannot start never
-  accepts a connection;
+* the sockets are bound first, so that an address in use is reported before
+  anything else happens (no store opened, no run resumed), and listen only
+  after the app's lifespan has started (the engine and its store are open),
+  so a server that cannot start never accepts a connection;
 * every connection's stream is a :class:`_BoundedSendStream`: a write that
   makes no progress for ``Settings.send_timeout_s`` closes that connection.
   Hypercorn shields its writes from cancellation, so without this a client
@@ -129,12 +130,12 @@ async def serve(
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM or ``shutdown_trigger`` returns.
 
-    The app's lifespan starts first (opening the engine it owns); only then
-    are the sockets bound. Shutdown is graceful: the listeners close, log
-    streams are told to go (WebSockets close with 1001, SSE streams end),
-    requests in flight get up to ``graceful_timeout`` seconds to finish, then
-    the app's lifespan ends (closing the engine it owns, which leaves
-    unfinished runs resumable).
+    The sockets are bound first; then the app's lifespan starts (opening the
+    engine it owns); only then do the sockets listen. Shutdown is graceful:
+    the listeners close, log streams are told to go (WebSockets close with
+    1001, SSE streams end), requests in flight get up to ``graceful_timeout``
+    seconds to finish, then the app's lifespan ends (closing the engine it
+    owns, which leaves unfinished runs resumable).
 
     Args:
         app: an app made by :func:`web.app.create_app`.
@@ -146,7 +147,8 @@ async def serve(
 
     Raises:
         StartupError: the app's lifespan failed (the error is logged).
-        OSError: the address cannot be bound.
+        OSError: the address cannot be bound (raised before the lifespan
+            starts; ``errno.EADDRINUSE`` when the port is taken).
     """
     config = hypercorn_config(host, port, graceful_timeout=graceful_timeout)
     lifecycle = lifecycle_of(app)
@@ -170,6 +172,8 @@ async def serve(
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
+    sockets = config.create_sockets()
+    listening = False
 
     try:
         async with trio.open_nursery() as lifespan_nursery:
@@ -182,7 +186,7 @@ async def serve(
                 raise StartupError(app.state.startup_error or "the app failed to start")
 
             async with trio.open_nursery() as server_nursery:
-                sockets = config.create_sockets()
+                listening = True
                 listeners: list[trio.SocketListener] = []
                 binds: list[str] = []
                 for sock in sockets.insecure_sockets:
@@ -223,6 +227,10 @@ async def serve(
         if group.subgroup((LifespanFailureError, StartupError)) is None:
             raise
         raise StartupError(app.state.startup_error or "the app failed to start") from None
+    finally:
+        if not listening:
+            for sock in sockets.insecure_sockets:
+                sock.close()
 
 
 async def _serve_listeners(handler: Callable[[trio.SocketStream], Awaitable[None]],

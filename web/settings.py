@@ -24,8 +24,13 @@ class Settings:
             engine (``memory://``, ``sqlite:///PATH``); ignored when an
             engine is handed to :func:`web.app.create_app`.
         tool_modules: operator-named modules whose ``register(registry)`` is
-            called at start, after the built-in tools.
-        graph_files: graph documents (JSON files) registered at start.
+            called at start, after the built-in tools and the entry points.
+        entry_points: call every ``register(registry)`` that installed
+            distributions declare in the ``trioflow.tools`` entry-point group
+            at start (``trioflow serve --no-entry-points`` turns it off).
+        graph_files: graph documents (JSON files) registered at start; a file
+            that cannot be read or is not a valid graph is skipped with a
+            warning line.
         limits: the engine's process-wide bounds.
         evaluator: the condition evaluator of the engine the app opens
             (``"compiled"`` or ``"asteval"``); ignored when an engine is handed in.
@@ -42,10 +47,13 @@ class Settings:
         send_timeout_s: a connection whose client accepts no data for this
             long while the server writes to it (a follower that never
             reads) is closed and everything it held is freed.
+        access_log: log one line per request (logger ``trioflow.access``,
+            see :mod:`web.serverlog`); false leaves the middleware out.
     """
 
     store_url: str = "memory://"
     tool_modules: tuple[str, ...] = ()
+    entry_points: bool = True
     graph_files: tuple[str, ...] = ()
     limits: EngineLimits = field(default_factory=EngineLimits)
     evaluator: Evaluator = "compiled"
@@ -54,6 +62,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     send_timeout_s: float = 30.0
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         if self.evaluator not in EVALUATORS:

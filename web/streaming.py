@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from trioflow import Engine, EngineError, LogEntry, RunStatus
+from trioflow import TERMINAL, Engine, EngineError, LogEntry, RunStatus
 
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps
@@ -298,7 +298,12 @@ class EventStream(Response):
 
 
 async def sse_logs(request: Request) -> Response:
-    """``GET /sse/logs/{run_id}``: resumes after ``Last-Event-ID`` (or ``?after=``)."""
+    """``GET /sse/logs/{run_id}``: resumes after ``Last-Event-ID`` (or ``?after=``).
+
+    A run that has ended and has nothing after that seq answers 204: a
+    browser's ``EventSource`` reconnects after every stream that ends, and
+    204 is what makes it stop.
+    """
     svc = services(request)
     run_id = request.path_params["run_id"]
     try:
@@ -306,6 +311,9 @@ async def sse_logs(request: Request) -> Response:
     except ValidationError as exc:
         raise request_invalid(exc, "query") from None
     resume = _last_event_id(request)
-    await svc.engine.get_run(run_id)  # 404 before the stream starts
+    record = await svc.engine.get_run(run_id)  # 404 before the stream starts
     after = resume if resume is not None else query.after
+    if record.status in TERMINAL and after >= record.last_seq:
+        # The terminal record and the last entry are one checkpoint: nothing follows.
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
     return EventStream(svc.engine, svc.lifecycle, run_id, after, svc.settings.heartbeat_s)

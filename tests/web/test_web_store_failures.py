@@ -120,6 +120,10 @@ async def test_a_synchronous_run_that_stalls_answers_503(
     assert gates.entered == 0
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "run_stalled"
+    # The error names the run, so the client can cancel it or come back to it.
+    run_id = r.headers["x-run-id"]
+    assert r.headers["location"] == f"/graph/state/{run_id}"
+    assert (await failing_server.client.get(r.headers["location"])).json()["status"] == "running"
 
 
 async def test_a_graph_over_the_servers_ceilings_is_422(server: Server) -> None:

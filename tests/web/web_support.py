@@ -134,3 +134,16 @@ async def open_silent_ws(base_url: str, path: str) -> trio.SocketStream:
         head += await stream.receive_some(1)  # byte by byte: leave the frames unread
     assert head.startswith(b"HTTP/1.1 101"), head
     return stream
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    """``response`` is the JSON error ``{"error": {code, message, details}}``; its details."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    details: dict[str, Any] = body["error"]["details"]
+    return details
