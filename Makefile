@@ -30,8 +30,9 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,bench]'
 	@touch $(BENCH_STAMP)
 
+# make serve ARGS="--tools mytools --graphs my_graph.json" adds options.
 serve: install
-	$(BIN)/trioflow serve --host 127.0.0.1 --port 8000 --samples
+	$(BIN)/trioflow serve --host 127.0.0.1 --port 8000 --samples $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -27,6 +27,8 @@ from .waits import WaitPlan, compile_wait
 MAX_NODES = 1000
 MAX_EDGES = 4000
 _MAX_ITERATIONS = 1_000_000
+#: Graph ids that are fixed paths of the HTTP API (GET /graph/{id} could not read them).
+RESERVED_IDS = frozenset({"create", "run"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,10 @@ class _Checker:
             self.add("graph_too_large", "$.edges", f"{len(doc.edges)} edges; limit {MAX_EDGES}")
         if self.problems:
             return None
+        if doc.id in RESERVED_IDS:
+            self.add("reserved_id", "$.id",
+                     f"graph id {doc.id!r} is the name of an API path (/graph/{doc.id}); "
+                     "choose another")  # fmt: skip
         self.ceilings()
 
         model: type[BaseModel] = JsonState

@@ -543,3 +543,10 @@ def test_a_repeated_node_id_is_reported_even_when_the_first_has_an_unknown_calla
     found = {(p.code, p.path) for p in info.value.problems}
     assert ("unknown_callable", "$.nodes[0].callable") in found
     assert ("duplicate_node_id", "$.nodes[1].id") in found
+
+
+@pytest.mark.parametrize("graph_id", ["create", "run"])
+def test_ids_that_are_api_paths_are_refused(registry: Registry, graph_id: str) -> None:
+    doc = base()
+    doc["id"] = graph_id
+    assert problems(doc, registry) == [("reserved_id", "$.id")]

@@ -102,10 +102,9 @@ def build_openapi() -> dict[str, Any]:
         responses: dict[str, Any] = {}
         for status, (description, body) in sorted(op.responses.items()):
             media = op.media_type if status < 300 else "application/json"
-            responses[str(status)] = {
-                "description": description,
-                "content": {media: {"schema": _schema_of(body, refs)}},
-            }
+            responses[str(status)] = {"description": description}
+            if body is not None:  # 204 and 304 carry no content at all
+                responses[str(status)]["content"] = {media: {"schema": _schema_of(body, refs)}}
         operation: dict[str, Any] = {
             "operationId": op.operation_id,
             "summary": op.summary,

@@ -143,7 +143,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "GET", "/graph/{graph_id}", handlers.get_graph, "getGraph",
         "The stored, normalised graph document",
         {200: ("The document", GraphDocument),
-         304: ("Not modified, no body: If-None-Match holds the current ETag (or *)", {}),
+         304: ("Not modified, no body: If-None-Match holds the current ETag (or *)", None),
          405: ("A fixed path such as /graph/create or /graph/run (Allow names its method)",
                schemas.ErrorResponse),
          **_errors(404)},
@@ -168,7 +168,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "A run's log as Server-Sent Events: replay, live tail, final status",
         {200: ("Events `log` (id = seq) then one `status`", {"type": "string"}),
          204: ("No body: the run has ended and has no entry after Last-Event-ID (or "
-               "?after=), so an EventSource stops reconnecting", {}),
+               "?after=), so an EventSource stops reconnecting", None),
          **_errors(400, 404, 422)},
         tag="runs", query=schemas.FollowQuery, media_type=EVENT_STREAM,
         headers={"Last-Event-ID": ("Resume after this seq (wins over ?after=)",
