@@ -39,6 +39,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check core web tests samples bench
+	$(BIN)/ruff format --check core web tests samples bench
 	$(BIN)/mypy -p trioflow
 
 bench: $(BENCH_STAMP)

@@ -20,9 +20,15 @@ from ._common import Row, fmt
 
 #: In the order they run. ``profile`` prints its own report and is not in the table.
 BENCHMARKS = (
-    "per_step", "service", "concurrency", "waits", "streaming", "listing", "expressions",
+    "per_step",
+    "service",
+    "concurrency",
+    "waits",
+    "streaming",
+    "listing",
+    "expressions",
     "condition_stall",
-)  # fmt: skip
+)
 EXTRA = ("profile",)
 
 
@@ -36,22 +42,50 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{os.cpu_count()} cores, {model}, Python {platform.python_version()} "
-            f"({platform.python_implementation()}), "
-            f"{platform.system()} {platform.release()}")  # fmt: skip
+    return (
+        f"{os.cpu_count()} cores, {model}, Python {platform.python_version()} "
+        f"({platform.python_implementation()}), "
+        f"{platform.system()} {platform.release()}"
+    )
 
 
 def print_table(rows: Sequence[Row], file: object = None) -> None:
     out = file or sys.stdout
-    header = ("benchmark", "case", "metric", "median", "min", "max", "unit", "n", "target",
-              "met", "notes")  # fmt: skip
+    header = (
+        "benchmark",
+        "case",
+        "metric",
+        "median",
+        "min",
+        "max",
+        "unit",
+        "n",
+        "target",
+        "met",
+        "notes",
+    )
     lines = []
     for r in rows:
         met = "" if r.met is None else ("yes" if r.met else "NO")
-        lines.append((r.bench, r.case, r.metric, fmt(r.median), fmt(r.lo), fmt(r.hi), r.unit,
-                      str(r.samples or ""), r.target, met, r.note))  # fmt: skip
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-              for i, h in enumerate(header)]  # fmt: skip
+        lines.append(
+            (
+                r.bench,
+                r.case,
+                r.metric,
+                fmt(r.median),
+                fmt(r.lo),
+                fmt(r.hi),
+                r.unit,
+                str(r.samples or ""),
+                r.target,
+                met,
+                r.note,
+            )
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(header)
+    ]
     # The notes column is last and left ragged.
     widths[-1] = 0
 
@@ -63,8 +97,7 @@ def print_table(rows: Sequence[Row], file: object = None) -> None:
         return "| " + " | ".join(parts).rstrip() + " |"
 
     print(render(header), file=out)  # type: ignore[call-overload]
-    print("|" + "|".join("-" * (w + 2) if w else "---" for w in widths) + "|",
-          file=out)  # type: ignore[call-overload]  # fmt: skip
+    print("|" + "|".join("-" * (w + 2) if w else "---" for w in widths) + "|", file=out)  # type: ignore[call-overload]
     for line in lines:
         print(render(line), file=out)  # type: ignore[call-overload]
 
@@ -88,10 +121,16 @@ def _run_one(name: str, quick: bool) -> list[Row]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer samples and smaller sizes (about 2 minutes)")  # fmt: skip
-    parser.add_argument("--only", action="append", choices=(*BENCHMARKS, *EXTRA), metavar="NAME",
-                        help=f"run only NAME (repeatable): {', '.join(BENCHMARKS + EXTRA)}")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer samples and smaller sizes (about 2 minutes)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=(*BENCHMARKS, *EXTRA),
+        metavar="NAME",
+        help=f"run only NAME (repeatable): {', '.join(BENCHMARKS + EXTRA)}",
+    )
     args = parser.parse_args(argv)
     names = args.only or list(BENCHMARKS)
     print(f"trioflow benchmarks{' (quick)' if args.quick else ''} on {machine()}", flush=True)

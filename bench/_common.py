@@ -86,8 +86,14 @@ def chain_graph(n: int, graph_id: str = "bench-chain") -> dict[str, Any]:
     """A linear chain of ``n`` ``tools.noop`` nodes."""
     nodes = [{"id": f"n{i}", "callable": "tools.noop"} for i in range(n)]
     edges = [{"from": f"n{i}", "to": f"n{i + 1}", "type": "sequential"} for i in range(n - 1)]
-    return {"id": graph_id, "name": f"{n}-node chain", "start_node": "n0",
-            "max_steps": n + 10, "nodes": nodes, "edges": edges}  # fmt: skip
+    return {
+        "id": graph_id,
+        "name": f"{n}-node chain",
+        "start_node": "n0",
+        "max_steps": n + 10,
+        "nodes": nodes,
+        "edges": edges,
+    }
 
 
 def web_available() -> bool:

@@ -42,13 +42,21 @@ async def _fill(store: Store, runs: int) -> float:
             status = STATUSES[i % len(STATUSES)]
             created = base + i * 0.01
             run = RunRecord(
-                run_id=f"{i:08x}", graph_id=f"graph-{i % GRAPHS:04d}", status=status,
-                state={"issues_open": i % 3, "approved": True}, current_node="approve", step=9,
-                created_at=created, updated_at=created + 1,
-                finished_at=created + 1 if status.is_terminal else None, last_seq=3,
-            )  # fmt: skip
-            entries = [LogEntry(s, created, Level.INFO, Event.CUSTOM, "approve", "x", {"s": s})
-                       for s in (1, 2, 3)]  # fmt: skip
+                run_id=f"{i:08x}",
+                graph_id=f"graph-{i % GRAPHS:04d}",
+                status=status,
+                state={"issues_open": i % 3, "approved": True},
+                current_node="approve",
+                step=9,
+                created_at=created,
+                updated_at=created + 1,
+                finished_at=created + 1 if status.is_terminal else None,
+                last_seq=3,
+            )
+            entries = [
+                LogEntry(s, created, Level.INFO, Event.CUSTOM, "approve", "x", {"s": s})
+                for s in (1, 2, 3)
+            ]
             await store.create_run(run, entries)
 
     async with trio.open_nursery() as nursery:
@@ -83,23 +91,26 @@ async def _bench(name: str, store: Store, runs: int) -> list[Row]:
 
         timings = [
             await _time("list_runs first page (50)", lambda: store.list_runs()),
-            await _time("list_runs page 101 (cursor)",
-                        lambda: store.list_runs(cursor=deep_cursor)),
-            await _time("list_runs graph_id=... (50)",
-                        lambda: store.list_runs(graph_id="graph-0007")),
-            await _time("list_runs status=failed (50)",
-                        lambda: store.list_runs(status=RunStatus.FAILED)),
-            await _time("list_runs status=running + graph_id (50)",
-                        lambda: store.list_runs(status=RunStatus.RUNNING, graph_id="graph-0009")),
-            await _time("list_graphs second page (cursor)",
-                        lambda: store.list_graphs(cursor=graphs_cursor)),
-        ]  # fmt: skip
+            await _time("list_runs page 101 (cursor)", lambda: store.list_runs(cursor=deep_cursor)),
+            await _time(
+                "list_runs graph_id=... (50)", lambda: store.list_runs(graph_id="graph-0007")
+            ),
+            await _time(
+                "list_runs status=failed (50)", lambda: store.list_runs(status=RunStatus.FAILED)
+            ),
+            await _time(
+                "list_runs status=running + graph_id (50)",
+                lambda: store.list_runs(status=RunStatus.RUNNING, graph_id="graph-0009"),
+            ),
+            await _time(
+                "list_graphs second page (cursor)", lambda: store.list_graphs(cursor=graphs_cursor)
+            ),
+        ]
     finally:
         await store.aclose()
     case = f"{name}, {runs:,} runs"
     target = "fast at 100k" if name == "sqlite" and runs >= 100_000 else ""
-    return [row("listing", case, label, "ms", samples, target=target)
-            for label, samples in timings]  # fmt: skip
+    return [row("listing", case, label, "ms", samples, target=target) for label, samples in timings]
 
 
 async def main(runs: int) -> list[Row]:

@@ -81,16 +81,26 @@ async def _child(n: int) -> dict[str, Any]:
         last = await engine.get_run(ids[-1])
         if engine.active_runs != 0 or last.status is not RunStatus.CANCELLED:
             raise RuntimeError(f"{engine.active_runs} still active, last run {last.status}")
-        return {"n": n, "start_calls_s": t_calls, "start_s": t_parked, "cancel_s": t_cancel,
-                "rss_per_run_b": (rss1 - rss0) / n, "rss0_mb": rss0 / 2**20,
-                "rss1_mb": rss1 / 2**20}  # fmt: skip
+        return {
+            "n": n,
+            "start_calls_s": t_calls,
+            "start_s": t_parked,
+            "cancel_s": t_cancel,
+            "rss_per_run_b": (rss1 - rss0) / n,
+            "rss0_mb": rss0 / 2**20,
+            "rss1_mb": rss1 / 2**20,
+        }
 
 
 def _sample(n: int, timeout_s: float) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.concurrency", "--child", str(n)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child for {n} runs failed:\n{proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -109,18 +119,43 @@ def run(quick: bool = False) -> list[Row]:
         label = f"{n:,} parked runs"
         calls = statistics.median(s["start_calls_s"] for s in samples)
         rss = f"RSS {samples[0]['rss0_mb']:.0f} -> {samples[0]['rss1_mb']:.0f} MB"
-        rows.append(row("concurrency", label, "memory per run", "KB", per_run_kb,
-                        target="<= 20", met=statistics.median(per_run_kb) <= 20,
-                        note=rss))  # fmt: skip
-        rows.append(row("concurrency", label, "start all", "s", start,
-                        note=f"{n / statistics.median(start):,.0f} runs/s; the start_run "
-                             f"calls alone {calls:.2f} s"))  # fmt: skip
+        rows.append(
+            row(
+                "concurrency",
+                label,
+                "memory per run",
+                "KB",
+                per_run_kb,
+                target="<= 20",
+                met=statistics.median(per_run_kb) <= 20,
+                note=rss,
+            )
+        )
+        rows.append(
+            row(
+                "concurrency",
+                label,
+                "start all",
+                "s",
+                start,
+                note=f"{n / statistics.median(start):,.0f} runs/s; the start_run "
+                f"calls alone {calls:.2f} s",
+            )
+        )
         cancel_target = n == 100_000
-        rows.append(row("concurrency", label, "cancel all", "s", cancel,
-                        target="< 10" if cancel_target else "",
-                        met=(sorted(cancel)[len(cancel) // 2] < 10) if cancel_target else None,
-                        note=f"{n / sorted(cancel)[len(cancel) // 2]:,.0f} cancels/s, "
-                             "engine.cancel_many over all runs"))  # fmt: skip
+        rows.append(
+            row(
+                "concurrency",
+                label,
+                "cancel all",
+                "s",
+                cancel,
+                target="< 10" if cancel_target else "",
+                met=(sorted(cancel)[len(cancel) // 2] < 10) if cancel_target else None,
+                note=f"{n / sorted(cancel)[len(cancel) // 2]:,.0f} cancels/s, "
+                "engine.cancel_many over all runs",
+            )
+        )
     return rows
 
 

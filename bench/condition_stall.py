@@ -61,9 +61,15 @@ def _graph() -> dict[str, Any]:
         "start_node": "spin",
         "max_steps": 100_000,
         "nodes": [{"id": "spin", "callable": "tools.noop"}],
-        "edges": [{"from": "spin", "to": "spin", "type": "loop",
-                   "loop": {"max_iterations": 50_000, "until_expression": CONDITION}}],
-    }  # fmt: skip
+        "edges": [
+            {
+                "from": "spin",
+                "to": "spin",
+                "type": "loop",
+                "loop": {"max_iterations": 50_000, "until_expression": CONDITION},
+            }
+        ],
+    }
 
 
 async def _serve(state_file: str) -> None:
@@ -77,8 +83,10 @@ async def _serve(state_file: str) -> None:
         app = create_app(engine)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                lambda task_status: serve(app, host="127.0.0.1", port=0, graceful_timeout=2.0,
-                                          task_status=task_status))  # fmt: skip
+                lambda task_status: serve(
+                    app, host="127.0.0.1", port=0, graceful_timeout=2.0, task_status=task_status
+                )
+            )
             await trio.Path(state_file).write_text(json.dumps(state))
             print(f"LISTENING {binds[0]}", flush=True)
 
@@ -94,8 +102,9 @@ async def _latencies(client: Any, seconds: float) -> list[float]:
     return out
 
 
-async def _measure(url: str, state_file: str, seconds: float,
-                   levels: tuple[int, ...]) -> dict[str, Any]:  # fmt: skip
+async def _measure(
+    url: str, state_file: str, seconds: float, levels: tuple[int, ...]
+) -> dict[str, Any]:
     import httpx
 
     state = json.loads(await trio.Path(state_file).read_text())
@@ -105,8 +114,10 @@ async def _measure(url: str, state_file: str, seconds: float,
         for busy in levels:
             runs = []
             for _ in range(busy):
-                r = await client.post("/graph/run", json={
-                    "graph_id": "heavy", "initial_state": state, "background": True})  # fmt: skip
+                r = await client.post(
+                    "/graph/run",
+                    json={"graph_id": "heavy", "initial_state": state, "background": True},
+                )
                 r.raise_for_status()
                 runs.append(r.json()["run_id"])
             await trio.sleep(0.5)
@@ -137,12 +148,22 @@ def run(quick: bool = False) -> list[Row]:
     for case, (values, per_step_ms) in figures.items():
         note = f"{len(values)} requests one after another"
         if per_step_ms:
-            note += (f"; runs looping on a condition at 90-99% of its budget, "
-                     f"{per_step_ms:.1f} ms of wall time per step")  # fmt: skip
+            note += (
+                f"; runs looping on a condition at 90-99% of its budget, "
+                f"{per_step_ms:.1f} ms of wall time per step"
+            )
         for label, q in (("p50", 50.0), ("p99", 99.0), ("max", 100.0)):
             value = percentile(values, q) if q < 100 else max(values)
-            rows.append(row("condition_stall", f"GET /healthz, {case}", f"{label} latency", "ms",
-                            [value], note=note if label == "p50" else ""))  # fmt: skip
+            rows.append(
+                row(
+                    "condition_stall",
+                    f"GET /healthz, {case}",
+                    f"{label} latency",
+                    "ms",
+                    [value],
+                    note=note if label == "p50" else "",
+                )
+            )
     return rows
 
 

@@ -97,141 +97,329 @@ CALIBRATION: list[Case] = [
     # weighs the whole list, then fails at once.
     Case("walk", "flat ints", "sum(context['x'])", _one(lambda n: [None, *range(n)])),
     Case("walk", "flat ints, shuffled", "sum(context['x'])", _one(lambda n: [None, *_ints(n)])),
-    Case("walk", "flat short strs", "sum(context['x'])",
-         _one(lambda n: [None, *(f"s{i}" for i in range(n))])),
-    Case("walk", "flat short strs, shuffled", "sum(context['x'])",
-         _one(lambda n: [None, *_shuffled([f"s{i}" for i in range(n)])])),
+    Case(
+        "walk",
+        "flat short strs",
+        "sum(context['x'])",
+        _one(lambda n: [None, *(f"s{i}" for i in range(n))]),
+    ),
+    Case(
+        "walk",
+        "flat short strs, shuffled",
+        "sum(context['x'])",
+        _one(lambda n: [None, *_shuffled([f"s{i}" for i in range(n)])]),
+    ),
     Case("walk", "nested dicts", "sum(context['x'])", _one(lambda n: [None, *_nested(n)])),
-    Case("walk", "nested dicts, shuffled", "sum(context['x'])",
-         _one(lambda n: [None, *_shuffled(_nested(n))])),
-    Case("walk", "dicts of one key", "sum(context['x'])",
-         _one(lambda n: [None, *({"k": None} for _ in range(n))])),
-    Case("walk", "lists of []", "sum(context['x'])",
-         _one(lambda n: [None, *([[]] for _ in range(n))])),
-    Case("walk", "deep lists", "sum(context['x'])",
-         _one(lambda n: [None, *([[[[[i]]]]] for i in range(n))])),
+    Case(
+        "walk",
+        "nested dicts, shuffled",
+        "sum(context['x'])",
+        _one(lambda n: [None, *_shuffled(_nested(n))]),
+    ),
+    Case(
+        "walk",
+        "dicts of one key",
+        "sum(context['x'])",
+        _one(lambda n: [None, *({"k": None} for _ in range(n))]),
+    ),
+    Case(
+        "walk",
+        "lists of []",
+        "sum(context['x'])",
+        _one(lambda n: [None, *([[]] for _ in range(n))]),
+    ),
+    Case(
+        "walk",
+        "deep lists",
+        "sum(context['x'])",
+        _one(lambda n: [None, *([[[[[i]]]]] for i in range(n))]),
+    ),
     # deep comparisons: the walk of both operands plus the comparison
     Case("compare", "== equal int lists", "context['a'] == context['b']", _two(_ints)),
     Case("compare", "== equal nested dicts", "context['a'] == context['b']", _two(_nested)),
-    Case("compare", "== equal nested dicts, shuffled", "context['a'] == context['b']",
-         lambda n: {"a": _shuffled(_nested(n)), "b": _shuffled(_nested(n))}),
-    Case("compare", "== equal lists of []", "context['a'] == context['b']",
-         _two(lambda n: [[] for _ in range(n)])),
-    Case("compare", "== equal lists of short strs", "context['a'] == context['b']",
-         _two(lambda n: _shuffled([f"s{i}" for i in range(n)]))),
-    Case("compare", "< UCS-4 strings", "context['a'] < context['b'] + 'a'",
-         _two(lambda n: "\U0001f600" * min(n, 99_000))),
-    Case("compare", "< strs, common prefix", "context['a'] < context['b']",
-         lambda n: {"a": ["p" * 40 + str(i) for i in range(n)],
-                    "b": ["p" * 40 + str(i) for i in range(n)] + [""]}),
-    Case("compare", "== dict views", "context['a'].items() == context['b'].items()",
-         _two(lambda n: {f"k{i}": i for i in range(n)})),
+    Case(
+        "compare",
+        "== equal nested dicts, shuffled",
+        "context['a'] == context['b']",
+        lambda n: {"a": _shuffled(_nested(n)), "b": _shuffled(_nested(n))},
+    ),
+    Case(
+        "compare",
+        "== equal lists of []",
+        "context['a'] == context['b']",
+        _two(lambda n: [[] for _ in range(n)]),
+    ),
+    Case(
+        "compare",
+        "== equal lists of short strs",
+        "context['a'] == context['b']",
+        _two(lambda n: _shuffled([f"s{i}" for i in range(n)])),
+    ),
+    Case(
+        "compare",
+        "< UCS-4 strings",
+        "context['a'] < context['b'] + 'a'",
+        _two(lambda n: "\U0001f600" * min(n, 99_000)),
+    ),
+    Case(
+        "compare",
+        "< strs, common prefix",
+        "context['a'] < context['b']",
+        lambda n: {
+            "a": ["p" * 40 + str(i) for i in range(n)],
+            "b": ["p" * 40 + str(i) for i in range(n)] + [""],
+        },
+    ),
+    Case(
+        "compare",
+        "== dict views",
+        "context['a'].items() == context['b'].items()",
+        _two(lambda n: {f"k{i}": i for i in range(n)}),
+    ),
     # sorting
     Case("sorted", "shuffled ints", "len(sorted(context['x']))", _one(_ints)),
-    Case("sorted", "random ASCII str", "len(sorted(context['x']))",
-         _one(lambda n: _text(n, "abcdefghijklmnopqrstuvwxyz"))),
-    Case("sorted", "random non-Latin-1 str", "len(sorted(context['x']))",
-         _one(lambda n: _text(n, "αβγδεζηθικλμνξοπρστυφχψω€"))),
-    Case("sorted", "shuffled pairs", "len(sorted(context['x']))",
-         _one(lambda n: [[i % 7, i] for i in _ints(n)])),
-    Case("sorted", "strs, common prefix", "len(sorted(context['x']))",
-         _one(lambda n: ["p" * 60 + str(i) for i in _ints(n)])),
-    Case("sorted", "key=len", "len(sorted(context['x'], key=len))",
-         _one(lambda n: [str(i) for i in _ints(n)])),
+    Case(
+        "sorted",
+        "random ASCII str",
+        "len(sorted(context['x']))",
+        _one(lambda n: _text(n, "abcdefghijklmnopqrstuvwxyz")),
+    ),
+    Case(
+        "sorted",
+        "random non-Latin-1 str",
+        "len(sorted(context['x']))",
+        _one(lambda n: _text(n, "αβγδεζηθικλμνξοπρστυφχψω€")),
+    ),
+    Case(
+        "sorted",
+        "shuffled pairs",
+        "len(sorted(context['x']))",
+        _one(lambda n: [[i % 7, i] for i in _ints(n)]),
+    ),
+    Case(
+        "sorted",
+        "strs, common prefix",
+        "len(sorted(context['x']))",
+        _one(lambda n: ["p" * 60 + str(i) for i in _ints(n)]),
+    ),
+    Case(
+        "sorted",
+        "key=len",
+        "len(sorted(context['x'], key=len))",
+        _one(lambda n: [str(i) for i in _ints(n)]),
+    ),
     Case("sorted", "key=str", "len(sorted(context['x'], key=str))", _one(_ints)),
-    Case("sorted", "key=sorted", "len(sorted(context['x'], key=sorted))",
-         _one(lambda n: [[i % 3, 1, 2] for i in range(n)])),
-    Case("sorted", "key=int", "len(sorted(context['x'], key=int))",
-         _one(lambda n: [str(i) for i in _ints(n)])),
-    Case("sorted", "key=float", "len(sorted(context['x'], key=float))",
-         _one(lambda n: [str(i) for i in _ints(n)])),
-    Case("sorted", "key=sum", "len(sorted(context['x'], key=sum))",
-         _one(lambda n: [[i % 3, 1] for i in range(n)])),
-    Case("sorted", "key=any", "len(sorted(context['x'], key=any))",
-         _one(lambda n: [[i % 3, 1] for i in range(n)])),
-    Case("sorted", "dict keys", "len(sorted(context['x']))",
-         _one(lambda n: {f"k{i}": i for i in _ints(n)})),
-    Case("sorted", "items view", "len(sorted(context['x'].items()))",
-         _one(lambda n: {f"k{i}": i for i in _ints(n)})),
+    Case(
+        "sorted",
+        "key=sorted",
+        "len(sorted(context['x'], key=sorted))",
+        _one(lambda n: [[i % 3, 1, 2] for i in range(n)]),
+    ),
+    Case(
+        "sorted",
+        "key=int",
+        "len(sorted(context['x'], key=int))",
+        _one(lambda n: [str(i) for i in _ints(n)]),
+    ),
+    Case(
+        "sorted",
+        "key=float",
+        "len(sorted(context['x'], key=float))",
+        _one(lambda n: [str(i) for i in _ints(n)]),
+    ),
+    Case(
+        "sorted",
+        "key=sum",
+        "len(sorted(context['x'], key=sum))",
+        _one(lambda n: [[i % 3, 1] for i in range(n)]),
+    ),
+    Case(
+        "sorted",
+        "key=any",
+        "len(sorted(context['x'], key=any))",
+        _one(lambda n: [[i % 3, 1] for i in range(n)]),
+    ),
+    Case(
+        "sorted",
+        "dict keys",
+        "len(sorted(context['x']))",
+        _one(lambda n: {f"k{i}": i for i in _ints(n)}),
+    ),
+    Case(
+        "sorted",
+        "items view",
+        "len(sorted(context['x'].items()))",
+        _one(lambda n: {f"k{i}": i for i in _ints(n)}),
+    ),
     # min, max, sum
     Case("min/max", "ints", "min(context['x'])", _one(_ints)),
     Case("min/max", "pairs", "max(context['x'])", _one(lambda n: [[7, i] for i in _ints(n)])),
-    Case("min/max", "distinct 4000-bit ints", "max(context['x'])",
-         _one(lambda n: [2**4000 + i for i in range(n)])),
+    Case(
+        "min/max",
+        "distinct 4000-bit ints",
+        "max(context['x'])",
+        _one(lambda n: [2**4000 + i for i in range(n)]),
+    ),
     Case("min/max", "non-Latin-1 str", "max(context['x'])", _one(lambda n: "€" * n)),
     Case("min/max", "key=abs", "min(context['x'], key=abs)", _one(_ints)),
-    Case("min/max", "key=sorted", "max(context['x'], key=sorted)",
-         _one(lambda n: [[3, 1, 2]] * n)),
+    Case("min/max", "key=sorted", "max(context['x'], key=sorted)", _one(lambda n: [[3, 1, 2]] * n)),
     Case("min/max", "key=min", "max(context['x'], key=min)", _one(lambda n: [[3, 1, 2]] * n)),
-    Case("min/max", "key=round", "max(context['x'], key=round)",
-         _one(lambda n: [i / 7 for i in range(n)])),
+    Case(
+        "min/max",
+        "key=round",
+        "max(context['x'], key=round)",
+        _one(lambda n: [i / 7 for i in range(n)]),
+    ),
     Case("sum", "ints", "sum(context['x'])", _one(_ints)),
     Case("sum", "floats", "sum(context['x'])", _one(lambda n: [i / 3 for i in range(n)])),
-    Case("sum", "4000-bit ints", "sum(context['x'])",
-         _one(lambda n: [2**4000 + i for i in range(n)])),
+    Case(
+        "sum", "4000-bit ints", "sum(context['x'])", _one(lambda n: [2**4000 + i for i in range(n)])
+    ),
     Case("any/all", "all(list)", "all(context['x'])", _one(lambda n: [1] * n)),
     Case("any/all", "all(non-Latin-1 str)", "all(context['x'])", _one(lambda n: "€" * n)),
-    Case("any/all", "all(items)", "all(context['x'].items())",
-         _one(lambda n: {f"k{i}": i for i in range(n)})),
+    Case(
+        "any/all",
+        "all(items)",
+        "all(context['x'].items())",
+        _one(lambda n: {f"k{i}": i for i in range(n)}),
+    ),
     # membership
-    Case("in", "substring, worst case", "context['b'] in context['a']",
-         lambda n: {"a": "a" * n, "b": "a" * min(n // 2, 1000) + "b"}),
-    Case("in", "substring, periodic", "context['b'] in context['a']",
-         lambda n: {"a": "ab" * (n // 2), "b": "ab" * min(n // 4, 500) + "b"}),
+    Case(
+        "in",
+        "substring, worst case",
+        "context['b'] in context['a']",
+        lambda n: {"a": "a" * n, "b": "a" * min(n // 2, 1000) + "b"},
+    ),
+    Case(
+        "in",
+        "substring, periodic",
+        "context['b'] in context['a']",
+        lambda n: {"a": "ab" * (n // 2), "b": "ab" * min(n // 4, 500) + "b"},
+    ),
     Case("in", "int in int list", "-1 in context['a']", lambda n: {"a": _ints(n)}),
-    Case("in", "pair in list of pairs", "[-1, -1] in context['a']",
-         lambda n: {"a": [[i, i] for i in range(n)]}),
-    Case("in", "str in values()", "'zz' in context['a'].values()",
-         lambda n: {"a": {f"k{i}": "zy" for i in range(n)}}),
+    Case(
+        "in",
+        "pair in list of pairs",
+        "[-1, -1] in context['a']",
+        lambda n: {"a": [[i, i] for i in range(n)]},
+    ),
+    Case(
+        "in",
+        "str in values()",
+        "'zz' in context['a'].values()",
+        lambda n: {"a": {f"k{i}": "zy" for i in range(n)}},
+    ),
     # slices, string methods, conversions
     Case("slice", "str[::-1]", "len(context['x'][::-1])", _one(lambda n: "ab" * (n // 2))),
     Case("slice", "list[1:]", "len(context['x'][1:])", _one(_ints)),
     Case("slice", "list[::-1]", "len(context['x'][::-1])", _one(_ints)),
     Case("str method", "upper() ASCII", "len(context['x'].upper())", _one(lambda n: "a" * n)),
-    Case("str method", "upper() of ß (expands)", "len(context['x'].upper())",
-         _one(lambda n: "ß" * n)),
-    Case("str method", "upper() of ﬃ (expands x3)", "len(context['x'].upper())",
-         _one(lambda n: "\ufb03" * n)),
+    Case(
+        "str method", "upper() of ß (expands)", "len(context['x'].upper())", _one(lambda n: "ß" * n)
+    ),
+    Case(
+        "str method",
+        "upper() of ﬃ (expands x3)",
+        "len(context['x'].upper())",
+        _one(lambda n: "\ufb03" * n),
+    ),
     Case("str method", "lower() of İ", "len(context['x'].lower())", _one(lambda n: "İ" * n)),
-    Case("str method", "lower() mixed", "len(context['x'].lower())",
-         _one(lambda n: _text(n, "AbCd\u03a3\u03c3\u0393€ßİ"))),
-    Case("str method", "strip(chars) worst", "len(context['x'].strip(context['c']))",
-         lambda n: {"x": "a" * n, "c": "b" * 999 + "a"}),
-    Case("str method", "startswith(tuple)", "context['x'].startswith(context['t'])",
-         lambda n: {"x": "a" * 1000, "t": tuple("a" * (i % 900) for i in range(min(n, 20_000)))}),
+    Case(
+        "str method",
+        "lower() mixed",
+        "len(context['x'].lower())",
+        _one(lambda n: _text(n, "AbCd\u03a3\u03c3\u0393€ßİ")),
+    ),
+    Case(
+        "str method",
+        "strip(chars) worst",
+        "len(context['x'].strip(context['c']))",
+        lambda n: {"x": "a" * n, "c": "b" * 999 + "a"},
+    ),
+    Case(
+        "str method",
+        "startswith(tuple)",
+        "context['x'].startswith(context['t'])",
+        lambda n: {"x": "a" * 1000, "t": tuple("a" * (i % 900) for i in range(min(n, 20_000)))},
+    ),
     Case("conversion", "int(4300 digits)", "int(context['x']) > 0", _one(lambda n: "9" * 4300)),
     Case("conversion", "int(hex)", "int(context['x'], 16) > 0", _one(lambda n: "f" * n)),
     Case("conversion", "int(padded)", "int(context['x']) > 0", _one(lambda n: " " * n + "7")),
     Case("conversion", "float(long)", "float(context['x']) > 0", _one(lambda n: "1" * n)),
-    Case("conversion", "float() error, control chars", "float(context['x']) > 0",
-         _one(lambda n: "\x00" * n)),
-    Case("conversion", "float() error, astral chars", "float(context['x']) > 0",
-         _one(lambda n: "\U000e0001" * n)),
-    Case("conversion", "int() error, astral chars", "int(context['x']) > 0",
-         _one(lambda n: "\U000e0001" * n)),
-    Case("conversion", "str(4000-digit int)", "len(str(context['x']))",
-         _one(lambda n: 10**3999 + 7)),
+    Case(
+        "conversion",
+        "float() error, control chars",
+        "float(context['x']) > 0",
+        _one(lambda n: "\x00" * n),
+    ),
+    Case(
+        "conversion",
+        "float() error, astral chars",
+        "float(context['x']) > 0",
+        _one(lambda n: "\U000e0001" * n),
+    ),
+    Case(
+        "conversion",
+        "int() error, astral chars",
+        "int(context['x']) > 0",
+        _one(lambda n: "\U000e0001" * n),
+    ),
+    Case(
+        "conversion", "str(4000-digit int)", "len(str(context['x']))", _one(lambda n: 10**3999 + 7)
+    ),
     # arithmetic
-    Case("arithmetic", "big // big", "context['a'] // context['b']",
-         lambda n: {"a": 10**4299 + 1, "b": 10**2100 + 3}),
-    Case("arithmetic", "big % big", "context['a'] % context['b']",
-         lambda n: {"a": 10**4299 + 1, "b": 10**2100 + 3}),
+    Case(
+        "arithmetic",
+        "big // big",
+        "context['a'] // context['b']",
+        lambda n: {"a": 10**4299 + 1, "b": 10**2100 + 3},
+    ),
+    Case(
+        "arithmetic",
+        "big % big",
+        "context['a'] % context['b']",
+        lambda n: {"a": 10**4299 + 1, "b": 10**2100 + 3},
+    ),
     Case("arithmetic", "** to 4096 bits", "context['a'] ** 2", lambda n: {"a": 2**2040 + 1}),
-    Case("arithmetic", "list + list", "len(context['a'] + context['b'])",
-         _two(lambda n: list(range(min(n, 50_000))))),
+    Case(
+        "arithmetic",
+        "list + list",
+        "len(context['a'] + context['b'])",
+        _two(lambda n: list(range(min(n, 50_000)))),
+    ),
     Case("arithmetic", "str * n", "len(context['a'] * 99)", lambda n: {"a": "x" * 1000}),
     Case("arithmetic", "list * n", "len(context['a'] * 99)", lambda n: {"a": [1] * 1000}),
     # set operations and displays
-    Case("set op", "keys | keys", "len(context['a'].keys() | context['b'].keys())",
-         _two(lambda n: {f"k{i}": i for i in range(n)})),
-    Case("set op", "items | items", "len(context['a'].items() | context['b'].items())",
-         _two(lambda n: {f"k{i}": i for i in range(n)})),
-    Case("set op", "keys & list", "len(context['a'].keys() & context['b'])",
-         lambda n: {"a": {f"k{i}": i for i in range(n)}, "b": [f"k{i}" for i in range(n)]}),
-    Case("set op", "keys - list", "len(context['a'].keys() - context['b'])",
-         lambda n: {"a": {f"k{i}": i for i in range(n)}, "b": [f"k{i}" for i in range(n)]}),
-    Case("display", "set of big tuples", "len({context['a'] * 1, context['a'] * 1})",
-         lambda n: {"a": tuple(range(min(n, 99_999)))}),
+    Case(
+        "set op",
+        "keys | keys",
+        "len(context['a'].keys() | context['b'].keys())",
+        _two(lambda n: {f"k{i}": i for i in range(n)}),
+    ),
+    Case(
+        "set op",
+        "items | items",
+        "len(context['a'].items() | context['b'].items())",
+        _two(lambda n: {f"k{i}": i for i in range(n)}),
+    ),
+    Case(
+        "set op",
+        "keys & list",
+        "len(context['a'].keys() & context['b'])",
+        lambda n: {"a": {f"k{i}": i for i in range(n)}, "b": [f"k{i}" for i in range(n)]},
+    ),
+    Case(
+        "set op",
+        "keys - list",
+        "len(context['a'].keys() - context['b'])",
+        lambda n: {"a": {f"k{i}": i for i in range(n)}, "b": [f"k{i}" for i in range(n)]},
+    ),
+    Case(
+        "display",
+        "set of big tuples",
+        "len({context['a'] * 1, context['a'] * 1})",
+        lambda n: {"a": tuple(range(min(n, 99_999)))},
+    ),
 ]
 
 
@@ -295,14 +483,30 @@ def calibrate(case: Case, evaluator: str, reps: int) -> Row:
         units, nbytes = spent()
         per_unit = [t * 1e9 / max(units, 1) for t in times]
         med = statistics.median(per_unit)
-        note = (f"n={size:,}; {units:,} units, {nbytes / 2**20:.2f} MiB charged; "
-                f"{statistics.median(times) * 1e3:.2f} ms; {outcome}")  # fmt: skip
-        return Row("expressions", f"{evaluator}: {case.kind}: {case.label}", "per unit", "ns",
-                   med, min(per_unit), max(per_unit), len(per_unit),
-                   target=f"<= {TARGET_NS_PER_UNIT:.0f}", met=med <= TARGET_NS_PER_UNIT * 1.5,
-                   note=note)  # fmt: skip
-    return Row("expressions", f"{evaluator}: {case.kind}: {case.label}", "-", "-",
-               note="stopped by the budget at every size")  # fmt: skip
+        note = (
+            f"n={size:,}; {units:,} units, {nbytes / 2**20:.2f} MiB charged; "
+            f"{statistics.median(times) * 1e3:.2f} ms; {outcome}"
+        )
+        return Row(
+            "expressions",
+            f"{evaluator}: {case.kind}: {case.label}",
+            "per unit",
+            "ns",
+            med,
+            min(per_unit),
+            max(per_unit),
+            len(per_unit),
+            target=f"<= {TARGET_NS_PER_UNIT:.0f}",
+            met=med <= TARGET_NS_PER_UNIT * 1.5,
+            note=note,
+        )
+    return Row(
+        "expressions",
+        f"{evaluator}: {case.kind}: {case.label}",
+        "-",
+        "-",
+        note="stopped by the budget at every size",
+    )
 
 
 # -- worst cases ---------------------------------------------------------------------
@@ -375,32 +579,74 @@ def worst_cases(evaluator: str, reps: int) -> list[Row]:
         try:
             expr = compile_expression(source, evaluator=evaluator)  # type: ignore[arg-type]
         except ExpressionError as exc:
-            rows.append(Row("expressions", f"{evaluator}: worst: {source[:70]}", "-", "-",
-                            note=f"rejected: {exc.reason}"))  # fmt: skip
+            rows.append(
+                Row(
+                    "expressions",
+                    f"{evaluator}: worst: {source[:70]}",
+                    "-",
+                    "-",
+                    note=f"rejected: {exc.reason}",
+                )
+            )
             continue
         results = []
         for name, state in states.items():
             times, outcome = _time(expr, state, reps)
             units, _ = spent()
             ms = [t * 1e3 for t in times]
-            results.append((statistics.median(ms), ms, _peak(expr, state) / 2**20,
-                            f"{name}: {outcome}, {units:,} units"))  # fmt: skip
+            results.append(
+                (
+                    statistics.median(ms),
+                    ms,
+                    _peak(expr, state) / 2**20,
+                    f"{name}: {outcome}, {units:,} units",
+                )
+            )
         slowest = max(results, key=lambda r: r[0])
         peak = max(r[2] for r in results)
         overall.append((slowest[0], max(slowest[1]), peak, source))
-        rows.append(row("expressions", f"{evaluator}: worst: {source[:70]}", "wall time", "ms",
-                        slowest[1], target="<= ~10", met=slowest[0] <= 12,
-                        note=f"slowest on {slowest[3]}; peak {peak:.2f} MiB"))  # fmt: skip
+        rows.append(
+            row(
+                "expressions",
+                f"{evaluator}: worst: {source[:70]}",
+                "wall time",
+                "ms",
+                slowest[1],
+                target="<= ~10",
+                met=slowest[0] <= 12,
+                note=f"slowest on {slowest[3]}; peak {peak:.2f} MiB",
+            )
+        )
     if overall:
         slow = max(overall)
         spike = max(overall, key=lambda r: r[1])
         heavy = max(overall, key=lambda r: r[2])
         label = f"{evaluator}: worst of {len(WORST)} conditions x {len(states)} states"
-        rows.append(Row("expressions", label, "wall time", "ms", slow[0], hi=spike[1],
-                        target="<= ~10", met=slow[0] <= 12,
-                        note=f"median {slow[3][:60]}; max {spike[3][:60]}"))  # fmt: skip
-        rows.append(Row("expressions", label, "tracemalloc peak", "MiB", heavy[2],
-                        target="<= 16", met=heavy[2] <= 16.5, note=heavy[3][:90]))  # fmt: skip
+        rows.append(
+            Row(
+                "expressions",
+                label,
+                "wall time",
+                "ms",
+                slow[0],
+                hi=spike[1],
+                target="<= ~10",
+                met=slow[0] <= 12,
+                note=f"median {slow[3][:60]}; max {spike[3][:60]}",
+            )
+        )
+        rows.append(
+            Row(
+                "expressions",
+                label,
+                "tracemalloc peak",
+                "MiB",
+                heavy[2],
+                target="<= 16",
+                met=heavy[2] <= 16.5,
+                note=heavy[3][:90],
+            )
+        )
     return rows
 
 

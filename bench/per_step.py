@@ -154,8 +154,9 @@ def langgraph_spec(checkpointer: Any = None) -> Any:
     builder.add_node("approve", _lg_approve)
     builder.add_edge(START, "submit")
     builder.add_edge("submit", "review")
-    builder.add_conditional_edges("review", _lg_after_review,
-                                  {"approve": "approve", "fix": "fix", "__end__": END})  # fmt: skip
+    builder.add_conditional_edges(
+        "review", _lg_after_review, {"approve": "approve", "fix": "fix", "__end__": END}
+    )
     builder.add_conditional_edges("fix", _lg_after_fix, {"review": "review", "__end__": END})
     builder.add_edge("approve", END)
     return builder.compile(checkpointer=checkpointer)
@@ -237,8 +238,9 @@ class Contender:
         self.samples.append(elapsed / (n * steps) * 1e6)
 
 
-async def _measure(workload: str, contenders: list[Contender], steps: int,
-                   rounds: int) -> dict[str, list[float]]:  # fmt: skip
+async def _measure(
+    workload: str, contenders: list[Contender], steps: int, rounds: int
+) -> dict[str, list[float]]:
     for c in contenders:
         await c.calibrate(steps)
     for _ in range(rounds):
@@ -269,35 +271,60 @@ async def _run_all(quick: bool, tmp: Path) -> list[Row]:
 
     limits = EngineLimits()
     async with open_engine(limits=limits) as mem_engine:
-        sqlite_cm = (open_engine(store=SQLiteStore(str(tmp / "trioflow.db")), limits=limits)
-                     if have_sqlite else None)  # fmt: skip
+        sqlite_cm = (
+            open_engine(store=SQLiteStore(str(tmp / "trioflow.db")), limits=limits)
+            if have_sqlite
+            else None
+        )
         sql_engine = await sqlite_cm.__aenter__() if sqlite_cm is not None else None
         try:
             workloads = [
-                ("spec", load_spec_graph(), SPEC_STEPS, plain_spec, langgraph_spec,
-                 6 if quick else 25),
-                ("chain", chain_graph(CHAIN_NODES), CHAIN_NODES, plain_chain, langgraph_chain,
-                 2 if quick else 7),
-            ]  # fmt: skip
+                (
+                    "spec",
+                    load_spec_graph(),
+                    SPEC_STEPS,
+                    plain_spec,
+                    langgraph_spec,
+                    6 if quick else 25,
+                ),
+                (
+                    "chain",
+                    chain_graph(CHAIN_NODES),
+                    CHAIN_NODES,
+                    plain_chain,
+                    langgraph_chain,
+                    2 if quick else 7,
+                ),
+            ]
             for name, doc, steps, plain, lg_build, rounds in workloads:
                 graph = await mem_engine.register_graph(doc)
                 contenders = [
-                    Contender("trioflow memory", _trioflow_runner(mem_engine, graph.id, steps),
-                              True),
-                ]  # fmt: skip
+                    Contender(
+                        "trioflow memory", _trioflow_runner(mem_engine, graph.id, steps), True
+                    ),
+                ]
                 if sql_engine is not None:
                     await sql_engine.register_graph(doc)
-                    contenders.append(Contender(
-                        "trioflow sqlite", _trioflow_runner(sql_engine, graph.id, steps), True))
+                    contenders.append(
+                        Contender(
+                            "trioflow sqlite", _trioflow_runner(sql_engine, graph.id, steps), True
+                        )
+                    )
                 limit = steps * 2 + 10
                 contenders += [
                     Contender("plain loop", lambda p=plain: p(SPEC_INITIAL_STATE), False),
                     Contender("LangGraph plain", _lg_runner(lg_build(), False, limit), False),
-                    Contender("LangGraph InMemorySaver",
-                              _lg_runner(lg_build(InMemorySaver()), True, limit), False),
-                    Contender("LangGraph SqliteSaver",
-                              _lg_runner(lg_build(lg_sqlite(name)), True, limit), False),
-                ]  # fmt: skip
+                    Contender(
+                        "LangGraph InMemorySaver",
+                        _lg_runner(lg_build(InMemorySaver()), True, limit),
+                        False,
+                    ),
+                    Contender(
+                        "LangGraph SqliteSaver",
+                        _lg_runner(lg_build(lg_sqlite(name)), True, limit),
+                        False,
+                    ),
+                ]
                 if plain(SPEC_INITIAL_STATE) != steps:
                     raise RuntimeError("plain loop does not take the same path")
                 results = await _measure(name, contenders, steps, rounds)
@@ -310,16 +337,23 @@ async def _run_all(quick: bool, tmp: Path) -> list[Row]:
     return rows
 
 
-def _rows(workload: str, steps: int, results: dict[str, list[float]],
-          have_sqlite: bool) -> list[Row]:  # fmt: skip
+def _rows(
+    workload: str, steps: int, results: dict[str, list[float]], have_sqlite: bool
+) -> list[Row]:
     import statistics
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    case_label = ("spec graph, 9 steps" if workload == "spec"
-                  else f"{CHAIN_NODES}-node chain")  # fmt: skip
+    case_label = "spec graph, 9 steps" if workload == "spec" else f"{CHAIN_NODES}-node chain"
     targets = {"trioflow memory": (25.0, "<= 25"), "trioflow sqlite": (100.0, "<= 100")}
-    refs = {"plain loop": "ref ~0.25", "LangGraph plain": "ref ~290",
-            "LangGraph InMemorySaver": "ref ~800"} if workload == "spec" else {}  # fmt: skip
+    refs = (
+        {
+            "plain loop": "ref ~0.25",
+            "LangGraph plain": "ref ~290",
+            "LangGraph InMemorySaver": "ref ~800",
+        }
+        if workload == "spec"
+        else {}
+    )
     compare = {
         "trioflow memory": ["LangGraph plain", "LangGraph InMemorySaver"],
         "trioflow sqlite": ["LangGraph SqliteSaver"],
@@ -332,14 +366,23 @@ def _rows(workload: str, steps: int, results: dict[str, list[float]],
         if name in refs:
             notes.append(refs[name])
         target, target_text = targets.get(name, (None, ""))
-        rows.append(row("per_step", f"{workload}: {name}", "per step", "µs", values,
-                        target=target_text,
-                        met=(med[name] <= target) if target is not None else None,
-                        note="; ".join(notes),
-                        extra={"case_label": case_label}))  # fmt: skip
+        rows.append(
+            row(
+                "per_step",
+                f"{workload}: {name}",
+                "per step",
+                "µs",
+                values,
+                target=target_text,
+                met=(med[name] <= target) if target is not None else None,
+                note="; ".join(notes),
+                extra={"case_label": case_label},
+            )
+        )
     if not have_sqlite:
-        rows.append(skipped("per_step", f"{workload}: trioflow sqlite",
-                            "core/stores/sqlite.py not present"))  # fmt: skip
+        rows.append(
+            skipped("per_step", f"{workload}: trioflow sqlite", "core/stores/sqlite.py not present")
+        )
     return rows
 
 

@@ -23,8 +23,9 @@ import trio
 from ._common import SPEC_INITIAL_STATE, chain_graph, load_spec_graph
 
 
-async def _workload(spec_runs: int, chain_runs: int, store: str, tmp: Path,
-                    profiler: Any = None) -> None:  # fmt: skip
+async def _workload(
+    spec_runs: int, chain_runs: int, store: str, tmp: Path, profiler: Any = None
+) -> None:
     from trioflow import open_engine
 
     kwargs = {}
@@ -63,10 +64,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         profiler = Profiler(interval=0.0002, async_mode="disabled")
         trio.run(_workload, spec_runs, chain_runs, args.store, Path(tmp), profiler)
     steps = spec_runs * 9 + chain_runs * 1000
-    print(f"# pyinstrument: {spec_runs} spec-graph runs + {chain_runs} 1,000-node chain runs "
-          f"({steps:,} steps), {args.store} store\n")  # fmt: skip
-    print(profiler.output(ConsoleRenderer(unicode=True, color=False, show_all=False,
-                                          short_mode=False, time="percent_of_total")))  # fmt: skip
+    print(
+        f"# pyinstrument: {spec_runs} spec-graph runs + {chain_runs} 1,000-node chain runs "
+        f"({steps:,} steps), {args.store} store\n"
+    )
+    print(
+        profiler.output(
+            ConsoleRenderer(
+                unicode=True, color=False, show_all=False, short_mode=False, time="percent_of_total"
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

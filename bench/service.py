@@ -61,8 +61,10 @@ async def _serve() -> None:
         app = create_app(engine)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                lambda task_status: serve(app, host="127.0.0.1", port=0, graceful_timeout=2.0,
-                                          task_status=task_status))  # fmt: skip
+                lambda task_status: serve(
+                    app, host="127.0.0.1", port=0, graceful_timeout=2.0, task_status=task_status
+                )
+            )
             print(f"LISTENING {binds[0]}", flush=True)
 
 
@@ -72,9 +74,11 @@ class Server:
     def __init__(self, module: str = "bench.service", extra: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--serve", *extra],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
+        )
         self.url = ""
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -116,8 +120,9 @@ def proc_cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _batch(client: Any, clients: int, total: int, method: str, path: str,
-                 body: Any = None) -> tuple[float, list[float], int]:  # fmt: skip
+async def _batch(
+    client: Any, clients: int, total: int, method: str, path: str, body: Any = None
+) -> tuple[float, list[float], int]:
     """``total`` requests from ``clients`` tasks; (wall s, latencies s, errors)."""
     import httpx
 
@@ -191,25 +196,52 @@ async def _measure(url: str, server_pid: int, quick: bool) -> list[Row]:
             err_note = f"; {errors} errors/retries" if errors else ""
 
             def cpu(kind: str, stats: dict[str, dict[str, list[float]]] = stats) -> str:
-                return (f"CPU/request: server {statistics.median(stats[kind]['srv']):.2f} ms, "
-                        f"client {statistics.median(stats[kind]['cli']):.2f} ms")  # fmt: skip
+                return (
+                    f"CPU/request: server {statistics.median(stats[kind]['srv']):.2f} ms, "
+                    f"client {statistics.median(stats[kind]['cli']):.2f} ms"
+                )
 
             rows += [
-                row("service", f"{case}: POST /graph/run sync", "throughput", "runs/s",
-                    stats["run"]["rps"], target=">= 50% healthz", met=share >= 0.5,
+                row(
+                    "service",
+                    f"{case}: POST /graph/run sync",
+                    "throughput",
+                    "runs/s",
+                    stats["run"]["rps"],
+                    target=">= 50% healthz",
+                    met=share >= 0.5,
                     note=f"{share:.0%} of /healthz ({total} requests/round); {cpu('run')}"
-                         f"{err_note}"),
-                row("service", f"{case}: POST /graph/run sync", "p50 latency", "ms",
-                    stats["run"]["p50"]),
-                row("service", f"{case}: POST /graph/run sync", "p99 latency", "ms",
-                    stats["run"]["p99"]),
-                row("service", f"{case}: GET /healthz", "throughput", "req/s",
-                    stats["healthz"]["rps"], note=cpu("healthz")),
-                row("service", f"{case}: GET /healthz", "p50 latency", "ms",
-                    stats["healthz"]["p50"]),
-                row("service", f"{case}: GET /healthz", "p99 latency", "ms",
-                    stats["healthz"]["p99"]),
-            ]  # fmt: skip
+                    f"{err_note}",
+                ),
+                row(
+                    "service",
+                    f"{case}: POST /graph/run sync",
+                    "p50 latency",
+                    "ms",
+                    stats["run"]["p50"],
+                ),
+                row(
+                    "service",
+                    f"{case}: POST /graph/run sync",
+                    "p99 latency",
+                    "ms",
+                    stats["run"]["p99"],
+                ),
+                row(
+                    "service",
+                    f"{case}: GET /healthz",
+                    "throughput",
+                    "req/s",
+                    stats["healthz"]["rps"],
+                    note=cpu("healthz"),
+                ),
+                row(
+                    "service", f"{case}: GET /healthz", "p50 latency", "ms", stats["healthz"]["p50"]
+                ),
+                row(
+                    "service", f"{case}: GET /healthz", "p99 latency", "ms", stats["healthz"]["p99"]
+                ),
+            ]
     return rows
 
 

@@ -47,10 +47,9 @@ GRAPH = {
     ],
     "edges": [
         {"from": "gate", "to": "emit", "type": "sequential"},
-        {"from": "emit", "to": "emit", "type": "loop",
-         "loop": {"max_iterations": 99}},
+        {"from": "emit", "to": "emit", "type": "loop", "loop": {"max_iterations": 99}},
     ],
-}  # fmt: skip
+}
 STEPS = 100  # emit executions: the loop above fires 99 times
 
 
@@ -81,13 +80,16 @@ async def _serve() -> None:
         app = create_app(engine)
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                lambda task_status: serve(app, host="127.0.0.1", port=0, graceful_timeout=2.0,
-                                          task_status=task_status))  # fmt: skip
+                lambda task_status: serve(
+                    app, host="127.0.0.1", port=0, graceful_timeout=2.0, task_status=task_status
+                )
+            )
             print(f"LISTENING {binds[0]}", flush=True)
 
 
-async def _measure(url: str, server_pid: int, clients: int, entries: int,
-                   deadline_s: float, ws_batch: int = 1) -> dict[str, Any]:  # fmt: skip
+async def _measure(
+    url: str, server_pid: int, clients: int, entries: int, deadline_s: float, ws_batch: int = 1
+) -> dict[str, Any]:
     import httpx
     from trio_websocket import open_websocket_url
 
@@ -97,9 +99,14 @@ async def _measure(url: str, server_pid: int, clients: int, entries: int,
     batch = entries // STEPS
     gate_s = 3.0 + clients * 0.01
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
-        resp = await http.post("/graph/run", json={
-            "graph_id": GRAPH["id"], "background": True,
-            "initial_state": {"sleep_s": gate_s, "batch": batch}})  # fmt: skip
+        resp = await http.post(
+            "/graph/run",
+            json={
+                "graph_id": GRAPH["id"],
+                "background": True,
+                "initial_state": {"sleep_s": gate_s, "batch": batch},
+            },
+        )
         resp.raise_for_status()
         run_id = resp.json()["run_id"]
     ws_url = url.replace("http://", "ws://") + f"/ws/logs/{run_id}"
@@ -156,14 +163,23 @@ async def _measure(url: str, server_pid: int, clients: int, entries: int,
     cpu_srv, cpu_cli = proc_cpu_s(server_pid) - cpu_srv0, proc_cpu_s() - cpu_cli0
     window = max(last_rx - first_ts, 1e-9) if received else float("nan")
     return {
-        "clients": clients, "entries": entries, "expected": clients * entries,
-        "received": received, "finished": finished, "timed_out": timer.cancelled_caught,
-        "connected": connected, "connect_s": connect_s, "gate_s": gate_s,
+        "clients": clients,
+        "entries": entries,
+        "expected": clients * entries,
+        "received": received,
+        "finished": finished,
+        "timed_out": timer.cancelled_caught,
+        "connected": connected,
+        "connect_s": connect_s,
+        "gate_s": gate_s,
         "rate": received / window if received else 0.0,
-        "p50_lag_ms": percentile(lags, 50) * 1e3, "p99_lag_ms": percentile(lags, 99) * 1e3,
+        "p50_lag_ms": percentile(lags, 50) * 1e3,
+        "p99_lag_ms": percentile(lags, 99) * 1e3,
         "max_lag_ms": max(lags, default=float("nan")) * 1e3,
-        "server_cpu_s": cpu_srv, "client_cpu_s": cpu_cli, "window_s": window,
-    }  # fmt: skip
+        "server_cpu_s": cpu_srv,
+        "client_cpu_s": cpu_cli,
+        "window_s": window,
+    }
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -172,37 +188,58 @@ def run(quick: bool = False) -> list[Row]:
     from .service import Server
 
     # (clients, entries, deadline s, samples, entries per WebSocket message)
-    plan = ([(100, 1_000, 20, 1, 1), (1_000, 1_000, 30, 1, 100)] if quick else
-            [(100, 10_000, 45, 1, 1), (1_000, 10_000, 75, 1, 1), (1_000, 10_000, 75, 1, 100)])
+    plan = (
+        [(100, 1_000, 20, 1, 1), (1_000, 1_000, 30, 1, 100)]
+        if quick
+        else [(100, 10_000, 45, 1, 1), (1_000, 10_000, 75, 1, 1), (1_000, 10_000, 75, 1, 100)]
+    )
     rows: list[Row] = []
     for clients, entries, deadline, reps, ws_batch in plan:
         results = []
         for _ in range(reps):
             with Server("bench.streaming") as server:
-                results.append(trio.run(_measure, server.url, server.proc.pid, clients,
-                                        entries, deadline, ws_batch))  # fmt: skip
+                results.append(
+                    trio.run(
+                        _measure, server.url, server.proc.pid, clients, entries, deadline, ws_batch
+                    )
+                )
         r = results[0]
         case = f"{clients:,} WS followers, {entries:,} entries"
         if ws_batch > 1:
             case += f", ?batch={ws_batch}"
         share = sum(x["received"] for x in results) / sum(x["expected"] for x in results)
-        cpu = (f"CPU: server {statistics.median(x['server_cpu_s'] for x in results):.1f} s, "
-               f"client {statistics.median(x['client_cpu_s'] for x in results):.1f} s "
-               f"over {r['window_s']:.1f} s; server CPU per delivered entry "
-               f"{r['server_cpu_s'] / max(r['received'], 1) * 1e6:.0f} µs")  # fmt: skip
-        status = (f"{share:.0%} delivered" + (f" before the {deadline} s deadline"
-                                              if r["timed_out"] else ""))  # fmt: skip
+        cpu = (
+            f"CPU: server {statistics.median(x['server_cpu_s'] for x in results):.1f} s, "
+            f"client {statistics.median(x['client_cpu_s'] for x in results):.1f} s "
+            f"over {r['window_s']:.1f} s; server CPU per delivered entry "
+            f"{r['server_cpu_s'] / max(r['received'], 1) * 1e6:.0f} µs"
+        )
+        status = f"{share:.0%} delivered" + (
+            f" before the {deadline} s deadline" if r["timed_out"] else ""
+        )
         big = clients >= 1000
         rows += [
-            row("streaming", case, "delivered", "entries/s", [x["rate"] for x in results],
-                note=f"{status}; {cpu}"),
+            row(
+                "streaming",
+                case,
+                "delivered",
+                "entries/s",
+                [x["rate"] for x in results],
+                note=f"{status}; {cpu}",
+            ),
             row("streaming", case, "p50 lag", "ms", [x["p50_lag_ms"] for x in results]),
-            row("streaming", case, "p99 lag", "ms", [x["p99_lag_ms"] for x in results],
+            row(
+                "streaming",
+                case,
+                "p99 lag",
+                "ms",
+                [x["p99_lag_ms"] for x in results],
                 target="< 250" if big else "",
                 met=(statistics.median(x["p99_lag_ms"] for x in results) < 250) if big else None,
                 note=f"{r['connected']} connected in {r['connect_s']:.1f} s; lag of delivered "
-                     "entries only"),
-        ]  # fmt: skip
+                "entries only",
+            ),
+        ]
     return rows
 
 

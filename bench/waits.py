@@ -36,12 +36,21 @@ WAIT_GRAPH = {
     "id": "bench-wait",
     "start_node": "ask",
     "nodes": [
-        {"id": "ask", "wait": {"prompt": "go?", "input_schema": {
-            "type": "object", "properties": {"go": {"type": "boolean"}}, "required": ["go"]}}},
+        {
+            "id": "ask",
+            "wait": {
+                "prompt": "go?",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"go": {"type": "boolean"}},
+                    "required": ["go"],
+                },
+            },
+        },
         {"id": "done", "callable": "tools.noop"},
     ],
     "edges": [{"from": "ask", "to": "done"}],
-}  # fmt: skip
+}
 BATCH = 256
 
 
@@ -88,16 +97,25 @@ async def _child(store_kind: str, n: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             await _in_batches(ids, resume)
             t_resume = time.perf_counter() - t0
-        return {"n": n, "park_s": t_park, "resume_s": t_resume,
-                "rss_per_run_b": (rss1 - rss0) / n, "rss0_mb": rss0 / 2**20,
-                "rss1_mb": rss1 / 2**20}  # fmt: skip
+        return {
+            "n": n,
+            "park_s": t_park,
+            "resume_s": t_resume,
+            "rss_per_run_b": (rss1 - rss0) / n,
+            "rss0_mb": rss0 / 2**20,
+            "rss1_mb": rss1 / 2**20,
+        }
 
 
 def _sample(store_kind: str, n: int) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.waits", "--child", store_kind, str(n)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"child for {n} {store_kind} runs failed:\n{proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -109,17 +127,41 @@ def run(quick: bool = False) -> list[Row]:
     for store_kind in ("sqlite", "memory"):
         sample = _sample(store_kind, n)
         case = f"{n:,} waiting runs, {store_kind}"
-        rows.append(row("waits", case, "memory per run", "KB", [sample["rss_per_run_b"] / 1000],
-                        target="< 1" if store_kind == "sqlite" else "",
-                        met=sample["rss_per_run_b"] < 1000 if store_kind == "sqlite" else None,
-                        note=f"RSS {sample['rss0_mb']:.0f} -> {sample['rss1_mb']:.0f} MB; "
-                             "no task per waiting run"))  # fmt: skip
+        rows.append(
+            row(
+                "waits",
+                case,
+                "memory per run",
+                "KB",
+                [sample["rss_per_run_b"] / 1000],
+                target="< 1" if store_kind == "sqlite" else "",
+                met=sample["rss_per_run_b"] < 1000 if store_kind == "sqlite" else None,
+                note=f"RSS {sample['rss0_mb']:.0f} -> {sample['rss1_mb']:.0f} MB; "
+                "no task per waiting run",
+            )
+        )
         park_rate = n / sample["park_s"]
-        rows.append(row("waits", case, "park all", "s", [sample["park_s"]],
-                        note=f"{park_rate:,.0f} runs/s to start and reach the wait"))  # fmt: skip
+        rows.append(
+            row(
+                "waits",
+                case,
+                "park all",
+                "s",
+                [sample["park_s"]],
+                note=f"{park_rate:,.0f} runs/s to start and reach the wait",
+            )
+        )
         resume_rate = n / sample["resume_s"]
-        rows.append(row("waits", case, "resume all", "s", [sample["resume_s"]],
-                        note=f"{resume_rate:,.0f} resumes/s, each run to completion"))  # fmt: skip
+        rows.append(
+            row(
+                "waits",
+                case,
+                "resume all",
+                "s",
+                [sample["resume_s"]],
+                note=f"{resume_rate:,.0f} resumes/s, each run to completion",
+            )
+        )
     return rows
 
 

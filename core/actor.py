@@ -115,8 +115,7 @@ def format_traceback(exc: BaseException) -> str:
     part_limit = TRACEBACK_CHARS // 10
     parts = traceback.TracebackException.from_exception(exc, limit=-TRACEBACK_FRAMES).format()
     text = "".join(
-        part if len(part) <= part_limit else part[:part_limit] + "… [truncated]\n"
-        for part in parts
+        part if len(part) <= part_limit else part[:part_limit] + "… [truncated]\n" for part in parts
     )
     if len(text) > TRACEBACK_CHARS:
         text = "…" + text[-(TRACEBACK_CHARS - 1) :]
@@ -207,8 +206,9 @@ class RunActor:
     async def _record_crash(self) -> None:
         if self.record.status.is_terminal:
             return
-        failure = RunFailure("internal_error",
-                             "run stopped on an internal error; see the server log")  # fmt: skip
+        failure = RunFailure(
+            "internal_error", "run stopped on an internal error; see the server log"
+        )
         self._seq = self.record.last_seq
         try:
             await self._fail(failure)
@@ -238,9 +238,11 @@ class RunActor:
             except _Unwritable as exc:
                 # A step's checkpoint could not be written, even after
                 # retrying: fail the run if that much can be stored.
-                failure = RunFailure("store_unavailable",
-                                     f"a checkpoint could not be written: {exc.error.message}",
-                                     node=self.record.current_node)  # fmt: skip
+                failure = RunFailure(
+                    "store_unavailable",
+                    f"a checkpoint could not be written: {exc.error.message}",
+                    node=self.record.current_node,
+                )
                 retry = False
             finally:
                 self.host.release_slot(self.handle)
@@ -251,9 +253,12 @@ class RunActor:
         elif self.handle.scope.cancelled_caught and not self.record.status.is_terminal:
             self._seq = self.record.last_seq  # entries of an interrupted step are dropped
             await self._finish(
-                RunStatus.CANCELLED, Event.RUN_CANCELLED, Level.WARNING,
-                self.handle.cancel_reason or "cancelled", node=self.record.current_node,
-            )  # fmt: skip
+                RunStatus.CANCELLED,
+                Event.RUN_CANCELLED,
+                Level.WARNING,
+                self.handle.cancel_reason or "cancelled",
+                node=self.record.current_node,
+            )
 
     # -- log and checkpoint helpers ------------------------------------------
 
@@ -273,8 +278,15 @@ class RunActor:
             data = {**(data or {}), "truncated": True}
         self._seq += 1
         # Plain str, not the Event member: entries are serialised many times.
-        return LogEntry(self._seq, ts if ts is not None else time.time(), level, str(event),
-                        node, message, data or {})  # fmt: skip
+        return LogEntry(
+            self._seq,
+            ts if ts is not None else time.time(),
+            level,
+            str(event),
+            node,
+            message,
+            data or {},
+        )
 
     async def _save(self, entries: Sequence[LogEntry], **changes: Any) -> None:
         record = self.record.evolve(last_seq=self._seq, updated_at=time.time(), **changes)
@@ -296,11 +308,13 @@ class RunActor:
         if not record.status.is_terminal and record.last_seq >= self.limits.max_log_entries:
             # Keep the last entry for the failure that says why.
             self._seq = self.record.last_seq
-            raise _RunFailed(RunFailure(
-                "log_limit_exceeded",
-                f"the run's log reached max_log_entries={self.limits.max_log_entries}",
-                node=record.current_node,
-            ))  # fmt: skip
+            raise _RunFailed(
+                RunFailure(
+                    "log_limit_exceeded",
+                    f"the run's log reached max_log_entries={self.limits.max_log_entries}",
+                    node=record.current_node,
+                )
+            )
         delay = STORE_RETRY_FIRST_S
         deadline: float | None = None
         while True:
@@ -356,8 +370,14 @@ class RunActor:
         if error is not None:
             data["error"] = error
         final = self._entry(event, message, level=level, node=node, data=data)
-        record = self.record.evolve(last_seq=self._seq, updated_at=time.time(), status=status,
-                                    error=error, finished_at=time.time(), **changes)  # fmt: skip
+        record = self.record.evolve(
+            last_seq=self._seq,
+            updated_at=time.time(),
+            status=status,
+            error=error,
+            finished_at=time.time(),
+            **changes,
+        )
         await self._commit(record, [*entries, final], retry=retry)
 
     async def _fail(
@@ -371,9 +391,16 @@ class RunActor:
         if "details" in error:
             # The error is kept on the record and in the last log entry: bounded.
             error["details"] = bound_data(error["details"], limits.max_log_data_bytes)
-        await self._finish(RunStatus.FAILED, Event.RUN_FAILED, Level.ERROR, failure.message,
-                           entries=entries, node=failure.node, error=error,
-                           retry=retry)  # fmt: skip
+        await self._finish(
+            RunStatus.FAILED,
+            Event.RUN_FAILED,
+            Level.ERROR,
+            failure.message,
+            entries=entries,
+            node=failure.node,
+            error=error,
+            retry=retry,
+        )
 
     def _custom(self, ctx: RunContext | None) -> list[LogEntry]:
         if ctx is None or not (ctx._lines or ctx._dropped):
@@ -398,8 +425,11 @@ class RunActor:
         node = record.current_node or self.graph.start_node
         if record.status is RunStatus.PENDING:
             step = 1
-            first = self._entry(Event.RUN_STARTED, f"run started on graph {self.graph.id}",
-                                data={"graph_id": self.graph.id})  # fmt: skip
+            first = self._entry(
+                Event.RUN_STARTED,
+                f"run started on graph {self.graph.id}",
+                data={"graph_id": self.graph.id},
+            )
             status_changes: dict[str, Any] = {"started_at": time.time()}
         else:
             step = max(record.step, 1)
@@ -407,21 +437,31 @@ class RunActor:
             if record.crashes:
                 data["crashes"] = record.crashes
             first = self._entry(
-                Event.RUN_RESUMED, f"run resumed at node {node} from its last checkpoint",
-                node=node, data=data,
-            )  # fmt: skip
+                Event.RUN_RESUMED,
+                f"run resumed at node {node} from its last checkpoint",
+                node=node,
+                data=data,
+            )
             status_changes = {"attempt": record.attempt + 1}
         if step > self.graph.max_steps:
             raise _RunFailed(self._max_steps_failure(node), [first])
-        started = self._entry(Event.NODE_STARTED, f"node {node} started", node=node,
-                              data={"step": step})  # fmt: skip
-        await self._save([first, started], status=RunStatus.RUNNING, current_node=node, step=step,
-                         **status_changes)  # fmt: skip
+        started = self._entry(
+            Event.NODE_STARTED, f"node {node} started", node=node, data={"step": step}
+        )
+        await self._save(
+            [first, started],
+            status=RunStatus.RUNNING,
+            current_node=node,
+            step=step,
+            **status_changes,
+        )
 
     def _max_steps_failure(self, node: str) -> RunFailure:
-        return RunFailure("max_steps_exceeded",
-                          f"the run reached max_steps={self.graph.max_steps} before node {node}",
-                          node=node)  # fmt: skip
+        return RunFailure(
+            "max_steps_exceeded",
+            f"the run reached max_steps={self.graph.max_steps} before node {node}",
+            node=node,
+        )
 
     def _current_model(self) -> BaseModel:
         model = self._model
@@ -449,9 +489,18 @@ class RunActor:
                 return
             tool = node.tool
             # Only a tool that takes (state, ctx) can log custom lines.
-            ctx = (RunContext(self.run_id, graph.id, node_id, record.step, 1,
-                              _max_lines=self.limits.max_log_lines_per_step)
-                   if tool is not None and tool.arity == 2 else None)  # fmt: skip
+            ctx = (
+                RunContext(
+                    self.run_id,
+                    graph.id,
+                    node_id,
+                    record.step,
+                    1,
+                    _max_lines=self.limits.max_log_lines_per_step,
+                )
+                if tool is not None and tool.arity == 2
+                else None
+            )
             result = await self._call_node(node, ctx) if tool is not None else None
             entries = self._custom(ctx)
             try:
@@ -468,41 +517,63 @@ class RunActor:
                 model, state = applied
                 size = len(pydantic_core.to_json(state))
                 if size > max_state_bytes:
-                    raise _RunFailed(RunFailure(
-                        "state_too_large",
-                        f"node {node_id} made the state {size} bytes; the limit is "
-                        f"{max_state_bytes}",
-                        node=node_id, extra={"bytes": size, "maximum": max_state_bytes},
-                    ), entries)  # fmt: skip
+                    raise _RunFailed(
+                        RunFailure(
+                            "state_too_large",
+                            f"node {node_id} made the state {size} bytes; the limit is "
+                            f"{max_state_bytes}",
+                            node=node_id,
+                            extra={"bytes": size, "maximum": max_state_bytes},
+                        ),
+                        entries,
+                    )
             metered = graph.outgoing[node_id].metered
             if metered:
                 started = time.perf_counter()
             try:
                 source = model if model is not None else self._current_model
-                decision = decide(graph, node_id, source, state,
-                                  record.loop_counters)  # fmt: skip
+                decision = decide(graph, node_id, source, state, record.loop_counters)
             except ConditionError as exc:
                 entries.append(self._completed(node_id, record.step))
                 await self._save(entries, state=state)
-                raise _RunFailed(RunFailure(exc.reason, exc.message, node=exc.node,
-                                            edge=exc.edge)) from None  # fmt: skip
+                raise _RunFailed(
+                    RunFailure(exc.reason, exc.message, node=exc.node, edge=exc.edge)
+                ) from None
             self._model = model
             polite = metered and time.perf_counter() - started >= POLITE_AFTER_S
             now = time.time()  # one timestamp for the step's bookkeeping entries
             self._seq += 1
-            entries.append(LogEntry(self._seq, now, _INFO, _NODE_COMPLETED, node_id,
-                                    node.completed_message, {"step": record.step}))  # fmt: skip
+            entries.append(
+                LogEntry(
+                    self._seq,
+                    now,
+                    _INFO,
+                    _NODE_COMPLETED,
+                    node_id,
+                    node.completed_message,
+                    {"step": record.step},
+                )
+            )
             for spent in decision.exhausted:
-                entries.append(self._entry(
-                    Event.LOOP_EXHAUSTED,
-                    f"loop {spent.key} reached max_iterations={spent.max_iterations}",
-                    level=Level.WARNING, node=node_id,
-                    data={"edge": spent.key, "max_iterations": spent.max_iterations},
-                ))  # fmt: skip
+                entries.append(
+                    self._entry(
+                        Event.LOOP_EXHAUSTED,
+                        f"loop {spent.key} reached max_iterations={spent.max_iterations}",
+                        level=Level.WARNING,
+                        node=node_id,
+                        data={"edge": spent.key, "max_iterations": spent.max_iterations},
+                    )
+                )
             edge = decision.edge
             if edge is None:
-                await self._finish(RunStatus.COMPLETED, Event.RUN_COMPLETED, Level.INFO,
-                                   "run completed", entries=entries, state=state)  # fmt: skip
+                await self._finish(
+                    RunStatus.COMPLETED,
+                    Event.RUN_COMPLETED,
+                    Level.INFO,
+                    "run completed",
+                    entries=entries,
+                    state=state,
+                )
                 return
             counters = record.loop_counters
             data: dict[str, Any] = {"edge": edge.key, "type": edge.type}
@@ -510,8 +581,9 @@ class RunActor:
                 counters = {**counters, edge.key: counters.get(edge.key, 0) + 1}
                 data["iteration"] = counters[edge.key]
             self._seq += 1
-            entries.append(LogEntry(self._seq, now, _INFO, _EDGE_TAKEN, node_id,
-                                    edge.taken_message, data))  # fmt: skip
+            entries.append(
+                LogEntry(self._seq, now, _INFO, _EDGE_TAKEN, node_id, edge.taken_message, data)
+            )
             step = record.step + 1
             if step > graph.max_steps:
                 await self._save(entries, state=state, loop_counters=counters)
@@ -520,15 +592,40 @@ class RunActor:
             # keyword changes costs several microseconds more per step). A
             # completed step resets the crash count (0, the last field).
             self._seq += 1
-            entries.append(LogEntry(self._seq, now, _INFO, _NODE_STARTED, edge.target,
-                                    graph.nodes[edge.target].started_message,
-                                    {"step": step}))  # fmt: skip
+            entries.append(
+                LogEntry(
+                    self._seq,
+                    now,
+                    _INFO,
+                    _NODE_STARTED,
+                    edge.target,
+                    graph.nodes[edge.target].started_message,
+                    {"step": step},
+                )
+            )
             # (crashes back to 0, no wait answered any more, the same signal cursor)
-            await self._commit(RunRecord(
-                record.run_id, record.graph_id, RunStatus.RUNNING, state, edge.target, step,
-                counters, None, record.created_at, record.started_at, None, now, self._seq,
-                record.attempt, 0, None, record.signal_cursor,
-            ), entries)  # fmt: skip
+            await self._commit(
+                RunRecord(
+                    record.run_id,
+                    record.graph_id,
+                    RunStatus.RUNNING,
+                    state,
+                    edge.target,
+                    step,
+                    counters,
+                    None,
+                    record.created_at,
+                    record.started_at,
+                    None,
+                    now,
+                    self._seq,
+                    record.attempt,
+                    0,
+                    None,
+                    record.signal_cursor,
+                ),
+                entries,
+            )
             # Steps of inline tools on the memory store never block. Yield at
             # least every YIELD_INTERVAL_S so that one long run cannot starve
             # the process and a cancel is seen promptly (a cancel can only be
@@ -553,8 +650,13 @@ class RunActor:
             raise TypeError(f"node {node.id} does not wait")
         request_id = os.urandom(8).hex()
         deadline = None if plan.timeout_s is None else self.host.wall() + plan.timeout_s
-        waiting = {"node": node.id, **plan.describe(), "request_id": request_id,
-                   "deadline": deadline, "answered": False}  # fmt: skip
+        waiting = {
+            "node": node.id,
+            **plan.describe(),
+            "request_id": request_id,
+            "deadline": deadline,
+            "answered": False,
+        }
         # Bounded already: the prompt and the schema come from the graph
         # document (and are shared with it, not copied, in a memory store).
         data = {"request_id": request_id, "deadline": deadline, **plan.describe()}
@@ -572,22 +674,28 @@ class RunActor:
             if not pending:
                 return
 
-            def entry(event: str, message: str, level: Level, node: str | None,
-                      data: dict[str, Any]) -> LogEntry:  # fmt: skip
+            def entry(
+                event: str, message: str, level: Level, node: str | None, data: dict[str, Any]
+            ) -> LogEntry:
                 return self._entry(event, message, level=level, node=node, data=data)
 
             folded = fold_signals(
-                self.graph, record.state, pending, node=record.current_node,
+                self.graph,
+                record.state,
+                pending,
+                node=record.current_node,
                 max_state_bytes=self.limits.max_state_bytes,
-                max_data_bytes=self.limits.max_log_data_bytes, entry=entry,
-            )  # fmt: skip
+                max_data_bytes=self.limits.max_log_data_bytes,
+                entry=entry,
+            )
             if folded.changed:
                 self._model = None  # the next node gets the state with the signals
             await self._save(folded.entries, state=folded.state, signal_cursor=folded.cursor)
 
     def _completed(self, node_id: str, step: int) -> LogEntry:
-        return self._entry(Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id,
-                           data={"step": step})  # fmt: skip
+        return self._entry(
+            Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id, data={"step": step}
+        )
 
     async def _call_node(self, node: Node, ctx: RunContext | None) -> Any:
         attempt = 1
@@ -618,24 +726,45 @@ class RunActor:
                 extra: dict[str, Any] = {"attempts": attempt}
                 if code == "node_failed":
                     extra["traceback"] = tb = format_traceback(error)
-                    log.error("run %s: node %s failed after %d attempt(s):\n%s", self.run_id,
-                              node.id, attempt, tb)  # fmt: skip
+                    log.error(
+                        "run %s: node %s failed after %d attempt(s):\n%s",
+                        self.run_id,
+                        node.id,
+                        attempt,
+                        tb,
+                    )
                 entries = self._custom(ctx)
-                entries.append(self._entry(Event.NODE_FAILED, message, level=Level.ERROR,
-                                           node=node.id,
-                                           data={"attempt": attempt, "type": type(error).__name__,
-                                                 "error": text}))  # fmt: skip
+                entries.append(
+                    self._entry(
+                        Event.NODE_FAILED,
+                        message,
+                        level=Level.ERROR,
+                        node=node.id,
+                        data={"attempt": attempt, "type": type(error).__name__, "error": text},
+                    )
+                )
                 await self._save(entries)
-                raise _RunFailed(RunFailure(code, message, node=node.id,
-                                            error_type=type(error).__name__,
-                                            extra=extra))  # fmt: skip
+                raise _RunFailed(
+                    RunFailure(
+                        code, message, node=node.id, error_type=type(error).__name__, extra=extra
+                    )
+                )
             delay = _backoff(node, attempt)
             entries = self._custom(ctx)
-            entries.append(self._entry(
-                Event.NODE_RETRYING, f"{message}; retrying in {delay:.3g}s", level=Level.WARNING,
-                node=node.id, data={"attempt": attempt, "delay_s": delay,
-                                    "type": type(error).__name__, "error": text},
-            ))  # fmt: skip
+            entries.append(
+                self._entry(
+                    Event.NODE_RETRYING,
+                    f"{message}; retrying in {delay:.3g}s",
+                    level=Level.WARNING,
+                    node=node.id,
+                    data={
+                        "attempt": attempt,
+                        "delay_s": delay,
+                        "type": type(error).__name__,
+                        "error": text,
+                    },
+                )
+            )
             await self._save(entries)
             await trio.sleep(delay)
             attempt += 1

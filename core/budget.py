@@ -128,11 +128,14 @@ def _exceeded(meter: Meter, what: str, units: int, nbytes: int) -> NoReturn:
     if meter.over is not None:
         reason = meter.over
     elif units > MAX_UNITS - meter.units:
-        reason = (f"{what} needs {units:,} work units with {meter.units:,} of "
-                  f"{MAX_UNITS:,} already spent")  # fmt: skip
+        reason = (
+            f"{what} needs {units:,} work units with {meter.units:,} of {MAX_UNITS:,} already spent"
+        )
     else:
-        reason = (f"{what} needs {nbytes:,} bytes of new objects with {meter.bytes:,} of "
-                  f"{MAX_BYTES:,} already spent")  # fmt: skip
+        reason = (
+            f"{what} needs {nbytes:,} bytes of new objects with {meter.bytes:,} of "
+            f"{MAX_BYTES:,} already spent"
+        )
     meter.over = reason
     raise ExpressionBudgetError(f"evaluation budget exceeded: {reason}")
 
@@ -192,8 +195,9 @@ class Weight:
         return self.items + self.chars // CMP_CHARS_PER_UNIT + self.bits // INT_BITS_PER_UNIT
 
 
-def weigh(value: Any, what: str, *, stop_size: int | None = None,
-           stop_cost: int | None = None) -> Weight:  # fmt: skip
+def weigh(
+    value: Any, what: str, *, stop_size: int | None = None, stop_cost: int | None = None
+) -> Weight:
     """Walk ``value`` (nested containers, shared ones once per reference).
 
     Charges the walk's own cost before each step, so the walk can never pass
@@ -243,8 +247,7 @@ def _weigh_small(value: Any, what: str) -> Weight | None:
     return Weight(items, chars, bits, True)
 
 
-def _weigh_batches(value: Any, what: str, stop_size: int | None,
-                   stop_cost: int | None) -> Weight:  # fmt: skip
+def _weigh_batches(value: Any, what: str, stop_size: int | None, stop_cost: int | None) -> Weight:
     """The walk of large values: C-level passes over batches of objects.
 
     Memory stays small whatever the value: a stack of lazy iterators, one

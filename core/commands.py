@@ -73,9 +73,17 @@ class RunHandle:
     """
 
     __slots__ = (
-        "_receive", "_send", "cancel_reason", "done", "has_slot", "pending", "record", "run_id",
-        "scope", "signal_queued",
-    )  # fmt: skip
+        "_receive",
+        "_send",
+        "cancel_reason",
+        "done",
+        "has_slot",
+        "pending",
+        "record",
+        "run_id",
+        "scope",
+        "signal_queued",
+    )
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id

@@ -48,9 +48,14 @@ class RunContext:
     def take_lines(self) -> list[tuple[float, Level, str, dict[str, Any]]]:
         lines, self._lines = self._lines, []
         if self._dropped:
-            lines.append((time.time(), Level.WARNING,
-                          f"{self._dropped} more log lines dropped: at most {self._max_lines} "
-                          "are kept per node execution",
-                          {"dropped": self._dropped, "truncated": True}))  # fmt: skip
+            lines.append(
+                (
+                    time.time(),
+                    Level.WARNING,
+                    f"{self._dropped} more log lines dropped: at most {self._max_lines} "
+                    "are kept per node execution",
+                    {"dropped": self._dropped, "truncated": True},
+                )
+            )
             self._dropped = 0
         return lines

@@ -129,8 +129,9 @@ class Engine:
         Raises:
             GraphValidationError: every problem found.
         """
-        return compile_graph(document, self.registry, evaluator=self._evaluator,
-                             limits=self._graph_limits)  # fmt: skip
+        return compile_graph(
+            document, self.registry, evaluator=self._evaluator, limits=self._graph_limits
+        )
 
     async def register_graph(self, document: Mapping[str, Any] | GraphDocument) -> Graph:
         """Validate, compile and store a graph.
@@ -208,14 +209,17 @@ class Engine:
                 size = len(pydantic_core.to_json(initial_state))
             except (TypeError, ValueError, pydantic_core.PydanticSerializationError) as exc:
                 raise StateValidationError(
-                    f"initial state is not JSON-serialisable: {exc}", node=None,
+                    f"initial state is not JSON-serialisable: {exc}",
+                    node=None,
                     errors=[{"field": "", "message": str(exc), "type": "json"}],
-                ) from None  # fmt: skip
+                ) from None
             if size > self.limits.max_state_bytes:
                 raise LimitExceededError(
                     f"initial state is {size} bytes; the limit is {self.limits.max_state_bytes}",
-                    limit="max_state_bytes", value=size, maximum=self.limits.max_state_bytes,
-                )  # fmt: skip
+                    limit="max_state_bytes",
+                    value=size,
+                    maximum=self.limits.max_state_bytes,
+                )
         _, state = graph.state.initial(initial_state)
         now = time.time()
         record = RunRecord(
@@ -256,8 +260,9 @@ class Engine:
         limit: int = 50,
     ) -> Page[RunRecord]:
         """Runs, newest first, filtered; pass ``next_cursor`` back for the next page."""
-        return await self.store.list_runs(graph_id=graph_id, status=status, cursor=cursor,
-                                          limit=limit)  # fmt: skip
+        return await self.store.list_runs(
+            graph_id=graph_id, status=status, cursor=cursor, limit=limit
+        )
 
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         """Stored log entries with ``seq > after``."""
@@ -295,11 +300,22 @@ class Engine:
     async def _cancel_stored(self, record: RunRecord) -> RunRecord:
         for _ in range(3):
             now = time.time()
-            entry = LogEntry(record.last_seq + 1, now, Level.WARNING, Event.RUN_CANCELLED.value,
-                             record.current_node, "cancelled by request",
-                             {"steps": record.step})  # fmt: skip
-            final = record.evolve(status=RunStatus.CANCELLED, finished_at=now, updated_at=now,
-                                  last_seq=entry.seq, waiting=None)  # fmt: skip
+            entry = LogEntry(
+                record.last_seq + 1,
+                now,
+                Level.WARNING,
+                Event.RUN_CANCELLED.value,
+                record.current_node,
+                "cancelled by request",
+                {"steps": record.step},
+            )
+            final = record.evolve(
+                status=RunStatus.CANCELLED,
+                finished_at=now,
+                updated_at=now,
+                last_seq=entry.seq,
+                waiting=None,
+            )
             try:
                 await self.store.save_run(final, [entry])
             except StoreConflictError:
@@ -312,12 +328,11 @@ class Engine:
                 continue
             self._host.stalled.pop(record.run_id, None)
             return final
-        raise RunStateError(record.run_id, record.status.value,
-                            "cancel (another process keeps writing it)")  # fmt: skip
+        raise RunStateError(
+            record.run_id, record.status.value, "cancel (another process keeps writing it)"
+        )
 
-    async def resume(
-        self, run_id: str, input: Any, *, request_id: str | None = None
-    ) -> RunRecord:
+    async def resume(self, run_id: str, input: Any, *, request_id: str | None = None) -> RunRecord:
         """Give a waiting run the input it waits for; it goes on at once.
 
         The input is checked against the wait (its ``input_schema`` or
@@ -379,8 +394,9 @@ class Engine:
         if handle is not None:
             await handle.done.wait()
             final = handle.record
-            if final is not None and (final.status.is_terminal or
-                                      final.status is RunStatus.WAITING):  # fmt: skip
+            if final is not None and (
+                final.status.is_terminal or final.status is RunStatus.WAITING
+            ):
                 return final
         record = await self.get_run(run_id)
         if record.status.is_terminal or record.status is RunStatus.WAITING:
@@ -481,8 +497,9 @@ class Engine:
         if record.status.is_terminal and after >= record.last_seq:
             return
         if self._followers >= self.limits.max_followers:
-            raise CapacityError(f"{self._followers} followers are active; the limit is "
-                                f"{self.limits.max_followers}")  # fmt: skip
+            raise CapacityError(
+                f"{self._followers} followers are active; the limit is {self.limits.max_followers}"
+            )
         self._followers += 1
         notifier = self.store.notifier
         cursor = max(after, 0)
@@ -533,15 +550,19 @@ class Engine:
                         f"the process died {record.crashes} times in a row while this run was "
                         f"at node {record.current_node} (step {record.step}); it is not resumed "
                         "again",
-                        node=record.current_node, extra={"crashes": record.crashes},
-                    )  # fmt: skip
+                        node=record.current_node,
+                        extra={"crashes": record.crashes},
+                    )
                     await self._fail_stored(record, failure)
                     continue
             try:
                 graph = await self.get_graph(record.graph_id)
             except (UnknownGraphError, GraphValidationError) as exc:
-                failure = RunFailure("graph_unavailable", f"cannot resume run: {exc.message}",
-                                     node=record.current_node)  # fmt: skip
+                failure = RunFailure(
+                    "graph_unavailable",
+                    f"cannot resume run: {exc.message}",
+                    node=record.current_node,
+                )
                 await self._fail_stored(record, failure)
                 continue
             self._host.spawn(graph, record)
@@ -551,11 +572,22 @@ class Engine:
     async def _fail_stored(self, record: RunRecord, failure: RunFailure) -> None:
         """End a run that no actor executes ``failed``, on top of its last checkpoint."""
         now = time.time()
-        entry = LogEntry(record.last_seq + 1, now, Level.ERROR, Event.RUN_FAILED.value,
-                         record.current_node, failure.message,
-                         {"error": failure.as_dict()})  # fmt: skip
-        final = record.evolve(status=RunStatus.FAILED, error=failure.as_dict(), finished_at=now,
-                              updated_at=now, last_seq=entry.seq)  # fmt: skip
+        entry = LogEntry(
+            record.last_seq + 1,
+            now,
+            Level.ERROR,
+            Event.RUN_FAILED.value,
+            record.current_node,
+            failure.message,
+            {"error": failure.as_dict()},
+        )
+        final = record.evolve(
+            status=RunStatus.FAILED,
+            error=failure.as_dict(),
+            finished_at=now,
+            updated_at=now,
+            last_seq=entry.seq,
+        )
         await self.store.save_run(final, [entry])
 
 
@@ -617,8 +649,13 @@ async def open_engine(
     session = False
     try:
         async with _one_error(), trio.open_nursery() as nursery:
-            engine = Engine(store=store, registry=registry, nursery=nursery,
-                            limits=limits or EngineLimits(), evaluator=evaluator)  # fmt: skip
+            engine = Engine(
+                store=store,
+                registry=registry,
+                nursery=nursery,
+                limits=limits or EngineLimits(),
+                evaluator=evaluator,
+            )
             if resume:
                 clean = await store.begin_session()
                 session = True

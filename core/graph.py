@@ -144,8 +144,9 @@ def _schema_problems(exc: ValidationError) -> list[Problem]:
 class _Checker:
     """Collects every problem of one document."""
 
-    def __init__(self, doc: GraphDocument, registry: Registry, evaluator: Evaluator,
-                 limits: GraphLimits) -> None:  # fmt: skip
+    def __init__(
+        self, doc: GraphDocument, registry: Registry, evaluator: Evaluator, limits: GraphLimits
+    ) -> None:
         self.doc = doc
         self.registry = registry
         self.evaluator = evaluator
@@ -174,17 +175,22 @@ class _Checker:
         if self.problems:
             return None
         if doc.id in RESERVED_IDS:
-            self.add("reserved_id", "$.id",
-                     f"graph id {doc.id!r} is the name of an API path (/graph/{doc.id}); "
-                     "choose another")  # fmt: skip
+            self.add(
+                "reserved_id",
+                "$.id",
+                f"graph id {doc.id!r} is the name of an API path (/graph/{doc.id}); choose another",
+            )
         self.ceilings()
 
         model: type[BaseModel] = JsonState
         if doc.state_model is not None:
             found = self.registry.get_model(doc.state_model)
             if found is None:
-                self.add("unknown_state_model", "$.state_model",
-                         f"state model {doc.state_model!r} is not registered")  # fmt: skip
+                self.add(
+                    "unknown_state_model",
+                    "$.state_model",
+                    f"state model {doc.state_model!r} is not registered",
+                )
             else:
                 model = found
 
@@ -197,15 +203,21 @@ class _Checker:
             seen_ids.add(spec.id)
             path = f"$.nodes[{i}]"
             if spec.callable is None and spec.wait is None:
-                self.add("missing_key", f"{path}.callable",
-                         "a node needs a callable, a wait block, or both")  # fmt: skip
+                self.add(
+                    "missing_key",
+                    f"{path}.callable",
+                    "a node needs a callable, a wait block, or both",
+                )
                 continue
             tool = None
             if spec.callable is not None:
                 tool = self.registry.get_tool(spec.callable)
                 if tool is None:
-                    self.add("unknown_callable", f"{path}.callable",
-                             f"callable {spec.callable!r} is not registered")  # fmt: skip
+                    self.add(
+                        "unknown_callable",
+                        f"{path}.callable",
+                        f"callable {spec.callable!r} is not registered",
+                    )
             wait = None
             if spec.wait is not None:
                 wait, problems = compile_wait(spec.wait, self.registry.models(), f"{path}.wait")
@@ -216,8 +228,9 @@ class _Checker:
         node_ids = {spec.id for spec in doc.nodes}
 
         if doc.start_node not in node_ids:
-            self.add("unknown_start_node", "$.start_node",
-                     f"start_node {doc.start_node!r} is not a node")  # fmt: skip
+            self.add(
+                "unknown_start_node", "$.start_node", f"start_node {doc.start_node!r} is not a node"
+            )
 
         edges: list[Edge] = []
         seen: set[tuple[str, str, str]] = set()
@@ -226,14 +239,20 @@ class _Checker:
             edge = self.edge(i, espec, node_ids)
             ident = (espec.source, espec.to, espec.type)
             if ident in seen:
-                self.add("duplicate_edge", f"$.edges[{i}]",
-                         f"edge {espec.source}->{espec.to} ({espec.type}) repeats")  # fmt: skip
+                self.add(
+                    "duplicate_edge",
+                    f"$.edges[{i}]",
+                    f"edge {espec.source}->{espec.to} ({espec.type}) repeats",
+                )
             seen.add(ident)
             if espec.type == "sequential":
                 if espec.source in sequential_from:
-                    self.add("multiple_sequential_edges", f"$.edges[{i}]",
-                             f"node {espec.source!r} already has a sequential edge "
-                             f"($.edges[{sequential_from[espec.source]}])")  # fmt: skip
+                    self.add(
+                        "multiple_sequential_edges",
+                        f"$.edges[{i}]",
+                        f"node {espec.source!r} already has a sequential edge "
+                        f"($.edges[{sequential_from[espec.source]}])",
+                    )
                 else:
                     sequential_from[espec.source] = i
             if edge is not None:
@@ -278,14 +297,19 @@ class _Checker:
 
         def over(path: str, what: str, value: int, maximum: int) -> None:
             if value > maximum:
-                self.add("over_limit", path,
-                         f"{what} is {value}; this server allows at most {maximum}")  # fmt: skip
+                self.add(
+                    "over_limit", path, f"{what} is {value}; this server allows at most {maximum}"
+                )
 
         over("$.max_steps", "max_steps", doc.max_steps, limits.max_steps)
         for i, node in enumerate(doc.nodes):
             if node.retry is not None:
-                over(f"$.nodes[{i}].retry.max_attempts", "retry.max_attempts",
-                     node.retry.max_attempts, limits.max_attempts)  # fmt: skip
+                over(
+                    f"$.nodes[{i}].retry.max_attempts",
+                    "retry.max_attempts",
+                    node.retry.max_attempts,
+                    limits.max_attempts,
+                )
         for i, edge in enumerate(doc.edges):
             iterations = edge.loop.max_iterations if edge.loop is not None else None
             # Values outside 1..1,000,000 are invalid_loop (see edge()).
@@ -297,8 +321,9 @@ class _Checker:
         path = f"$.edges[{i}]"
         ok = True
         if spec.source not in node_ids:
-            self.add("unknown_edge_source", f"{path}.from",
-                     f"edge source {spec.source!r} is not a node")  # fmt: skip
+            self.add(
+                "unknown_edge_source", f"{path}.from", f"edge source {spec.source!r} is not a node"
+            )
             ok = False
         if spec.to not in node_ids:
             self.add("unknown_edge_target", f"{path}.to", f"edge target {spec.to!r} is not a node")
@@ -310,9 +335,12 @@ class _Checker:
                 ok = False
             cond = spec.condition
             if cond is None or (cond.expression is None) == (cond.callable is None):
-                self.add("invalid_branch_condition", f"{path}.condition",
-                         "a branch edge needs a condition with exactly one of "
-                         "'expression' or 'callable'")  # fmt: skip
+                self.add(
+                    "invalid_branch_condition",
+                    f"{path}.condition",
+                    "a branch edge needs a condition with exactly one of "
+                    "'expression' or 'callable'",
+                )
                 return None
             if cond.expression is not None:
                 expr = self.expression(cond.expression, f"{path}.condition.expression")
@@ -321,29 +349,44 @@ class _Checker:
                 return Edge(i, spec.source, spec.to, "branch", key, expression=expr)
             tool = self.registry.get_tool(cond.callable or "")
             if tool is None:
-                self.add("unknown_condition_callable", f"{path}.condition.callable",
-                         f"condition callable {cond.callable!r} is not registered")  # fmt: skip
+                self.add(
+                    "unknown_condition_callable",
+                    f"{path}.condition.callable",
+                    f"condition callable {cond.callable!r} is not registered",
+                )
                 return None
             if tool.is_async:
                 # Choosing an edge is a pure, synchronous decision (planning.decide).
-                self.add("async_condition_callable", f"{path}.condition.callable",
-                         f"condition callable {cond.callable!r} is async; conditions "
-                         "must be synchronous functions of the state")  # fmt: skip
+                self.add(
+                    "async_condition_callable",
+                    f"{path}.condition.callable",
+                    f"condition callable {cond.callable!r} is async; conditions "
+                    "must be synchronous functions of the state",
+                )
                 return None
             return Edge(i, spec.source, spec.to, "branch", key, condition_tool=tool) if ok else None
         if spec.condition is not None:
-            self.add("unexpected_condition", f"{path}.condition",
-                     f"a {spec.type} edge takes no condition; use a branch edge")  # fmt: skip
+            self.add(
+                "unexpected_condition",
+                f"{path}.condition",
+                f"a {spec.type} edge takes no condition; use a branch edge",
+            )
             ok = False
         if spec.type == "loop":
             loop = spec.loop
             if loop is None or loop.max_iterations is None or loop.max_iterations < 1:
-                self.add("invalid_loop", f"{path}.loop.max_iterations",
-                         "a loop edge needs loop.max_iterations >= 1")  # fmt: skip
+                self.add(
+                    "invalid_loop",
+                    f"{path}.loop.max_iterations",
+                    "a loop edge needs loop.max_iterations >= 1",
+                )
                 return None
             if loop.max_iterations > _MAX_ITERATIONS:
-                self.add("invalid_loop", f"{path}.loop.max_iterations",
-                         "loop.max_iterations is at most 1000000")  # fmt: skip
+                self.add(
+                    "invalid_loop",
+                    f"{path}.loop.max_iterations",
+                    "loop.max_iterations is at most 1000000",
+                )
                 return None
             until = None
             if loop.until_expression is not None:
@@ -352,8 +395,15 @@ class _Checker:
                     return None
             if not ok:
                 return None
-            return Edge(i, spec.source, spec.to, "loop", key,
-                        max_iterations=loop.max_iterations, until=until)  # fmt: skip
+            return Edge(
+                i,
+                spec.source,
+                spec.to,
+                "loop",
+                key,
+                max_iterations=loop.max_iterations,
+                until=until,
+            )
         if spec.loop is not None:
             self.add("unexpected_loop", f"{path}.loop", "a sequential edge takes no loop block")
             ok = False
@@ -378,13 +428,18 @@ class _Checker:
                         stack.append(nxt)
             for i, spec in enumerate(doc.nodes):
                 if spec.id not in reached:
-                    self.add("unreachable_node", f"$.nodes[{i}]",
-                             f"node {spec.id!r} cannot be reached from "
-                             f"{doc.start_node!r}")  # fmt: skip
+                    self.add(
+                        "unreachable_node",
+                        f"$.nodes[{i}]",
+                        f"node {spec.id!r} cannot be reached from {doc.start_node!r}",
+                    )
         for cycle in _cycles(adj_no_loop):
-            self.add("unbounded_cycle", "$.edges",
-                     "cycle without a loop edge (it could run forever): "
-                     + " -> ".join([*cycle, cycle[0]]))  # fmt: skip
+            self.add(
+                "unbounded_cycle",
+                "$.edges",
+                "cycle without a loop edge (it could run forever): "
+                + " -> ".join([*cycle, cycle[0]]),
+            )
 
 
 def _cycles(adj: dict[str, list[str]]) -> list[list[str]]:

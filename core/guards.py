@@ -67,7 +67,6 @@ MAX_SHIFT = 1024
 MAX_ROUND_DIGITS = 64
 
 
-
 # --- arithmetic guards ----------------------------------------------------------
 
 
@@ -218,8 +217,7 @@ def _guard_set_op(op: Callable[[Any, Any], Any], symbol: str, left: Any, right: 
         if builds and not (lt in SET_LIKE and rt in SET_LIKE):
             other = rt if lt in SET_LIKE else lt
             raise TypeError(
-                f"{symbol} with a dict view takes another dict view or a set, "
-                f"not {other.__name__}"
+                f"{symbol} with a dict view takes another dict view or a set, not {other.__name__}"
             )
         what = f"the set operation {symbol}"
         count = _charge_set_operand(left, what) + _charge_set_operand(right, what)
@@ -285,9 +283,15 @@ BINOP_GUARDS: dict[type[ast.operator], tuple[str, Callable[[Any, Any], Any]]] = 
 
 _EQ, _NE, _LT, _LE, _GT, _GE, _IN, _NOT_IN = range(8)
 CMP_OPS: dict[type[ast.cmpop], int] = {
-    ast.Eq: _EQ, ast.NotEq: _NE, ast.Lt: _LT, ast.LtE: _LE, ast.Gt: _GT, ast.GtE: _GE,
-    ast.In: _IN, ast.NotIn: _NOT_IN,
-}  # fmt: skip
+    ast.Eq: _EQ,
+    ast.NotEq: _NE,
+    ast.Lt: _LT,
+    ast.LtE: _LE,
+    ast.Gt: _GT,
+    ast.GtE: _GE,
+    ast.In: _IN,
+    ast.NotIn: _NOT_IN,
+}
 _CMP_FUNCS: tuple[Callable[[Any, Any], Any], ...] = (
     lambda a, b: a == b,
     lambda a, b: a != b,
@@ -298,8 +302,9 @@ _CMP_FUNCS: tuple[Callable[[Any, Any], Any], ...] = (
     lambda a, b: a in b,
     lambda a, b: a not in b,
 )
-_CMP_WHAT = tuple(f"the comparison {name}"
-                  for name in ("==", "!=", "<", "<=", ">", ">=", "in", "not in"))  # fmt: skip
+_CMP_WHAT = tuple(
+    f"the comparison {name}" for name in ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+)
 
 
 def _charge_contains(item: Any, container: Any, what: str) -> None:
@@ -543,8 +548,7 @@ def _guard_str(*args: Any, **kwargs: Any) -> str:
         # str() of a container is its repr: escapes make it up to 10x larger
         # than the container's own size, and it has no use in a condition.
         raise TypeError(
-            f"str() in expressions takes a string, number, bool or None, "
-            f"not {type(value).__name__}"
+            f"str() in expressions takes a string, number, bool or None, not {type(value).__name__}"
         )
     if type(value) is int:
         digits = int_digits(value)
@@ -596,17 +600,21 @@ def _guard_float(*args: Any) -> float:
             return float(*args)
         except ValueError:
             # CPython's message holds the whole string's repr.
-            raise ValueError(
-                f"could not convert string to float: {short_repr(text)}"
-            ) from None
+            raise ValueError(f"could not convert string to float: {short_repr(text)}") from None
     return float(*args)
 
 
 GUARDED_BUILTINS: dict[str, Any] = {
-    "min": _guard_min, "max": _guard_max, "sum": _guard_sum, "any": _guard_any,
-    "all": _guard_all, "sorted": _guard_sorted, "str": _guard_str, "int": _guard_int,
+    "min": _guard_min,
+    "max": _guard_max,
+    "sum": _guard_sum,
+    "any": _guard_any,
+    "all": _guard_all,
+    "sorted": _guard_sorted,
+    "str": _guard_str,
+    "int": _guard_int,
     "float": _guard_float,
-}  # fmt: skip
+}
 #: O(1) on every value an expression can build (ints are at most a few
 #: thousand bits): called directly.
 _PLAIN_BUILTINS: dict[str, Any] = {"len": len, "abs": abs, "bool": bool, "round": _safe_round}

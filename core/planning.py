@@ -59,8 +59,9 @@ def _condition(edge: Edge, model: ModelSource, state: Mapping[str, Any]) -> bool
             raise
         raise ConditionError(
             f"condition of edge {edge.key} raised {type(exc).__name__}: {exc}",
-            node=edge.source, edge=edge.key,
-        ) from exc  # fmt: skip
+            node=edge.source,
+            edge=edge.key,
+        ) from exc
     return False
 
 

@@ -202,9 +202,7 @@ class Registry:
             raise RegistryError(f"cannot import tool module {module_path!r}: {exc}") from None
         register = getattr(module, "register", None)
         if not callable(register):
-            raise RegistryError(
-                f"tool module {module_path!r} has no register(registry) function"
-            )
+            raise RegistryError(f"tool module {module_path!r} has no register(registry) function")
         register(self)
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[str]:

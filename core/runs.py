@@ -92,11 +92,24 @@ class RunRecord:
         # Hand-rolled instead of dataclasses.replace, which is several times
         # slower and runs once per step.
         new = RunRecord(
-            self.run_id, self.graph_id, self.status, self.state, self.current_node, self.step,
-            self.loop_counters, self.error, self.created_at, self.started_at, self.finished_at,
-            self.updated_at, self.last_seq, self.attempt, self.crashes, self.waiting,
+            self.run_id,
+            self.graph_id,
+            self.status,
+            self.state,
+            self.current_node,
+            self.step,
+            self.loop_counters,
+            self.error,
+            self.created_at,
+            self.started_at,
+            self.finished_at,
+            self.updated_at,
+            self.last_seq,
+            self.attempt,
+            self.crashes,
+            self.waiting,
             self.signal_cursor,
-        )  # fmt: skip
+        )
         for name, value in changes.items():
             if name not in _FIELD_SET:
                 raise TypeError(f"RunRecord has no field {name!r}")

@@ -66,14 +66,27 @@ def fold_signals(
         size = len(pydantic_core.to_json(new_state))
         if size > max_state_bytes:
             data["bytes"] = size
-            entries.append(entry(Event.SIGNAL_REJECTED.value,
-                                 f"signal {signal.name} rejected: the state would be {size} "
-                                 f"bytes; the limit is {max_state_bytes}",
-                                 Level.WARNING, node, data))  # fmt: skip
+            entries.append(
+                entry(
+                    Event.SIGNAL_REJECTED.value,
+                    f"signal {signal.name} rejected: the state would be {size} "
+                    f"bytes; the limit is {max_state_bytes}",
+                    Level.WARNING,
+                    node,
+                    data,
+                )
+            )
             continue
         if applied is not None:
             state, changed = new_state, True
         data["updates"] = signal.updates
-        entries.append(entry(Event.SIGNAL_RECEIVED.value, f"signal {signal.name} applied",
-                             Level.INFO, node, bound_data(data, max_data_bytes)))  # fmt: skip
+        entries.append(
+            entry(
+                Event.SIGNAL_RECEIVED.value,
+                f"signal {signal.name} applied",
+                Level.INFO,
+                node,
+                bound_data(data, max_data_bytes),
+            )
+        )
     return Folded(state, cursor, entries, changed)

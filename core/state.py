@@ -74,9 +74,10 @@ def _json_error(problem: tuple[str, str], node: str | None) -> StateValidationEr
     field, reason = problem
     where = f"node {node!r} produced an invalid state" if node else "invalid initial state"
     return StateValidationError(
-        f"{where}: {field or '<root>'}: {reason}", node=node,
+        f"{where}: {field or '<root>'}: {reason}",
+        node=node,
         errors=[{"field": field, "message": reason, "type": "json_invalid"}],
-    )  # fmt: skip
+    )
 
 
 def _errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -108,9 +109,10 @@ class StateAdapter:
             data = {}
         if not isinstance(data, Mapping):
             raise StateValidationError(
-                "initial state must be a JSON object", node=None,
+                "initial state must be a JSON object",
+                node=None,
                 errors=[{"field": "", "message": "expected an object", "type": "type_error"}],
-            )  # fmt: skip
+            )
         data = dict(data)
         if self.permissive:
             problem = json_problem(data)
@@ -138,8 +140,9 @@ class StateAdapter:
                 raise StateValidationError(
                     f"node {node!r} returned a {type(update).__name__}, "
                     f"expected {self.model.__name__}",
-                    node=node, errors=[],
-                )  # fmt: skip
+                    node=node,
+                    errors=[],
+                )
             merged = update.model_dump(mode="python")
             changed: Mapping[str, Any] = merged
         elif isinstance(update, Mapping):
@@ -149,8 +152,9 @@ class StateAdapter:
             raise StateValidationError(
                 f"node {node!r} returned {type(update).__name__}; a node returns None, "
                 "a mapping of updates or a state model",
-                node=node, errors=[],
-            )  # fmt: skip
+                node=node,
+                errors=[],
+            )
         if self.permissive:
             self._check_json(changed, node)
         model, dumped = self._validate(merged, node=node)
@@ -179,9 +183,10 @@ class StateAdapter:
         except (ValueError, TypeError) as exc:  # e.g. non-JSON values in a permissive model
             where = f"node {node!r} produced an invalid state" if node else "invalid initial state"
             raise StateValidationError(
-                f"{where}: {exc}", node=node,
+                f"{where}: {exc}",
+                node=node,
                 errors=[{"field": "", "message": str(exc), "type": "serialization"}],
-            ) from None  # fmt: skip
+            ) from None
         return model, dumped
 
     def load(self, dumped: dict[str, Any]) -> BaseModel:

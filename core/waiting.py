@@ -72,9 +72,7 @@ class Waiting:
 
     # -- resume ------------------------------------------------------------------
 
-    async def resume(
-        self, run_id: str, value: Any, request_id: str | None = None
-    ) -> RunRecord:
+    async def resume(self, run_id: str, value: Any, request_id: str | None = None) -> RunRecord:
         """See :meth:`trioflow.Engine.resume`."""
         for _ in range(ATTEMPTS):
             record = await self._get(run_id)
@@ -104,9 +102,14 @@ class Waiting:
         raise RunStateError(run_id, "changing", "resume")
 
     def _answer(
-        self, graph: Graph, record: RunRecord, checked: dict[str, Any], event: Event, message: str,
+        self,
+        graph: Graph,
+        record: RunRecord,
+        checked: dict[str, Any],
+        event: Event,
+        message: str,
         first: list[LogEntry] | None = None,
-    ) -> tuple[RunRecord, LogEntry]:  # fmt: skip
+    ) -> tuple[RunRecord, LogEntry]:
         """The record and entry that take ``record`` out of its wait with ``checked`` merged.
 
         Raises:
@@ -120,11 +123,23 @@ class Waiting:
         self._check_size(state, "state")
         seq = record.last_seq + 1 + len(first or [])
         data = {"request_id": waiting.get("request_id"), "input": checked}
-        entry = LogEntry(seq, time.time(), Level.INFO, event.value, node, message,
-                         bound_data(data, self._limits.max_log_data_bytes))  # fmt: skip
+        entry = LogEntry(
+            seq,
+            time.time(),
+            Level.INFO,
+            event.value,
+            node,
+            message,
+            bound_data(data, self._limits.max_log_data_bytes),
+        )
         waiting["answered"] = True
-        new = record.evolve(status=RunStatus.RUNNING, state=state, waiting=waiting,
-                            last_seq=seq, updated_at=time.time())  # fmt: skip
+        new = record.evolve(
+            status=RunStatus.RUNNING,
+            state=state,
+            waiting=waiting,
+            last_seq=seq,
+            updated_at=time.time(),
+        )
         return new, entry
 
     def _check_size(self, value: dict[str, Any], what: str) -> None:
@@ -132,14 +147,17 @@ class Waiting:
         if size > self._limits.max_state_bytes:
             raise LimitExceededError(
                 f"the {what} would be {size} bytes; the limit is {self._limits.max_state_bytes}",
-                limit="max_state_bytes", value=size, maximum=self._limits.max_state_bytes,
-            )  # fmt: skip
+                limit="max_state_bytes",
+                value=size,
+                maximum=self._limits.max_state_bytes,
+            )
 
     def _check_capacity(self) -> None:
         active, maximum = len(self._host.handles), self._limits.max_active_runs
         if active >= maximum:
-            raise CapacityError(f"{active} runs are active; the limit is {maximum}",
-                                details={"limit": maximum})  # fmt: skip
+            raise CapacityError(
+                f"{active} runs are active; the limit is {maximum}", details={"limit": maximum}
+            )
 
     async def _get(self, run_id: str) -> RunRecord:
         record = await self._store.get_run(run_id)
@@ -166,18 +184,21 @@ class Waiting:
                 for record in await self._store.due_waits(self._host.wall(), limit=DUE_BATCH):
                     await self._time_out(record)
             except StoreError as exc:
-                log.warning("wait deadlines: %s; trying again in %g s", exc.message,
-                            TIMER_RETRY_S)  # fmt: skip
+                log.warning("wait deadlines: %s; trying again in %g s", exc.message, TIMER_RETRY_S)
                 await trio.sleep(TIMER_RETRY_S)
 
     async def _time_out(self, record: RunRecord) -> None:
         waiting = record.waiting or {}
         node_id = str(waiting.get("node"))
         timed_out = LogEntry(
-            record.last_seq + 1, time.time(), Level.WARNING, Event.WAIT_TIMED_OUT.value, node_id,
+            record.last_seq + 1,
+            time.time(),
+            Level.WARNING,
+            Event.WAIT_TIMED_OUT.value,
+            node_id,
             f"the wait at node {node_id} timed out",
             {"request_id": waiting.get("request_id"), "deadline": waiting.get("deadline")},
-        )  # fmt: skip
+        )
         try:
             graph = await self._graph_of(record.graph_id)
         except (UnknownGraphError, GraphValidationError) as exc:
@@ -186,14 +207,20 @@ class Waiting:
             return
         plan = graph.nodes[node_id].wait if node_id in graph.nodes else None
         if plan is None or plan.on_timeout_input is None:
-            failure = RunFailure("wait_timed_out", f"the wait at node {node_id} timed out",
-                                 node=node_id)  # fmt: skip
+            failure = RunFailure(
+                "wait_timed_out", f"the wait at node {node_id} timed out", node=node_id
+            )
             await self._end(record, [timed_out], failure)
             return
         try:
-            new, entry = self._answer(graph, record, plan.on_timeout_input, Event.RUN_INPUT,
-                                      "the wait timed out: its on_timeout input is used",
-                                      first=[timed_out])  # fmt: skip
+            new, entry = self._answer(
+                graph,
+                record,
+                plan.on_timeout_input,
+                Event.RUN_INPUT,
+                "the wait timed out: its on_timeout input is used",
+                first=[timed_out],
+            )
         except (StateValidationError, LimitExceededError) as exc:
             failure = RunFailure("state_invalid", exc.message, node=node_id)
             await self._end(record, [timed_out], failure)
@@ -207,11 +234,23 @@ class Waiting:
     async def _end(self, record: RunRecord, entries: list[LogEntry], failure: RunFailure) -> None:
         now = time.time()
         error = failure.as_dict()
-        final_entry = LogEntry(record.last_seq + len(entries) + 1, now, Level.ERROR,
-                               Event.RUN_FAILED.value, failure.node, failure.message,
-                               {"steps": record.step, "error": error})  # fmt: skip
-        final = record.evolve(status=RunStatus.FAILED, error=error, waiting=None, finished_at=now,
-                              updated_at=now, last_seq=final_entry.seq)  # fmt: skip
+        final_entry = LogEntry(
+            record.last_seq + len(entries) + 1,
+            now,
+            Level.ERROR,
+            Event.RUN_FAILED.value,
+            failure.node,
+            failure.message,
+            {"steps": record.step, "error": error},
+        )
+        final = record.evolve(
+            status=RunStatus.FAILED,
+            error=error,
+            waiting=None,
+            finished_at=now,
+            updated_at=now,
+            last_seq=final_entry.seq,
+        )
         try:
             await self._store.save_run(final, [*entries, final_entry])
         except StoreConflictError:
@@ -223,20 +262,27 @@ class Waiting:
     async def signal(self, run_id: str, name: str, updates: Mapping[str, Any]) -> StoredSignal:
         """See :meth:`trioflow.Engine.signal`."""
         if not isinstance(name, str) or not 1 <= len(name) <= 200:
-            raise StateValidationError("a signal's name is 1 to 200 characters", node=None,
-                                       errors=[{"field": "name", "message": "1 to 200 characters",
-                                                "type": "string_length"}])  # fmt: skip
+            raise StateValidationError(
+                "a signal's name is 1 to 200 characters",
+                node=None,
+                errors=[
+                    {"field": "name", "message": "1 to 200 characters", "type": "string_length"}
+                ],
+            )
         if not isinstance(updates, Mapping):
-            raise StateValidationError("a signal's updates are a JSON object", node=None,
-                                       errors=[{"field": "updates", "message": "not an object",
-                                                "type": "type_error"}])  # fmt: skip
+            raise StateValidationError(
+                "a signal's updates are a JSON object",
+                node=None,
+                errors=[{"field": "updates", "message": "not an object", "type": "type_error"}],
+            )
         updates = dict(updates)
         problem = json_problem(updates, "updates")
         if problem is not None:
             raise StateValidationError(
-                f"signal {name}: {problem[0]}: {problem[1]}", node=None,
+                f"signal {name}: {problem[0]}: {problem[1]}",
+                node=None,
                 errors=[{"field": problem[0], "message": problem[1], "type": "json_invalid"}],
-            )  # fmt: skip
+            )
         self._check_size(updates, "signal")
         record = await self._get(run_id)
         if record.status.is_terminal:
@@ -265,22 +311,30 @@ class Waiting:
                 return
             seq = record.last_seq
 
-            def entry(event: str, message: str, level: Level, node: str | None,
-                      data: dict[str, Any]) -> LogEntry:  # fmt: skip
+            def entry(
+                event: str, message: str, level: Level, node: str | None, data: dict[str, Any]
+            ) -> LogEntry:
                 nonlocal seq
                 seq += 1
                 return LogEntry(seq, time.time(), level, event, node, message, data)
 
             folded = fold_signals(
-                graph, record.state, pending, node=record.current_node,
+                graph,
+                record.state,
+                pending,
+                node=record.current_node,
                 max_state_bytes=self._limits.max_state_bytes,
-                max_data_bytes=self._limits.max_log_data_bytes, entry=entry,
-            )  # fmt: skip
-            new = record.evolve(state=folded.state, signal_cursor=folded.cursor, last_seq=seq,
-                                updated_at=time.time())  # fmt: skip
+                max_data_bytes=self._limits.max_log_data_bytes,
+                entry=entry,
+            )
+            new = record.evolve(
+                state=folded.state,
+                signal_cursor=folded.cursor,
+                last_seq=seq,
+                updated_at=time.time(),
+            )
             try:
                 await self._store.save_run(new, folded.entries)
             except StoreConflictError:
                 continue
             return
-

@@ -36,10 +36,25 @@ MAX_SCHEMA_DEPTH = 16
 
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$schema", "$comment"})
 _KEYWORDS = _ANNOTATIONS | {
-    "type", "properties", "required", "additionalProperties", "items", "enum", "const",
-    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "anyOf",
-}  # fmt: skip
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "enum",
+    "const",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "anyOf",
+}
 _TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 
 
@@ -87,8 +102,13 @@ def _typed(kind: str, schema: Mapping[str, Any], path: str, depth: int) -> CoreS
         )
     if kind in ("integer", "number"):
         bounds: dict[str, Any] = {}
-        for key, name in (("minimum", "ge"), ("maximum", "le"), ("exclusiveMinimum", "gt"),
-                          ("exclusiveMaximum", "lt"), ("multipleOf", "multiple_of")):  # fmt: skip
+        for key, name in (
+            ("minimum", "ge"),
+            ("maximum", "le"),
+            ("exclusiveMinimum", "gt"),
+            ("exclusiveMaximum", "lt"),
+            ("multipleOf", "multiple_of"),
+        ):
             if key in schema:
                 bounds[name] = _number(schema[key], path, key)
         if kind == "integer":
@@ -100,8 +120,11 @@ def _typed(kind: str, schema: Mapping[str, Any], path: str, depth: int) -> CoreS
         return core_schema.none_schema()
     if kind == "array":
         items = schema.get("items")
-        item = core_schema.any_schema() if items is None else _compile(items, f"{path}.items",
-                                                                        depth + 1)  # fmt: skip
+        item = (
+            core_schema.any_schema()
+            if items is None
+            else _compile(items, f"{path}.items", depth + 1)
+        )
         return core_schema.list_schema(
             item,
             strict=True,
@@ -117,13 +140,15 @@ def _typed(kind: str, schema: Mapping[str, Any], path: str, depth: int) -> CoreS
         raise SchemaProblem(f"{path}.required", "required must be a list of property names")
     additional = schema.get("additionalProperties", True)
     if not isinstance(additional, bool):
-        raise SchemaProblem(f"{path}.additionalProperties",
-                            "additionalProperties must be true or false")  # fmt: skip
+        raise SchemaProblem(
+            f"{path}.additionalProperties", "additionalProperties must be true or false"
+        )
     if not properties:
         if not additional:
             return core_schema.typed_dict_schema({}, extra_behavior="forbid", strict=True)
-        return core_schema.dict_schema(core_schema.str_schema(), core_schema.any_schema(),
-                                       strict=True)  # fmt: skip
+        return core_schema.dict_schema(
+            core_schema.str_schema(), core_schema.any_schema(), strict=True
+        )
     fields = {
         name: core_schema.typed_dict_field(
             _compile(sub, f"{path}.properties.{name}", depth + 1), required=name in required
@@ -147,9 +172,11 @@ def _compile(schema: Any, path: str, depth: int = 0) -> CoreSchema:
         raise SchemaProblem(path, "a schema must be an object")
     unknown = sorted(set(schema) - _KEYWORDS)
     if unknown:
-        raise SchemaProblem(f"{path}.{unknown[0]}",
-                            f"{unknown[0]!r} is not supported in input schemas (supported: "
-                            f"{', '.join(sorted(_KEYWORDS - _ANNOTATIONS))})")  # fmt: skip
+        raise SchemaProblem(
+            f"{path}.{unknown[0]}",
+            f"{unknown[0]!r} is not supported in input schemas (supported: "
+            f"{', '.join(sorted(_KEYWORDS - _ANNOTATIONS))})",
+        )
     choices: list[CoreSchema] = []
     if "const" in schema:
         choices.append(core_schema.literal_schema([schema["const"]]))
@@ -174,8 +201,10 @@ def _compile(schema: Any, path: str, depth: int = 0) -> CoreSchema:
         typed: list[CoreSchema | tuple[CoreSchema, str]] = [
             _typed(k, schema, path, depth) for k in listed
         ]
-        checked = _typed(listed[0], schema, path, depth) if len(listed) == 1 else (
-            core_schema.union_schema(typed)
+        checked = (
+            _typed(listed[0], schema, path, depth)
+            if len(listed) == 1
+            else (core_schema.union_schema(typed))
         )
         # A type beside enum/const/anyOf: both must hold.
         choices = [core_schema.chain_schema([checked, c]) for c in choices] or [checked]
@@ -257,8 +286,9 @@ def compile_wait(
     """
     problems: list[Problem] = []
     if spec.input_schema is not None and spec.input_model is not None:
-        problems.append(Problem("invalid_wait", path,
-                                "a wait takes input_schema or input_model, not both"))  # fmt: skip
+        problems.append(
+            Problem("invalid_wait", path, "a wait takes input_schema or input_model, not both")
+        )
         return None, problems
     kind: InputKind = "any"
     schema: dict[str, Any] | None = None
@@ -277,14 +307,19 @@ def compile_wait(
             problems.append(Problem("invalid_input_schema", exc.path, exc.message))
             return None, problems
         if compiled["type"] not in ("typed-dict", "dict", "any"):
-            problems.append(Problem("invalid_input_schema", f"{path}.input_schema",
-                                    "the input is merged into the state: its schema must "
-                                    "describe an object"))  # fmt: skip
+            problems.append(
+                Problem(
+                    "invalid_input_schema",
+                    f"{path}.input_schema",
+                    "the input is merged into the state: its schema must describe an object",
+                )
+            )
             return None, problems
         validator, schema, kind = SchemaValidator(compiled), dict(spec.input_schema), "schema"
     else:
-        validator = SchemaValidator(core_schema.dict_schema(core_schema.str_schema(),
-                                                            core_schema.any_schema()))  # fmt: skip
+        validator = SchemaValidator(
+            core_schema.dict_schema(core_schema.str_schema(), core_schema.any_schema())
+        )
     timeout_input: dict[str, Any] | None = None
     plan = WaitPlan(spec.prompt, schema, spec.timeout_s, None, validator, kind)
     if spec.on_timeout != "fail":
@@ -297,7 +332,8 @@ def compile_wait(
                 problems.append(Problem("invalid_timeout_input", where, message))
             return None, problems
         if spec.timeout_s is None:
-            problems.append(Problem("invalid_wait", f"{path}.on_timeout",
-                                    "on_timeout needs a timeout_s"))  # fmt: skip
+            problems.append(
+                Problem("invalid_wait", f"{path}.on_timeout", "on_timeout needs a timeout_s")
+            )
             return None, problems
     return WaitPlan(spec.prompt, schema, spec.timeout_s, timeout_input, validator, kind), problems

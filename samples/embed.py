@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from samples import python_review
 from trioflow import default_registry, open_engine
 
-SOURCE = '''\
+SOURCE = """\
 import os
 import json
 
@@ -29,7 +29,7 @@ def load(path, cache={}):
         return json.loads(open(path).read())
     except:
         return cache
-'''
+"""
 
 
 async def main() -> None:
@@ -39,8 +39,10 @@ async def main() -> None:
         graph = await engine.register_graph(python_review.graph_document())
         run = await engine.start_run(graph.id, {"source": SOURCE, "filename": "load.py"})
         async for entry in engine.follow(run.run_id):
-            print(f"{entry.seq:3} {entry.level:7} {entry.event:15} {entry.node or '-':12} "
-                  f"{entry.message}")  # fmt: skip
+            print(
+                f"{entry.seq:3} {entry.level:7} {entry.event:15} {entry.node or '-':12} "
+                f"{entry.message}"
+            )
         final = await engine.wait(run.run_id)
 
     state = final.state

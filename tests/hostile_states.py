@@ -28,9 +28,15 @@ SAFETY_S = 0.5
 MAX_STATE_BYTES = 1 << 20
 
 HOSTILE_STATE_NAMES = [
-    "900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "two equal int lists",
-    "two equal nested", "4300-digit ints", "55k keys",
-]  # fmt: skip
+    "900k-char str",
+    "non-ASCII str",
+    "150k ints",
+    "nested 1 MiB",
+    "two equal int lists",
+    "two equal nested",
+    "4300-digit ints",
+    "55k keys",
+]
 
 
 def _shuffled(values: list[Any]) -> list[Any]:

@@ -27,10 +27,19 @@ from trioflow import (
 from trioflow.logs import TRUNCATION_MARK
 
 
-def _graph(graph_id: str, nodes: list[dict[str, Any]], edges: list[dict[str, Any]] | None = None,
-           **extra: Any) -> dict[str, Any]:  # fmt: skip
-    return {"id": graph_id, "start_node": nodes[0]["id"], "nodes": nodes, "edges": edges or [],
-            **extra}  # fmt: skip
+def _graph(
+    graph_id: str,
+    nodes: list[dict[str, Any]],
+    edges: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "id": graph_id,
+        "start_node": nodes[0]["id"],
+        "nodes": nodes,
+        "edges": edges or [],
+        **extra,
+    }
 
 
 def _gapless(entries: list[Any]) -> bool:
@@ -49,8 +58,9 @@ async def test_a_huge_failure_message_retried_many_times_stays_small(
 ) -> None:
     # The attack: tools.fail with a 1 MB message and many retries made a 204 MB log.
     message = "x" * 1_000_000
-    await engine.register_graph(_graph("fails", [
-        {"id": "f", "callable": "tools.fail", "retry": {"max_attempts": 20}}]))  # fmt: skip
+    await engine.register_graph(
+        _graph("fails", [{"id": "f", "callable": "tools.fail", "retry": {"max_attempts": 20}}])
+    )
     run = await engine.start_run("fails", {"fail_message": message})
     final = await engine.wait(run.run_id)
     assert final.status is RunStatus.FAILED
@@ -119,9 +129,12 @@ async def test_a_run_over_max_log_entries_fails_with_the_failure_as_its_last_ent
 ) -> None:
     limits = EngineLimits(max_log_entries=max_entries)
     loop = {"from": "b", "to": "a", "type": "loop", "loop": {"max_iterations": 10_000}}
-    document = _graph("spin", [{"id": "a", "callable": "tools.noop"},
-                               {"id": "b", "callable": "tools.noop"}],
-                      [{"from": "a", "to": "b"}, loop], max_steps=100_000)  # fmt: skip
+    document = _graph(
+        "spin",
+        [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "tools.noop"}],
+        [{"from": "a", "to": "b"}, loop],
+        max_steps=100_000,
+    )
     async with open_engine(registry=registry, limits=limits) as engine:
         await engine.register_graph(document)
         final = await engine.wait((await engine.start_run("spin")).run_id)
@@ -157,12 +170,18 @@ async def test_a_failure_that_logs_more_than_fits_keeps_only_its_end(registry: R
 
 async def test_a_graph_over_the_servers_ceilings_is_invalid(registry: Registry) -> None:
     limits = EngineLimits(max_graph_steps=1000, max_loop_iterations=50, max_node_attempts=5)
-    document = _graph("greedy", [{"id": "a", "callable": "tools.noop",
-                                  "retry": {"max_attempts": 6}},
-                                 {"id": "b", "callable": "tools.noop"}],
-                      [{"from": "a", "to": "b"},
-                       {"from": "b", "to": "a", "type": "loop", "loop": {"max_iterations": 51}}],
-                      max_steps=1001)  # fmt: skip
+    document = _graph(
+        "greedy",
+        [
+            {"id": "a", "callable": "tools.noop", "retry": {"max_attempts": 6}},
+            {"id": "b", "callable": "tools.noop"},
+        ],
+        [
+            {"from": "a", "to": "b"},
+            {"from": "b", "to": "a", "type": "loop", "loop": {"max_iterations": 51}},
+        ],
+        max_steps=1001,
+    )
     async with open_engine(registry=registry, limits=limits) as engine:
         with pytest.raises(GraphValidationError) as info:
             await engine.register_graph(document)
@@ -181,12 +200,15 @@ async def test_a_graph_over_the_servers_ceilings_is_invalid(registry: Registry) 
 
 async def test_the_default_ceilings_refuse_the_million_step_loop(engine: Engine) -> None:
     # The attack: max_steps 1e6 with a 1e6-iteration loop wrote 2.76M entries in 8 s.
-    document = _graph("million", [{"id": "a", "callable": "tools.noop"},
-                                  {"id": "b", "callable": "tools.noop"}],
-                      [{"from": "a", "to": "b"},
-                       {"from": "b", "to": "a", "type": "loop",
-                        "loop": {"max_iterations": 1_000_000}}],
-                      max_steps=1_000_000)  # fmt: skip
+    document = _graph(
+        "million",
+        [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "tools.noop"}],
+        [
+            {"from": "a", "to": "b"},
+            {"from": "b", "to": "a", "type": "loop", "loop": {"max_iterations": 1_000_000}},
+        ],
+        max_steps=1_000_000,
+    )
     with pytest.raises(GraphValidationError) as info:
         await engine.register_graph(document)
     assert {p.code for p in info.value.problems} == {"over_limit"}
@@ -249,9 +271,11 @@ async def test_a_node_cannot_grow_the_state_past_max_state_bytes(registry: Regis
         return {f"k{len(state.model_extra or {})}": "y" * 3000}
 
     registry.add_tool("test.grow", grow, inline=True)
-    document = _graph("grow", [{"id": "g", "callable": "test.grow"}],
-                      [{"from": "g", "to": "g", "type": "loop",
-                        "loop": {"max_iterations": 1000}}])  # fmt: skip
+    document = _graph(
+        "grow",
+        [{"id": "g", "callable": "test.grow"}],
+        [{"from": "g", "to": "g", "type": "loop", "loop": {"max_iterations": 1000}}],
+    )
     async with open_engine(registry=registry, limits=EngineLimits(max_state_bytes=20_000)) as eng:
         await eng.register_graph(document)
         final = await eng.wait((await eng.start_run("grow")).run_id)

@@ -36,8 +36,17 @@ SLOW = {
 
 
 def _serve_command(db: pathlib.Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trioflow.web.cli", "serve", "--port", "0",
-            "--store", f"sqlite:///{db}", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "trioflow.web.cli",
+        "serve",
+        "--port",
+        "0",
+        "--store",
+        f"sqlite:///{db}",
+        *extra,
+    ]
 
 
 @asynccontextmanager
@@ -45,9 +54,12 @@ async def serving(db: pathlib.Path, *extra: str) -> AsyncIterator[tuple[trio.Pro
     """Start ``trioflow serve`` on ``db``; yield the process and its base URL."""
     cmd = _serve_command(db, *extra)
     proc = await trio.lowlevel.open_process(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     assert proc.stdout is not None
     buffer = b""
     try:
@@ -93,16 +105,26 @@ async def test_sigkill_loses_nothing_and_in_flight_runs_complete(tmp_path: pathl
                     assert (await client.post("/graph/create", json=doc)).status_code == 201
                 finished = []
                 for issues in (0, 1, 2):
-                    r = await client.post("/graph/run", json={
-                        "graph_id": "code-review-a", "initial_state": {"issues_open": issues},
-                        "background": False})  # fmt: skip
+                    r = await client.post(
+                        "/graph/run",
+                        json={
+                            "graph_id": "code-review-a",
+                            "initial_state": {"issues_open": issues},
+                            "background": False,
+                        },
+                    )
                     assert r.status_code == 200 and r.json()["status"] == "completed"
                     finished.append(r.json()["run_id"])
                 in_flight = []
                 for _ in range(3):
-                    r = await client.post("/graph/run", json={
-                        "graph_id": "slow", "initial_state": {"sleep_s": 1.5},
-                        "background": True})  # fmt: skip
+                    r = await client.post(
+                        "/graph/run",
+                        json={
+                            "graph_id": "slow",
+                            "initial_state": {"sleep_s": 1.5},
+                            "background": True,
+                        },
+                    )
                     assert r.status_code == 202
                     in_flight.append(r.json()["run_id"])
                 for run_id in in_flight:
@@ -110,8 +132,10 @@ async def test_sigkill_loses_nothing_and_in_flight_runs_complete(tmp_path: pathl
                 cancelled = in_flight.pop()
                 r = await client.post(f"/graph/cancel/{cancelled}")
                 assert r.status_code == 200 and r.json()["status"] == "cancelled"
-                before = {run_id: await _state(client, run_id)
-                          for run_id in [*finished, *in_flight, cancelled]}  # fmt: skip
+                before = {
+                    run_id: await _state(client, run_id)
+                    for run_id in [*finished, *in_flight, cancelled]
+                }
                 graphs_before = (await client.get("/graphs")).json()["items"]
 
             proc.send_signal(signal.SIGKILL)
@@ -133,7 +157,7 @@ async def test_sigkill_loses_nothing_and_in_flight_runs_complete(tmp_path: pathl
                     old, new = before[run_id]["logs"], after["logs"]
                     assert new[: len(old)] == old
                     assert [e["seq"] for e in new] == list(range(1, len(new) + 1))
-                    events = [(e["event"], e["node"]) for e in new[len(old):]]
+                    events = [(e["event"], e["node"]) for e in new[len(old) :]]
                     assert events[0] == ("run_resumed", "b")
                     assert ("node_started", "b") in events[1:]
                     assert after["state"]["approved"] is True
@@ -158,9 +182,12 @@ TOOLS = ("--tools", "tests.crash_tool_module")
 async def _dies_by_itself(db: pathlib.Path) -> bytes:
     """Start a server that resumes a deadly run: it must die without being asked."""
     proc = await trio.lowlevel.open_process(
-        _serve_command(db, *TOOLS), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        _serve_command(db, *TOOLS),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     assert proc.stdout is not None
     output = b""
     try:
@@ -201,8 +228,11 @@ async def test_a_run_that_kills_its_process_twice_is_not_resumed_a_third_time(
                 assert events[-1] == "run_failed"
                 assert [e["seq"] for e in state["logs"]] == list(range(1, len(events) + 1))
                 # It serves other runs as usual.
-                quick = {"id": "quick", "start_node": "q",
-                         "nodes": [{"id": "q", "callable": "tools.approve"}]}  # fmt: skip
+                quick = {
+                    "id": "quick",
+                    "start_node": "q",
+                    "nodes": [{"id": "q", "callable": "tools.approve"}],
+                }
                 assert (await client.post("/graph/create", json=quick)).status_code == 201
                 r = await client.post("/graph/run", json={"graph_id": "quick"})
                 assert r.status_code == 200 and r.json()["status"] == "completed"
@@ -219,9 +249,12 @@ async def test_a_tool_raising_system_exit_or_keyboard_interrupt_fails_only_its_r
     db = tmp_path / "trioflow.db"
     graphs = [
         {"id": "exits", "start_node": "x", "nodes": [{"id": "x", "callable": "crash.exit"}]},
-        {"id": "interrupts", "start_node": "k",
-         "nodes": [{"id": "k", "callable": "crash.interrupt"}]},
-    ]  # fmt: skip
+        {
+            "id": "interrupts",
+            "start_node": "k",
+            "nodes": [{"id": "k", "callable": "crash.interrupt"}],
+        },
+    ]
     with trio.fail_after(60):
         async with serving(db, *TOOLS) as (proc, url):
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
@@ -253,8 +286,9 @@ async def test_one_server_per_store_file_and_a_killed_one_leaves_no_stale_lock(
     db = tmp_path / "trioflow.db"
     with trio.fail_after(60):
         async with serving(db) as (first, url):
-            second = await trio.run_process(_serve_command(db), cwd=ROOT, capture_stdout=True,
-                                            capture_stderr=True, check=False)  # fmt: skip
+            second = await trio.run_process(
+                _serve_command(db), cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+            )
             assert second.returncode == 3
             assert second.stdout == b""  # it never listened
             lines = second.stderr.decode().splitlines()
@@ -262,16 +296,30 @@ async def test_one_server_per_store_file_and_a_killed_one_leaves_no_stale_lock(
             assert str(db) in lines[0] and f"process {first.pid}" in lines[0]
             # prune may run beside the server: it only deletes finished runs.
             async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                quick = {"id": "quick", "start_node": "q",
-                         "nodes": [{"id": "q", "callable": "tools.approve"}]}  # fmt: skip
+                quick = {
+                    "id": "quick",
+                    "start_node": "q",
+                    "nodes": [{"id": "q", "callable": "tools.approve"}],
+                }
                 assert (await client.post("/graph/create", json=quick)).status_code == 201
                 run = (await client.post("/graph/run", json={"graph_id": "quick"})).json()
                 assert run["status"] == "completed"
                 pruned = await trio.run_process(
-                    [sys.executable, "-m", "trioflow.web.cli", "prune", "--store",
-                     f"sqlite:///{db}", "--older-than", "0s"],
-                    cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "trioflow.web.cli",
+                        "prune",
+                        "--store",
+                        f"sqlite:///{db}",
+                        "--older-than",
+                        "0s",
+                    ],
+                    cwd=ROOT,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
                 assert pruned.returncode == 0, pruned.stderr
                 assert b"deleted 1 " in pruned.stdout
                 r = await client.get(f"/graph/state/{run['run_id']}")

@@ -169,8 +169,7 @@ async def test_a_non_json_initial_state_is_a_state_error(engine: Engine) -> None
 
 async def test_initial_state_over_max_state_bytes_is_refused(registry: Registry) -> None:
     limit = 100
-    async with open_engine(registry=registry,
-                           limits=EngineLimits(max_state_bytes=limit)) as engine:  # fmt: skip
+    async with open_engine(registry=registry, limits=EngineLimits(max_state_bytes=limit)) as engine:
         await engine.register_graph(_doc("g", "tools.noop"))
         fits = {"s": "x" * (limit - len('{"s":""}'))}  # exactly the limit as compact JSON
         run = await engine.start_run("g", fits)
@@ -278,8 +277,9 @@ async def test_a_pending_run_left_behind_starts_normally_on_resume(
     autojump_clock: trio.testing.MockClock, registry: Registry
 ) -> None:
     store = MemoryStore()
-    async with open_engine(store=store, registry=registry,
-                           limits=EngineLimits(max_running=1)) as engine:  # fmt: skip
+    async with open_engine(
+        store=store, registry=registry, limits=EngineLimits(max_running=1)
+    ) as engine:
         await engine.register_graph(_doc("slow", "tools.sleep"))
         holder = await engine.start_run("slow", {"sleep_s": 60})
         await _wait_for_node(engine, holder.run_id, "n0")

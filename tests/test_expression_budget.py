@@ -42,23 +42,101 @@ PEAK_SLACK = 2 * 1024 * 1024
 # --- random expressions over random states ------------------------------------------
 
 _ATOMS = [
-    "context", "state", "context['x']", "context['y']", "context.get('x', 0)", "context.get('k')",
-    "context.keys()", "context.values()", "context.items()", "0", "1", "-1", "7", "99999", "2.5",
-    "'a'", "'€'", "''", "'ab' * 3", "[0] * 99999", "'a' * 99999", "[[0] * 300] * 300",
-    "[1, 2, 3]", "(1, 'a')", "{'a': 1}", "{1, 2}", "None", "True", "10 ** 1200",
-]  # fmt: skip
+    "context",
+    "state",
+    "context['x']",
+    "context['y']",
+    "context.get('x', 0)",
+    "context.get('k')",
+    "context.keys()",
+    "context.values()",
+    "context.items()",
+    "0",
+    "1",
+    "-1",
+    "7",
+    "99999",
+    "2.5",
+    "'a'",
+    "'€'",
+    "''",
+    "'ab' * 3",
+    "[0] * 99999",
+    "'a' * 99999",
+    "[[0] * 300] * 300",
+    "[1, 2, 3]",
+    "(1, 'a')",
+    "{'a': 1}",
+    "{1, 2}",
+    "None",
+    "True",
+    "10 ** 1200",
+]
 _UNARY = [
-    "len({})", "sorted({})", "min({})", "max({})", "sum({})", "any({})", "all({})", "str({})",
-    "int({})", "float({})", "abs({})", "bool({})", "round({})", "({}).lower()", "({}).upper()",
-    "({}).strip()", "({}).strip('a')", "({})[1:]", "({})[::-1]", "({})[0]", "({})['x']",
-    "sorted({}, key=len)", "max({}, key=str)", "min({}, key=sorted)", "sorted({}, key=sum)",
-    "max({}, default=0)", "-({})", "not ({})", "[{}]", "({},)", "{{{}}}", "{{'k': {}}}",
-    "({}).keys()", "({}).values()", "({}).items()", "({}).get('x')", "({}) * 2", "({}) * 99",
-]  # fmt: skip
+    "len({})",
+    "sorted({})",
+    "min({})",
+    "max({})",
+    "sum({})",
+    "any({})",
+    "all({})",
+    "str({})",
+    "int({})",
+    "float({})",
+    "abs({})",
+    "bool({})",
+    "round({})",
+    "({}).lower()",
+    "({}).upper()",
+    "({}).strip()",
+    "({}).strip('a')",
+    "({})[1:]",
+    "({})[::-1]",
+    "({})[0]",
+    "({})['x']",
+    "sorted({}, key=len)",
+    "max({}, key=str)",
+    "min({}, key=sorted)",
+    "sorted({}, key=sum)",
+    "max({}, default=0)",
+    "-({})",
+    "not ({})",
+    "[{}]",
+    "({},)",
+    "{{{}}}",
+    "{{'k': {}}}",
+    "({}).keys()",
+    "({}).values()",
+    "({}).items()",
+    "({}).get('x')",
+    "({}) * 2",
+    "({}) * 99",
+]
 _BINARY = [
-    "+", "-", "*", "/", "//", "%", "**", "<<", ">>", "&", "|", "^",
-    "==", "!=", "<", "<=", ">", ">=", "in", "not in", "is", "and", "or",
-]  # fmt: skip
+    "+",
+    "-",
+    "*",
+    "/",
+    "//",
+    "%",
+    "**",
+    "<<",
+    ">>",
+    "&",
+    "|",
+    "^",
+    "==",
+    "!=",
+    "<",
+    "<=",
+    ">",
+    ">=",
+    "in",
+    "not in",
+    "is",
+    "and",
+    "or",
+]
 
 
 def _extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
@@ -76,13 +154,40 @@ _RANDOM = st.recursive(st.sampled_from(_ATOMS), _extend, max_leaves=10)
 
 # Mostly well-typed chains of the costly operations over the state's big
 # values: these are the ones that reach the budget.
-_SOURCES = ["context['x']", "context['y']", "context", "context['x'][::-1]", "context['x'][1:]",
-            "context.values()", "context['x'].keys()", "[0] * 99999", "'a' * 99999",
-            "[[0] * 300] * 300", "'€' * 99999"]  # fmt: skip
-_COSTLY = ["sorted({})", "min({})", "max({})", "sum({})", "any({})", "all({})", "len({})",
-           "sorted({}, key=str)", "max({}, key=sorted)", "sorted({}, key=len)", "{}[::-1]",
-           "{}[1:]", "({}).lower()", "({}).upper()", "({}).strip('ab')", "str({})",
-           "[{}, {}]", "({}) * 2", "{{{}: 1}}"]  # fmt: skip
+_SOURCES = [
+    "context['x']",
+    "context['y']",
+    "context",
+    "context['x'][::-1]",
+    "context['x'][1:]",
+    "context.values()",
+    "context['x'].keys()",
+    "[0] * 99999",
+    "'a' * 99999",
+    "[[0] * 300] * 300",
+    "'€' * 99999",
+]
+_COSTLY = [
+    "sorted({})",
+    "min({})",
+    "max({})",
+    "sum({})",
+    "any({})",
+    "all({})",
+    "len({})",
+    "sorted({}, key=str)",
+    "max({}, key=sorted)",
+    "sorted({}, key=len)",
+    "{}[::-1]",
+    "{}[1:]",
+    "({}).lower()",
+    "({}).upper()",
+    "({}).strip('ab')",
+    "str({})",
+    "[{}, {}]",
+    "({}) * 2",
+    "{{{}: 1}}",
+]
 _COSTLY_JOIN = ["==", "<", "!=", ">=", "in", "not in", "+", "-", "|", "&", "and", "or"]
 
 
@@ -90,27 +195,34 @@ def _costly(depth: int) -> st.SearchStrategy[str]:
     if depth == 0:
         return st.sampled_from(_SOURCES)
     inner = _costly(depth - 1)
-    return st.one_of(inner, st.builds(lambda f, e: f.replace("{}", f"({e})"),
-                                      st.sampled_from(_COSTLY), inner))  # fmt: skip
+    return st.one_of(
+        inner, st.builds(lambda f, e: f.replace("{}", f"({e})"), st.sampled_from(_COSTLY), inner)
+    )
 
 
 _HEAVY = st.one_of(
     _costly(4),
-    st.builds(lambda a, op, b: f"({a}) {op} ({b})", _costly(3), st.sampled_from(_COSTLY_JOIN),
-              _costly(3)),
+    st.builds(
+        lambda a, op, b: f"({a}) {op} ({b})", _costly(3), st.sampled_from(_COSTLY_JOIN), _costly(3)
+    ),
     st.builds(lambda a, b, c: f"({a}) < ({b}) < ({c})", _costly(2), _costly(2), _costly(2)),
-)  # fmt: skip
+)
 EXPRESSIONS = st.one_of(_RANDOM, _HEAVY)
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=4), inner,
-                                                                  max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=4), inner, max_size=6)
+    ),
     max_leaves=25,
-)  # fmt: skip
+)
 SMALL_STATES = st.fixed_dictionaries({"x": _JSON, "y": _JSON, "k": _JSON}).map(
-    lambda state: ("random small", state))  # fmt: skip
+    lambda state: ("random small", state)
+)
 _HOSTILE = st.sampled_from(HOSTILE_STATE_NAMES).map(lambda name: (name, hostile_states()[name]))
 STATES = st.one_of(SMALL_STATES, _HOSTILE, _HOSTILE)
 
@@ -140,9 +252,17 @@ def _peak(expression: Any, state: dict[str, Any]) -> int:
         tracemalloc.stop()
 
 
-@settings(max_examples=250, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.filter_too_much])  # fmt: skip
+@settings(
+    max_examples=250,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
 @given(source=EXPRESSIONS, named_state=STATES, evaluator=st.sampled_from(EVALUATORS))
 def test_random_expressions_stay_within_the_budget(
     source: str, named_state: tuple[str, dict[str, Any]], evaluator: Any
@@ -183,10 +303,15 @@ def _graph(graph_id: str, edge: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 async def test_a_branch_over_budget_fails_the_run(evaluator: Any) -> None:
-    doc = _graph("budget-branch", {
-        "from": "a", "to": "b", "type": "branch",
-        "condition": {"expression": "sorted(context['items'])[0] == 1"},
-    })  # fmt: skip
+    doc = _graph(
+        "budget-branch",
+        {
+            "from": "a",
+            "to": "b",
+            "type": "branch",
+            "condition": {"expression": "sorted(context['items'])[0] == 1"},
+        },
+    )
     async with open_engine(evaluator=evaluator) as engine:
         await engine.register_graph(doc)
         run = await engine.start_run("budget-branch", BIG_STATE)
@@ -205,10 +330,18 @@ async def test_a_branch_over_budget_fails_the_run(evaluator: Any) -> None:
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 async def test_a_loop_until_over_budget_fails_the_run(evaluator: Any) -> None:
-    doc = _graph("budget-loop", {
-        "from": "a", "to": "b", "type": "loop",
-        "loop": {"max_iterations": 2, "until_expression": "max(context['items'], key=str) == 0"},
-    })  # fmt: skip
+    doc = _graph(
+        "budget-loop",
+        {
+            "from": "a",
+            "to": "b",
+            "type": "loop",
+            "loop": {
+                "max_iterations": 2,
+                "until_expression": "max(context['items'], key=str) == 0",
+            },
+        },
+    )
     async with open_engine(evaluator=evaluator) as engine:
         await engine.register_graph(doc)
         final = await engine.wait((await engine.start_run("budget-loop", BIG_STATE)).run_id)
@@ -220,8 +353,15 @@ async def test_a_loop_until_over_budget_fails_the_run(evaluator: Any) -> None:
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
 def test_planning_names_the_budget_as_the_failure(evaluator: Any) -> None:
-    doc = _graph("plan", {"from": "a", "to": "b", "type": "branch",
-                          "condition": {"expression": "len(sorted(context['items'])) > 0"}})
+    doc = _graph(
+        "plan",
+        {
+            "from": "a",
+            "to": "b",
+            "type": "branch",
+            "condition": {"expression": "len(sorted(context['items'])) > 0"},
+        },
+    )
     graph = compile_graph(doc, default_registry(), evaluator=evaluator)
     with pytest.raises(ConditionError) as info:
         decide(graph, "a", lambda: None, BIG_STATE, {})  # type: ignore[arg-type, return-value]
@@ -322,9 +462,15 @@ def test_the_budget_error_is_an_evaluation_error(evaluator: Any) -> None:
 # --- semantics the rewriting keeps -------------------------------------------------------
 
 STATE = {
-    "items": [3, 1, 2], "n": 4, "text": "xabcy", "words": ["bb", "a", "cc", "d", "eee"],
-    "d": {"a": 1, "b": 2}, "nested": [[2, 1], [1, 2], [1]], "flag": False, "big": 10**30,
-}  # fmt: skip
+    "items": [3, 1, 2],
+    "n": 4,
+    "text": "xabcy",
+    "words": ["bb", "a", "cc", "d", "eee"],
+    "d": {"a": 1, "b": 2},
+    "nested": [[2, 1], [1, 2], [1]],
+    "flag": False,
+    "big": 10**30,
+}
 
 AGREEMENT = [
     "sorted(context['words'], key=len)",
@@ -407,13 +553,16 @@ def test_chained_comparisons_short_circuit_exactly(evaluator: Any) -> None:
     assert info.value.details["type"] == "KeyError"
     # Guarded and unguarded links in one chain; each operand evaluated once.
     assert run("0 < len(context['a']) <= context['b'] == context['b']", {"a": [1], "b": 1})
-    assert run("context['a'] in context['b'] in context['c']",
-               {"a": 1, "b": [1], "c": [[1]]}) is True  # fmt: skip
+    assert (
+        run("context['a'] in context['b'] in context['c']", {"a": 1, "b": [1], "c": [[1]]}) is True
+    )
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize("source", ["str([1])", "str(context)", "str({'a': 1})", "str((1,))",
-                                    "str(context.keys())", "str({1})"])  # fmt: skip
+@pytest.mark.parametrize(
+    "source",
+    ["str([1])", "str(context)", "str({'a': 1})", "str((1,))", "str(context.keys())", "str({1})"],
+)
 def test_str_takes_scalars_only(evaluator: Any, source: str) -> None:
     with pytest.raises(ExpressionEvaluationError) as info:
         compile_expression(source, evaluator=evaluator).evaluate({"a": 1})
@@ -422,10 +571,17 @@ def test_str_takes_scalars_only(evaluator: Any, source: str) -> None:
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize("source", [
-    "context.keys() | ['a']", "['a'] | context.keys()", "context.keys() ^ ('a',)",
-    "['a'] - context.keys()", "context.items() | [('a', 1)]", "'ab' | context.keys()",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source",
+    [
+        "context.keys() | ['a']",
+        "['a'] | context.keys()",
+        "context.keys() ^ ('a',)",
+        "['a'] - context.keys()",
+        "context.items() | [('a', 1)]",
+        "'ab' | context.keys()",
+    ],
+)
 def test_views_build_sets_only_from_sets(evaluator: Any, source: str) -> None:
     with pytest.raises(ExpressionEvaluationError) as info:
         compile_expression(source, evaluator=evaluator).evaluate({"a": 1})
@@ -442,13 +598,19 @@ def test_int_results_are_capped(evaluator: Any) -> None:
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize(("source", "kind"), [
-    ("context[context['x']]", "KeyError"),
-    ("context[(context['x'], context['x'], context['x'], context['x'], context['x'])]", "KeyError"),
-    ("float(context['x'])", "ValueError"),
-    ("float(context['u'])", "ValueError"),
-    ("int(context['x'])", "ValueError"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("context[context['x']]", "KeyError"),
+        (
+            "context[(context['x'], context['x'], context['x'], context['x'], context['x'])]",
+            "KeyError",
+        ),
+        ("float(context['x'])", "ValueError"),
+        ("float(context['u'])", "ValueError"),
+        ("int(context['x'])", "ValueError"),
+    ],
+)
 def test_error_messages_do_not_repr_large_values(evaluator: Any, source: str, kind: str) -> None:
     state = {"x": "a" * 900_000, "u": "\x00" * 300_000}
     started = time.perf_counter()
@@ -459,11 +621,21 @@ def test_error_messages_do_not_repr_large_values(evaluator: Any, source: str, ki
     assert len(info.value.message) < 1000
 
 
-@pytest.mark.parametrize("source", [
-    "len", "[len]", "len if context else abs", "context.get('f', min)", "{'k': sorted}",
-    "str is str", "(min)", "max([1], key=min if context else max)", "{**context}",
-    "context[1:2, 0]",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source",
+    [
+        "len",
+        "[len]",
+        "len if context else abs",
+        "context.get('f', min)",
+        "{'k': sorted}",
+        "str is str",
+        "(min)",
+        "max([1], key=min if context else max)",
+        "{**context}",
+        "context[1:2, 0]",
+    ],
+)
 def test_builtins_and_slices_only_where_guarded(source: str) -> None:
     with pytest.raises(ExpressionError) as info:
         compile_expression(source)

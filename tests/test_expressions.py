@@ -328,11 +328,21 @@ def test_hostile_expression_is_stopped_on_large_states(evaluator: Any, source: s
 #: Conditions that are cheap on a small state and expensive on a large one,
 #: with the hostile states they must be stopped on.
 STATE_ATTACKS: list[tuple[str, list[str]]] = [
-    ("len(sorted(context['x'])) > 0",
-     ["900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "two equal int lists",
-      "55k keys"]),
-    ("sorted(context['x'], key=str)",
-     ["900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "4300-digit ints"]),
+    (
+        "len(sorted(context['x'])) > 0",
+        [
+            "900k-char str",
+            "non-ASCII str",
+            "150k ints",
+            "nested 1 MiB",
+            "two equal int lists",
+            "55k keys",
+        ],
+    ),
+    (
+        "sorted(context['x'], key=str)",
+        ["900k-char str", "non-ASCII str", "150k ints", "nested 1 MiB", "4300-digit ints"],
+    ),
     ("max(context['x'], key=sorted)", ["900k-char str", "nested 1 MiB", "55k keys"]),
     ("min(context['x']) == max(context['x'])", ["900k-char str", "non-ASCII str", "150k ints"]),
     ("all(context['x']) and all(context['x'])", ["900k-char str", "non-ASCII str"]),
@@ -340,14 +350,21 @@ STATE_ATTACKS: list[tuple[str, list[str]]] = [
     ("context['x'] == context['y']", ["two equal int lists", "two equal nested"]),
     ("context['x'] < context['y']", ["two equal int lists", "two equal nested"]),
     ("context['x'] == context['x'][:]", ["150k ints", "nested 1 MiB", "two equal nested"]),
-    ("[context['x'], context['x']] == [context['y'], context['y']]",
-     ["two equal int lists", "two equal nested"]),
+    (
+        "[context['x'], context['x']] == [context['y'], context['y']]",
+        ["two equal int lists", "two equal nested"],
+    ),
     ("context['x'][::-1] < context['x'] < context['y']", ["150k ints", "two equal nested"]),
-    ("context['y'] + 'b' in context['x'] or context['y'] + 'b' in context['x'] "
-     "or context['y'] + 'b' in context['x']", ["900k-char str"]),
+    (
+        "context['y'] + 'b' in context['x'] or context['y'] + 'b' in context['x'] "
+        "or context['y'] + 'b' in context['x']",
+        ["900k-char str"],
+    ),
     ("context['y'] in context['x'] and context['y'] in context['x']", ["nested 1 MiB"]),
-    ("-1 in context['x'] or -1 in context['x'] or -1 in context['x'] or -1 in context['x']",
-     ["150k ints"]),
+    (
+        "-1 in context['x'] or -1 in context['x'] or -1 in context['x'] or -1 in context['x']",
+        ["150k ints"],
+    ),
     ("context['x'].strip(context['x'][:1000] + 'b') == ''", ["900k-char str"]),
     ("context['x'].upper() == context['x'].lower()", ["non-ASCII str"]),
     ("context[context['x']]", ["900k-char str"]),
@@ -355,9 +372,11 @@ STATE_ATTACKS: list[tuple[str, list[str]]] = [
     ("int(context['x']) > 0", ["900k-char str", "non-ASCII str"]),
     ("context['x'] + context['x']", ["900k-char str", "150k ints", "nested 1 MiB"]),
     ("context['x'] * 2", ["900k-char str", "150k ints", "nested 1 MiB"]),
-    ("len({context['x'][1:], context['x'][2:], context['x'][3:], context['x'][4:], "
-     "context['x'][5:], context['x'][6:], context['x'][7:], context['x'][8:]}) > 0",
-     ["900k-char str"]),
+    (
+        "len({context['x'][1:], context['x'][2:], context['x'][3:], context['x'][4:], "
+        "context['x'][5:], context['x'][6:], context['x'][7:], context['x'][8:]}) > 0",
+        ["900k-char str"],
+    ),
     ("len(context['x'].keys() | context['x'].keys()) > 0", ["55k keys"]),
     ("len(context['x'].items() - context['x'].items()) > 0", ["55k keys"]),
     ("sorted(context['x'].items()) == sorted(context['x'].items())", ["55k keys"]),
@@ -368,19 +387,25 @@ STATE_ATTACKS: list[tuple[str, list[str]]] = [
     ("str(context['x'])", ["150k ints", "nested 1 MiB", "55k keys"]),
     ("str(context['y']) * 30", ["4300-digit ints"]),
     ("sorted(context['x'][::-1] + context['y'])", ["150k ints"]),
-    ("any([context['x'] == context['y'], context['y'] == context['x']])",
-     ["two equal int lists", "two equal nested"]),
+    (
+        "any([context['x'] == context['y'], context['y'] == context['x']])",
+        ["two equal int lists", "two equal nested"],
+    ),
 ]
 
 
 def _attack_cases(targets_only: bool) -> list[tuple[str, str]]:
-    return [(source, name) for source, targets in STATE_ATTACKS
-            for name in (targets if targets_only else HOSTILE_STATE_NAMES)]  # fmt: skip
+    return [
+        (source, name)
+        for source, targets in STATE_ATTACKS
+        for name in (targets if targets_only else HOSTILE_STATE_NAMES)
+    ]
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize(("source", "state_name"), _attack_cases(targets_only=True),
-                         ids=lambda v: v[:40])  # fmt: skip
+@pytest.mark.parametrize(
+    ("source", "state_name"), _attack_cases(targets_only=True), ids=lambda v: v[:40]
+)
 def test_state_attack_is_stopped(evaluator: Any, source: str, state_name: str) -> None:
     expression = compile_expression(source, evaluator=evaluator)
     outcome = run_bounded(expression, hostile_states()[state_name])
@@ -388,10 +413,10 @@ def test_state_attack_is_stopped(evaluator: Any, source: str, state_name: str) -
 
 
 @pytest.mark.parametrize("evaluator", EVALUATORS)
-@pytest.mark.parametrize(("source", "state_name"), _attack_cases(targets_only=False),
-                         ids=lambda v: v[:40])  # fmt: skip
-def test_state_attack_stays_within_the_budget(evaluator: Any, source: str,
-                                              state_name: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("source", "state_name"), _attack_cases(targets_only=False), ids=lambda v: v[:40]
+)
+def test_state_attack_stays_within_the_budget(evaluator: Any, source: str, state_name: str) -> None:
     # Wherever it is not stopped, it finishes within the budget.
     run_bounded(compile_expression(source, evaluator=evaluator), hostile_states()[state_name])
 
@@ -617,8 +642,12 @@ def test_large_state_values_can_be_read(evaluator: Any) -> None:
     assert compile_expression("len(context['items'])", evaluator=evaluator).evaluate(state) == (
         200_000
     )
-    assert compile_expression("context.get('x').startswith('aaa')",
-                              evaluator=evaluator).evaluate(state) is True  # fmt: skip
+    assert (
+        compile_expression("context.get('x').startswith('aaa')", evaluator=evaluator).evaluate(
+            state
+        )
+        is True
+    )
     # ... but a large state value is no seed for a bomb.
     for bomb in ["context.get('x') * 2", "context['items'] + context['items']"]:
         with pytest.raises(ExpressionEvaluationError):
@@ -661,9 +690,19 @@ def test_evaluation_does_not_mutate_the_state(evaluator: Any) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(math.nan, False), (0, False), (0.0, False), ("", False), ([], False), (None, False),
-     (1, True), ("no", True), ([0], True), (math.inf, True)],
-)  # fmt: skip
+    [
+        (math.nan, False),
+        (0, False),
+        (0.0, False),
+        ("", False),
+        ([], False),
+        (None, False),
+        (1, True),
+        ("no", True),
+        ([0], True),
+        (math.inf, True),
+    ],
+)
 def test_truthy(value: Any, expected: bool) -> None:
     assert truthy(value) is expected
 

@@ -13,8 +13,11 @@ from trioflow import ConditionError, Graph, Registry, compile_graph, default_reg
 from trioflow.planning import Decision, decide
 
 
-def _graph(edges: list[dict[str, Any]], registry: Registry | None = None,
-           nodes: tuple[str, ...] = ("a", "b", "c", "d")) -> Graph:  # fmt: skip
+def _graph(
+    edges: list[dict[str, Any]],
+    registry: Registry | None = None,
+    nodes: tuple[str, ...] = ("a", "b", "c", "d"),
+) -> Graph:
     doc = {
         "id": "plan",
         "start_node": "a",
@@ -24,8 +27,9 @@ def _graph(edges: list[dict[str, Any]], registry: Registry | None = None,
     return compile_graph(doc, registry or default_registry())
 
 
-def _decide(graph: Graph, node: str, state: Mapping[str, Any],
-            counters: Mapping[str, int] | None = None) -> Decision:  # fmt: skip
+def _decide(
+    graph: Graph, node: str, state: Mapping[str, Any], counters: Mapping[str, int] | None = None
+) -> Decision:
     model, dumped = graph.state.initial(state)
     return decide(graph, node, model, dumped, counters or {})
 
@@ -60,15 +64,19 @@ def test_first_firing_branch_in_declaration_order_wins() -> None:
 
 
 def test_a_branch_that_does_not_fire_is_skipped() -> None:
-    graph = _graph([_branch("a", "b", "context.get('x') == 1"),
-                    _branch("a", "c", "context.get('x') == 2"), _seq("a", "d")])  # fmt: skip
+    graph = _graph(
+        [
+            _branch("a", "b", "context.get('x') == 1"),
+            _branch("a", "c", "context.get('x') == 2"),
+            _seq("a", "d"),
+        ]
+    )
     assert _target(_decide(graph, "a", {"x": 2})) == "c"
     assert _target(_decide(graph, "a", {"x": 1})) == "b"
 
 
 def test_branch_beats_sequential_even_when_declared_after_it() -> None:
-    graph = _graph([_seq("a", "b"), _branch("a", "c", "context.get('go', False)"),
-                    _seq("c", "d")])  # fmt: skip
+    graph = _graph([_seq("a", "b"), _branch("a", "c", "context.get('go', False)"), _seq("c", "d")])
     assert _target(_decide(graph, "a", {"go": True})) == "c"
     assert _target(_decide(graph, "a", {"go": False})) == "b"
 
@@ -83,8 +91,13 @@ def test_no_firing_edge_and_no_sequential_completes() -> None:
 
 
 def test_conditions_see_the_state_they_are_given() -> None:
-    graph = _graph([_branch("a", "b", "state['score'] >= 0.5 and 'ok' in context['tags']"),
-                    _seq("a", "c"), _seq("b", "d")])  # fmt: skip
+    graph = _graph(
+        [
+            _branch("a", "b", "state['score'] >= 0.5 and 'ok' in context['tags']"),
+            _seq("a", "c"),
+            _seq("b", "d"),
+        ]
+    )
     assert _target(_decide(graph, "a", {"score": 0.7, "tags": ["ok"]})) == "b"
     assert _target(_decide(graph, "a", {"score": 0.7, "tags": []})) == "c"
     assert _target(_decide(graph, "a", {"score": 0.1, "tags": ["ok"]})) == "c"
@@ -104,8 +117,14 @@ def test_loop_fires_until_its_cap_then_is_exhausted() -> None:
 
 def test_loop_counters_are_the_only_memory_so_a_spent_loop_stays_spent() -> None:
     # Nothing in the state can revive a loop whose counter reached its cap.
-    graph = _graph([_seq("a", "b"), _loop("b", "a", 2, until="context.get('done', False)"),
-                    _seq("c", "d"), _branch("b", "c", "False")])  # fmt: skip
+    graph = _graph(
+        [
+            _seq("a", "b"),
+            _loop("b", "a", 2, until="context.get('done', False)"),
+            _seq("c", "d"),
+            _branch("b", "c", "False"),
+        ]
+    )
     for state in ({}, {"done": False}, {"anything": 1}):
         decision = _decide(graph, "b", state, {"b->a": 2})
         assert decision.edge is None
@@ -115,8 +134,14 @@ def test_loop_counters_are_the_only_memory_so_a_spent_loop_stays_spent() -> None
 
 
 def test_truthy_until_expression_stops_the_loop_without_counting_as_exhausted() -> None:
-    graph = _graph([_seq("a", "b"), _loop("b", "a", 3, until="context.get('issues', 0) == 0"),
-                    _seq("b", "c"), _seq("c", "d")])  # fmt: skip
+    graph = _graph(
+        [
+            _seq("a", "b"),
+            _loop("b", "a", 3, until="context.get('issues', 0) == 0"),
+            _seq("b", "c"),
+            _seq("c", "d"),
+        ]
+    )
     decision = _decide(graph, "b", {"issues": 0})
     assert _target(decision) == "c"
     assert decision.exhausted == ()
@@ -128,17 +153,18 @@ def test_truthy_until_expression_stops_the_loop_without_counting_as_exhausted() 
 
 
 def test_loop_and_branch_compete_in_declaration_order() -> None:
-    loop_first = _graph([_seq("a", "b"), _loop("b", "a", 1), _branch("b", "c", "True"),
-                         _seq("c", "d")])  # fmt: skip
+    loop_first = _graph(
+        [_seq("a", "b"), _loop("b", "a", 1), _branch("b", "c", "True"), _seq("c", "d")]
+    )
     assert _target(_decide(loop_first, "b", {})) == "a"
-    branch_first = _graph([_seq("a", "b"), _branch("b", "c", "True"), _loop("b", "a", 1),
-                           _seq("c", "d")])  # fmt: skip
+    branch_first = _graph(
+        [_seq("a", "b"), _branch("b", "c", "True"), _loop("b", "a", 1), _seq("c", "d")]
+    )
     assert _target(_decide(branch_first, "b", {})) == "c"
 
 
 def test_exhausted_loop_before_a_firing_branch_is_reported_and_the_branch_taken() -> None:
-    graph = _graph([_seq("a", "b"), _loop("b", "a", 1), _branch("b", "c", "True"),
-                    _seq("c", "d")])  # fmt: skip
+    graph = _graph([_seq("a", "b"), _loop("b", "a", 1), _branch("b", "c", "True"), _seq("c", "d")])
     decision = _decide(graph, "b", {}, {"b->a": 1})
     assert _target(decision) == "c"
     assert [e.key for e in decision.exhausted] == ["b->a"]
@@ -153,11 +179,19 @@ def test_callable_condition_gets_the_state_model() -> None:
         return bool(getattr(state, "issues_open", 0))
 
     registry.add_tool("tests.has_open_issues", has_open_issues, inline=True)
-    graph = _graph([
-        {"from": "a", "to": "b", "type": "branch",
-         "condition": {"callable": "tests.has_open_issues"}},
-        _seq("a", "c"), _seq("b", "d"),
-    ], registry)  # fmt: skip
+    graph = _graph(
+        [
+            {
+                "from": "a",
+                "to": "b",
+                "type": "branch",
+                "condition": {"callable": "tests.has_open_issues"},
+            },
+            _seq("a", "c"),
+            _seq("b", "d"),
+        ],
+        registry,
+    )
     assert _target(_decide(graph, "a", {"issues_open": 2})) == "b"
     assert _target(_decide(graph, "a", {"issues_open": 0})) == "c"
     assert [getattr(s, "issues_open", None) for s in seen] == [2, 0]
@@ -170,10 +204,14 @@ def test_raising_callable_condition_names_node_and_edge() -> None:
         raise KeyError("nope")
 
     registry.add_tool("tests.broken", broken, inline=True)
-    graph = _graph([
-        {"from": "a", "to": "b", "type": "branch", "condition": {"callable": "tests.broken"}},
-        _seq("a", "c"), _seq("b", "d"),
-    ], registry)  # fmt: skip
+    graph = _graph(
+        [
+            {"from": "a", "to": "b", "type": "branch", "condition": {"callable": "tests.broken"}},
+            _seq("a", "c"),
+            _seq("b", "d"),
+        ],
+        registry,
+    )
     with pytest.raises(ConditionError) as info:
         _decide(graph, "a", {})
     assert info.value.node == "a"
@@ -182,16 +220,21 @@ def test_raising_callable_condition_names_node_and_edge() -> None:
 
 
 def test_failing_expression_names_node_and_edge() -> None:
-    graph = _graph([_seq("a", "b"), _branch("b", "c", "context['missing'] > 1"),
-                    _seq("b", "d")])  # fmt: skip
+    graph = _graph([_seq("a", "b"), _branch("b", "c", "context['missing'] > 1"), _seq("b", "d")])
     with pytest.raises(ConditionError) as info:
         _decide(graph, "b", {})
     assert (info.value.node, info.value.edge) == ("b", "b->c")
 
 
 def test_failing_until_expression_names_node_and_edge() -> None:
-    graph = _graph([_seq("a", "b"), _loop("b", "a", 3, until="context['missing'] == 0"),
-                    _seq("b", "c"), _seq("c", "d")])  # fmt: skip
+    graph = _graph(
+        [
+            _seq("a", "b"),
+            _loop("b", "a", 3, until="context['missing'] == 0"),
+            _seq("b", "c"),
+            _seq("c", "d"),
+        ]
+    )
     with pytest.raises(ConditionError) as info:
         _decide(graph, "b", {})
     assert (info.value.node, info.value.edge) == ("b", "b->a")
@@ -220,7 +263,6 @@ def test_decide_is_pure() -> None:
     assert state == {"x": [1, 2]}
 
 
-
 def test_condition_returning_an_awaitable_fails_cleanly() -> None:
     # Conditions are evaluated synchronously. A sync callable that hands back
     # a coroutine is a clear condition error, not a "never awaited" warning.
@@ -230,10 +272,19 @@ def test_condition_returning_an_awaitable_fails_cleanly() -> None:
         return True
 
     registry.add_tool("tests.sneaky_cond", lambda state: really_async(state), inline=True)
-    graph = _graph([
-        {"from": "a", "to": "b", "type": "branch", "condition": {"callable": "tests.sneaky_cond"}},
-        _seq("a", "c"), _seq("b", "d"),
-    ], registry)  # fmt: skip
+    graph = _graph(
+        [
+            {
+                "from": "a",
+                "to": "b",
+                "type": "branch",
+                "condition": {"callable": "tests.sneaky_cond"},
+            },
+            _seq("a", "c"),
+            _seq("b", "d"),
+        ],
+        registry,
+    )
     with pytest.raises(ConditionError) as info:
         _decide(graph, "a", {})
     error = info.value

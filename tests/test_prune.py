@@ -20,17 +20,27 @@ DAY = 86400.0
 def _record(run_id: str, status: RunStatus, finished_ago: float | None) -> RunRecord:
     now = time.time()
     return RunRecord(
-        run_id=run_id, graph_id="g", status=status, state={}, current_node="a", step=1,
-        created_at=now - 10 * DAY, updated_at=now, last_seq=1,
+        run_id=run_id,
+        graph_id="g",
+        status=status,
+        state={},
+        current_node="a",
+        step=1,
+        created_at=now - 10 * DAY,
+        updated_at=now,
+        last_seq=1,
         finished_at=None if finished_ago is None else now - finished_ago,
-    )  # fmt: skip
+    )
 
 
 async def _prune(db: pathlib.Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
         [sys.executable, "-m", "trioflow.web.cli", "prune", "--store", f"sqlite:///{db}", *args],
-        cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 async def test_prune_deletes_only_terminal_runs_older_than_the_age(tmp_path: pathlib.Path) -> None:

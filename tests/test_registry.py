@@ -237,10 +237,14 @@ def test_load_module_calls_register(monkeypatch: pytest.MonkeyPatch) -> None:
 
     # And a graph can now name them.
     graph = compile_graph(
-        {"id": "t", "start_node": "a", "state_model": "Ticket",
-         "nodes": [{"id": "a", "callable": "fixture.triage"}]},
+        {
+            "id": "t",
+            "start_node": "a",
+            "state_model": "Ticket",
+            "nodes": [{"id": "a", "callable": "fixture.triage"}],
+        },
         registry,
-    )  # fmt: skip
+    )
     assert graph.state_model is module.Ticket
 
 
@@ -320,11 +324,15 @@ def test_unregistered_callables_are_rejected_and_never_imported(
             {"id": "c", "callable": "this.s"},
         ],
         "edges": [
-            {"from": "a", "to": "b", "type": "branch",
-             "condition": {"callable": "tf_canary.register"}},
+            {
+                "from": "a",
+                "to": "b",
+                "type": "branch",
+                "condition": {"callable": "tf_canary.register"},
+            },
             {"from": "a", "to": "c", "type": "sequential"},
         ],
-    }  # fmt: skip
+    }
     before = set(sys.modules)
     with pytest.raises(GraphValidationError) as info:
         compile_graph(doc, registry)

@@ -26,14 +26,27 @@ from trioflow import (
 from trioflow.errors import InvalidTransitionError
 from trioflow.runs import check_transition
 
-P, R, W, C, F, X = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING,
-                    RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)  # fmt: skip
+P, R, W, C, F, X = (
+    RunStatus.PENDING,
+    RunStatus.RUNNING,
+    RunStatus.WAITING,
+    RunStatus.COMPLETED,
+    RunStatus.FAILED,
+    RunStatus.CANCELLED,
+)
 
 LEGAL = {
-    (P, R), (P, X), (P, F),
-    (R, W), (R, C), (R, F), (R, X),
-    (W, R), (W, F), (W, X),
-}  # fmt: skip
+    (P, R),
+    (P, X),
+    (P, F),
+    (R, W),
+    (R, C),
+    (R, F),
+    (R, X),
+    (W, R),
+    (W, F),
+    (W, X),
+}
 
 
 def test_terminal_statuses() -> None:
@@ -187,8 +200,9 @@ async def test_list_runs_filters_and_paginates_without_gaps_or_duplicates(
     for graph_id, expected in ids.items():
         for limit in (1, 3, 10, 50):
             got = await _all_pages(engine, limit=limit, graph_id=graph_id)
-            assert [r.run_id for r in got] == [r.run_id for r in everything
-                                               if r.graph_id == graph_id]  # fmt: skip
+            assert [r.run_id for r in got] == [
+                r.run_id for r in everything if r.graph_id == graph_id
+            ]
             assert {r.run_id for r in got} == expected
 
     assert {r.run_id for r in await _all_pages(engine, 4, status=C)} == ids["g-ok"]
@@ -198,7 +212,8 @@ async def test_list_runs_filters_and_paginates_without_gaps_or_duplicates(
     both = await _all_pages(engine, 2, graph_id="g-ok", status=F)
     assert both == []
     assert {r.run_id for r in await _all_pages(engine, 2, graph_id="g-slow", status=R)} == (
-        ids["g-slow"])
+        ids["g-slow"]
+    )
 
     # A cursor stays valid while new runs are created: they are newer than
     # it, so paging on neither repeats nor skips a run.

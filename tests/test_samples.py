@@ -87,7 +87,9 @@ def test_register_twice_is_harmless(review_registry: Registry) -> None:
 
 
 async def test_fixable_issues_are_fixed_then_approved(review_engine: Engine) -> None:
-    final, log = await run_review(review_engine, """\
+    final, log = await run_review(
+        review_engine,
+        """\
         import os
         import json
 
@@ -97,13 +99,17 @@ async def test_fixable_issues_are_fixed_then_approved(review_engine: Engine) -> 
                 return json.loads(path)
             except:
                 return None
-        """)  # fmt: skip
+        """,
+    )
     assert final.status is RunStatus.COMPLETED
     assert nodes_run(log) == ["parse", "review", "autofix", "approve"]
     state = final.state
     assert (state["verdict"], state["approved"], state["issues_open"], state["rounds"]) == (
-        "approved", True, 0, 1,
-    )  # fmt: skip
+        "approved",
+        True,
+        0,
+        1,
+    )
     tree = ast.parse(state["source"])
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert imported == {"json"}
@@ -122,8 +128,10 @@ async def test_clean_source_goes_straight_to_approve(review_engine: Engine) -> N
     assert nodes_run(log) == ["parse", "review", "approve"]
     assert final.state["verdict"] == "approved"
     assert (final.state["source"], final.state["rounds"], final.state["fixes_applied"]) == (
-        source, 0, [],
-    )  # fmt: skip
+        source,
+        0,
+        [],
+    )
 
 
 UNFIXABLE = """\
@@ -160,7 +168,10 @@ async def test_the_reviewers_answer_decides_the_verdict(
     assert final.status is RunStatus.COMPLETED
     state = final.state
     assert (state["approved"], state["decided_by"], state["comment"]) == (
-        approved, "human", "looked at it")  # fmt: skip
+        approved,
+        "human",
+        "looked at it",
+    )
     assert state["verdict"] == ("approved" if approved else "rejected")
     log = await review_engine.read_log(waiting.run_id)
     assert [e.event for e in log].count("run_input") == 1
@@ -247,7 +258,7 @@ def test_mutable_default_becomes_none_with_a_guard() -> None:
             seen.append(item)
             index[item] = len(seen)
             return seen
-        ''')  # fmt: skip
+        ''')
     assert "seen: list[int] | None = None" in fixed
     assert "index=None" in fixed
     namespace: dict[str, Any] = {}
@@ -267,7 +278,7 @@ def test_guard_goes_before_a_decorated_first_statement() -> None:
             def inner():
                 return cache
             return inner
-        """)  # fmt: skip
+        """)
     assert "    if cache is None:\n        cache = []\n    @functools.wraps" in fixed
 
 
@@ -286,7 +297,7 @@ def test_fixes_keep_used_names_and_empty_blocks_valid() -> None:
 
         def g():
             import re
-        """)  # fmt: skip
+        """)
     assert "import sys  # keep sys" in fixed
     assert "from collections import deque" in fixed  # used in a string annotation
     assert "    pass\n" in fixed  # ``import re`` was the whole body
@@ -315,8 +326,12 @@ def test_package_init_imports_are_not_flagged() -> None:
 
 def test_embed_sample_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "samples/embed.py"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "samples/embed.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "run_completed" in out

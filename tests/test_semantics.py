@@ -39,8 +39,9 @@ def seq(src: str, dst: str) -> dict[str, Any]:
     return {"from": src, "to": dst, "type": "sequential"}
 
 
-def branch(src: str, dst: str, expression: str | None = None,
-           callable_: str | None = None) -> dict[str, Any]:  # fmt: skip
+def branch(
+    src: str, dst: str, expression: str | None = None, callable_: str | None = None
+) -> dict[str, Any]:
     cond = {"expression": expression} if expression is not None else {"callable": callable_}
     return {"from": src, "to": dst, "type": "branch", "condition": cond}
 
@@ -52,14 +53,23 @@ def loop(src: str, dst: str, max_iterations: int, until: str | None = None) -> d
     return {"from": src, "to": dst, "type": "loop", "loop": spec}
 
 
-def doc(graph_id: str, nodes: list[dict[str, Any]], edges: Sequence[dict[str, Any]] = (),
-        **extra: Any) -> dict[str, Any]:  # fmt: skip
-    return {"id": graph_id, "start_node": nodes[0]["id"], "nodes": nodes, "edges": list(edges),
-            **extra}  # fmt: skip
+def doc(
+    graph_id: str, nodes: list[dict[str, Any]], edges: Sequence[dict[str, Any]] = (), **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": graph_id,
+        "start_node": nodes[0]["id"],
+        "nodes": nodes,
+        "edges": list(edges),
+        **extra,
+    }
 
 
-async def run_to_end(engine: Engine, document: dict[str, Any], state: Any = None,
-                     ) -> tuple[RunRecord, list[LogEntry]]:  # fmt: skip
+async def run_to_end(
+    engine: Engine,
+    document: dict[str, Any],
+    state: Any = None,
+) -> tuple[RunRecord, list[LogEntry]]:
     graph = await engine.register_graph(document)
     run = await engine.start_run(graph.id, state)
     with trio.fail_after(60):
@@ -81,8 +91,12 @@ def started(entries: Sequence[LogEntry]) -> list[str | None]:
     return [e.node for e in entries if e.event == "node_started"]
 
 
-async def wait_for(engine: Engine, run_id: str, event: str, node_id: str | None = None,
-                   ) -> LogEntry:  # fmt: skip
+async def wait_for(
+    engine: Engine,
+    run_id: str,
+    event: str,
+    node_id: str | None = None,
+) -> LogEntry:
     async with aclosing(engine.follow(run_id)) as entries:
         async for entry in entries:
             if entry.event == event and (node_id is None or entry.node == node_id):
@@ -90,8 +104,11 @@ async def wait_for(engine: Engine, run_id: str, event: str, node_id: str | None 
     raise AssertionError(f"run ended without {event} {node_id}")
 
 
-SLEEPER = doc("sleeper", [node("start"), node("nap", "tools.sleep"), node("after")],
-              [seq("start", "nap"), seq("nap", "after")])  # fmt: skip
+SLEEPER = doc(
+    "sleeper",
+    [node("start"), node("nap", "tools.sleep"), node("after")],
+    [seq("start", "nap"), seq("nap", "after")],
+)
 
 
 # -- the specification's sample ------------------------------------------------
@@ -101,8 +118,17 @@ async def test_spec_sample_with_open_issues_loops_three_times_then_completes(
     engine: Engine, spec_graph: dict[str, Any]
 ) -> None:
     final, entries = await run_to_end(engine, spec_graph, {"issues_open": 1})
-    assert started(entries) == ["submit", "review", "fix", "review", "fix", "review", "fix",
-                                "review", "fix"]  # fmt: skip
+    assert started(entries) == [
+        "submit",
+        "review",
+        "fix",
+        "review",
+        "fix",
+        "review",
+        "fix",
+        "review",
+        "fix",
+    ]
     exhausted = [e for e in entries if e.event == "loop_exhausted"]
     assert len(exhausted) == 1
     assert exhausted[0].level == "warning"
@@ -132,15 +158,19 @@ async def test_spec_sample_without_issues_approves(
 
 async def test_design_sample_with_a_callable_condition(registry: Registry, engine: Engine) -> None:
     # A variant of the sample that routes review->fix through a callable.
-    registry.add_tool("tests.has_open_issues",
-                      lambda state: state.get("issues_open", 0) > 0, inline=True)  # fmt: skip
-    document = doc("code-review-callable",
-                   [node("submit"), node("review"), node("fix"), node("approve", "tools.approve")],
-                   [seq("submit", "review"),
-                    branch("review", "approve", "context.get('issues_open', 0) == 0"),
-                    branch("review", "fix", callable_="tests.has_open_issues"),
-                    loop("fix", "review", 3,
-                         until="context.get('issues_open', 0) == 0")])  # fmt: skip
+    registry.add_tool(
+        "tests.has_open_issues", lambda state: state.get("issues_open", 0) > 0, inline=True
+    )
+    document = doc(
+        "code-review-callable",
+        [node("submit"), node("review"), node("fix"), node("approve", "tools.approve")],
+        [
+            seq("submit", "review"),
+            branch("review", "approve", "context.get('issues_open', 0) == 0"),
+            branch("review", "fix", callable_="tests.has_open_issues"),
+            loop("fix", "review", 3, until="context.get('issues_open', 0) == 0"),
+        ],
+    )
     final, entries = await run_to_end(engine, document, {"issues_open": 2})
     assert started(entries) == ["submit"] + ["review", "fix"] * 4
     assert final.loop_counters == {"fix->review": 3}
@@ -186,8 +216,14 @@ async def test_rejected_initial_state_raises_before_any_run_exists(
 
 
 async def test_default_model_accepts_any_json_object(engine: Engine) -> None:
-    state = {"n": 1, "f": 1.5, "s": "x", "b": False, "none": None,
-             "nested": {"list": [1, {"deep": ["a"]}]}}  # fmt: skip
+    state = {
+        "n": 1,
+        "f": 1.5,
+        "s": "x",
+        "b": False,
+        "none": None,
+        "nested": {"list": [1, {"deep": ["a"]}]},
+    }
     final, _ = await run_to_end(engine, doc("plain", [node("only")]), state)
     assert final.state == state
     run = await engine.start_run("plain")  # no initial state: an empty object
@@ -214,16 +250,18 @@ async def test_node_returning_none_changes_nothing_even_if_it_mutated_its_argume
         state.sneaky = True  # not an update: only the return value counts
 
     registry.add_tool("tests.meddle", meddle)
-    final, _ = await run_to_end(engine, doc("none", [node("m", "tests.meddle"), node("n")],
-                                            [seq("m", "n")]), {"a": 1})  # fmt: skip
+    final, _ = await run_to_end(
+        engine, doc("none", [node("m", "tests.meddle"), node("n")], [seq("m", "n")]), {"a": 1}
+    )
     assert final.state == {"a": 1}
 
 
 async def test_node_returning_a_mapping_merges_it_into_the_state(
     registry: Registry, engine: Engine
 ) -> None:
-    registry.add_tool("tests.bump", lambda state: {"n": state.get("n", 0) + 1, "seen": True},
-                      inline=True)  # fmt: skip
+    registry.add_tool(
+        "tests.bump", lambda state: {"n": state.get("n", 0) + 1, "seen": True}, inline=True
+    )
     document = doc("merge", [node("a", "tests.bump"), node("b", "tests.bump")], [seq("a", "b")])
     final, _ = await run_to_end(engine, document, {"n": 5, "keep": "me"})
     assert final.state == {"n": 7, "keep": "me", "seen": True}
@@ -238,8 +276,9 @@ async def test_node_returning_a_whole_model_replaces_the_state(
         return Ticket(title=state.title.upper(), tags=["done"])
 
     registry.add_tool("tests.rewrite", rewrite)
-    final, _ = await run_to_end(engine, typed_doc(tool="tests.rewrite"),
-                                {"title": "bug", "priority": 1})  # fmt: skip
+    final, _ = await run_to_end(
+        engine, typed_doc(tool="tests.rewrite"), {"title": "bug", "priority": 1}
+    )
     assert final.state == {"title": "BUG", "priority": 3, "tags": ["done"]}
 
 
@@ -270,9 +309,11 @@ async def test_run_context_carries_ids_and_its_log_lines_precede_node_completed(
 
     registry.add_tool("tests.with_ctx", with_ctx)
     registry.add_tool("tests.sync_with_ctx", sync_with_ctx)
-    document = doc("ctx", [node("a"), node("b", "tests.with_ctx"),
-                           node("c", "tests.sync_with_ctx")],
-                   [seq("a", "b"), seq("b", "c")])  # fmt: skip
+    document = doc(
+        "ctx",
+        [node("a"), node("b", "tests.with_ctx"), node("c", "tests.sync_with_ctx")],
+        [seq("a", "b"), seq("b", "c")],
+    )
     graph = await engine.register_graph(document)
     run = await engine.start_run(graph.id)
     final = await engine.wait(run.run_id)
@@ -280,7 +321,9 @@ async def test_run_context_carries_ids_and_its_log_lines_precede_node_completed(
     assert_gapless(entries)
     assert final.state == {"done": "b"}
     assert [(c.run_id, c.graph_id, c.node_id, c.step) for c in contexts] == [
-        (run.run_id, "ctx", "b", 2), (run.run_id, "ctx", "c", 3)]  # fmt: skip
+        (run.run_id, "ctx", "b", 2),
+        (run.run_id, "ctx", "c", 3),
+    ]
     b_events = [(e.event, e.message) for e in entries if e.node == "b"]
     assert b_events == [
         ("node_started", b_events[0][1]),
@@ -295,7 +338,8 @@ async def test_run_context_carries_ids_and_its_log_lines_precede_node_completed(
     c_events = [(e.event, e.message) for e in entries if e.node == "c"]
     assert ("custom", "from a worker thread") in c_events
     assert [ev for ev, _ in c_events].index("custom") < [ev for ev, _ in c_events].index(
-        "node_completed")
+        "node_completed"
+    )
 
 
 class Counter(BaseModel):
@@ -307,9 +351,12 @@ async def test_update_that_breaks_the_model_fails_the_run_naming_node_and_field(
 ) -> None:
     registry.add_model("tests.Counter", Counter)
     registry.add_tool("tests.corrupt", lambda state: {"count": "many"}, inline=True)
-    document = doc("corrupt", [node("ok"), node("bad", "tests.corrupt"), node("never")],
-                   [seq("ok", "bad"), seq("bad", "never")],
-                   state_model="tests.Counter")  # fmt: skip
+    document = doc(
+        "corrupt",
+        [node("ok"), node("bad", "tests.corrupt"), node("never")],
+        [seq("ok", "bad"), seq("bad", "never")],
+        state_model="tests.Counter",
+    )
     final, entries = await run_to_end(engine, document, {"count": 1})
     assert final.status is RunStatus.FAILED
     assert final.error is not None
@@ -356,16 +403,17 @@ async def test_async_and_inline_tools_run_on_the_loop_sync_tools_in_a_thread(
     registry.add_tool("tests.on_loop", on_loop)
     registry.add_tool("tests.inline", inline, inline=True)
     registry.add_tool("tests.threaded", threaded)
-    document = doc("where", [node("a", "tests.on_loop"), node("b", "tests.inline"),
-                             node("c", "tests.threaded")],
-                   [seq("a", "b"), seq("b", "c")])  # fmt: skip
+    document = doc(
+        "where",
+        [node("a", "tests.on_loop"), node("b", "tests.inline"), node("c", "tests.threaded")],
+        [seq("a", "b"), seq("b", "c")],
+    )
     final, _ = await run_to_end(engine, document)
     assert final.status is RunStatus.COMPLETED
     main = threading.get_ident()
     assert idents["async"] == main
     assert idents["inline"] == main
     assert idents["thread"] != main
-
 
 
 async def test_an_object_with_an_async_call_is_an_async_tool(
@@ -380,6 +428,7 @@ async def test_an_object_with_an_async_call_is_an_async_tool(
     final, _ = await run_to_end(engine, doc("obj", [node("r", "tests.reviewer")]))
     assert final.status is RunStatus.COMPLETED
     assert final.state == {"thread": threading.get_ident(), "node": "r"}
+
 
 async def test_a_blocking_sync_tool_does_not_block_other_runs(
     registry: Registry, engine: Engine
@@ -409,18 +458,38 @@ async def test_a_blocking_sync_tool_does_not_block_other_runs(
 
 async def test_loop_counters_never_reset_across_outer_iterations(engine: Engine) -> None:
     # inner's self-loop may fire 2 times in the whole run, not 2 times per outer pass.
-    document = doc("nested", [node("start"), node("inner"), node("outer")],
-                   [seq("start", "inner"), loop("inner", "inner", 2), seq("inner", "outer"),
-                    loop("outer", "start", 2)])  # fmt: skip
+    document = doc(
+        "nested",
+        [node("start"), node("inner"), node("outer")],
+        [
+            seq("start", "inner"),
+            loop("inner", "inner", 2),
+            seq("inner", "outer"),
+            loop("outer", "start", 2),
+        ],
+    )
     final, entries = await run_to_end(engine, document)
-    assert started(entries) == ["start", "inner", "inner", "inner", "outer",
-                                "start", "inner", "outer",
-                                "start", "inner", "outer"]  # fmt: skip
+    assert started(entries) == [
+        "start",
+        "inner",
+        "inner",
+        "inner",
+        "outer",
+        "start",
+        "inner",
+        "outer",
+        "start",
+        "inner",
+        "outer",
+    ]
     assert final.loop_counters == {"inner->inner": 2, "outer->start": 2}
     exhausted = [e.data["edge"] for e in entries if e.event == "loop_exhausted"]
     assert exhausted == ["inner->inner", "inner->inner", "inner->inner", "outer->start"]
-    iterations = [e.data.get("iteration") for e in entries
-                  if e.event == "edge_taken" and e.data["type"] == "loop"]  # fmt: skip
+    iterations = [
+        e.data.get("iteration")
+        for e in entries
+        if e.event == "edge_taken" and e.data["type"] == "loop"
+    ]
     assert iterations == [1, 2, 1, 2]
 
 
@@ -428,8 +497,11 @@ async def test_conditions_see_the_state_the_node_just_returned(
     registry: Registry, engine: Engine
 ) -> None:
     registry.add_tool("tests.resolve", lambda state: {"issues_open": 0}, inline=True)
-    document = doc("resolve", [node("fix", "tests.resolve"), node("ok"), node("again")],
-                   [branch("fix", "ok", "context['issues_open'] == 0"), seq("fix", "again")])
+    document = doc(
+        "resolve",
+        [node("fix", "tests.resolve"), node("ok"), node("again")],
+        [branch("fix", "ok", "context['issues_open'] == 0"), seq("fix", "again")],
+    )
     final, entries = await run_to_end(engine, document, {"issues_open": 5})
     assert started(entries) == ["fix", "ok"]
     assert final.state == {"issues_open": 0}
@@ -437,9 +509,11 @@ async def test_conditions_see_the_state_the_node_just_returned(
 
 async def test_until_expression_ends_a_loop_early(registry: Registry, engine: Engine) -> None:
     registry.add_tool("tests.work", lambda state: {"left": state.get("left") - 1}, inline=True)
-    document = doc("until", [node("work", "tests.work"), node("done")],
-                   [loop("work", "work", 100, until="context['left'] <= 0"),
-                    seq("work", "done")])  # fmt: skip
+    document = doc(
+        "until",
+        [node("work", "tests.work"), node("done")],
+        [loop("work", "work", 100, until="context['left'] <= 0"), seq("work", "done")],
+    )
     final, entries = await run_to_end(engine, document, {"left": 3})
     assert started(entries) == ["work", "work", "work", "done"]
     assert final.loop_counters == {"work->work": 2}
@@ -447,8 +521,9 @@ async def test_until_expression_ends_a_loop_early(registry: Registry, engine: En
 
 
 async def test_max_steps_fails_the_run(engine: Engine) -> None:
-    document = doc("capped", [node("a"), node("b")],
-                   [seq("a", "b"), loop("b", "a", 100)], max_steps=5)  # fmt: skip
+    document = doc(
+        "capped", [node("a"), node("b")], [seq("a", "b"), loop("b", "a", 100)], max_steps=5
+    )
     final, entries = await run_to_end(engine, document)
     assert final.status is RunStatus.FAILED
     assert final.error is not None
@@ -459,8 +534,9 @@ async def test_max_steps_fails_the_run(engine: Engine) -> None:
 
 
 async def test_max_steps_equal_to_the_path_length_is_enough(engine: Engine) -> None:
-    document = doc("exact", [node("a"), node("b"), node("c")],
-                   [seq("a", "b"), seq("b", "c")], max_steps=3)  # fmt: skip
+    document = doc(
+        "exact", [node("a"), node("b"), node("c")], [seq("a", "b"), seq("b", "c")], max_steps=3
+    )
     final, _ = await run_to_end(engine, document)
     assert final.status is RunStatus.COMPLETED
     assert final.step == 3
@@ -470,9 +546,11 @@ async def test_max_steps_equal_to_the_path_length_is_enough(engine: Engine) -> N
 
 
 async def test_a_raising_node_fails_the_run(engine: Engine) -> None:
-    document = doc("fails", [node("ok", "tools.approve"), node("boom", "tools.fail"),
-                             node("never")],
-                   [seq("ok", "boom"), seq("boom", "never")])  # fmt: skip
+    document = doc(
+        "fails",
+        [node("ok", "tools.approve"), node("boom", "tools.fail"), node("never")],
+        [seq("ok", "boom"), seq("boom", "never")],
+    )
     final, entries = await run_to_end(engine, document, {"fail_message": "kaput"})
     assert final.status is RunStatus.FAILED
     assert final.error is not None
@@ -498,8 +576,11 @@ async def test_a_raising_condition_fails_the_run_naming_node_and_edge(
         raise ValueError("cannot decide")
 
     registry.add_tool("tests.broken", broken, inline=True)
-    document = doc("badcond", [node("a", "tools.approve"), node("b"), node("c")],
-                   [branch("a", "b", callable_="tests.broken"), seq("a", "c")])  # fmt: skip
+    document = doc(
+        "badcond",
+        [node("a", "tools.approve"), node("b"), node("c")],
+        [branch("a", "b", callable_="tests.broken"), seq("a", "c")],
+    )
     final, entries = await run_to_end(engine, document)
     assert final.status is RunStatus.FAILED
     assert final.error is not None
@@ -512,12 +593,18 @@ async def test_a_raising_condition_fails_the_run_naming_node_and_edge(
 
 
 async def test_a_failing_expression_fails_the_run_naming_node_and_edge(engine: Engine) -> None:
-    document = doc("badexpr", [node("a"), node("b"), node("c")],
-                   [branch("a", "b", "context['missing'] > 0"), seq("a", "c")])  # fmt: skip
+    document = doc(
+        "badexpr",
+        [node("a"), node("b"), node("c")],
+        [branch("a", "b", "context['missing'] > 0"), seq("a", "c")],
+    )
     final, _ = await run_to_end(engine, document)
     assert final.error is not None
     assert (final.error["code"], final.error["node"], final.error["edge"]) == (
-        "condition_failed", "a", "a->b")
+        "condition_failed",
+        "a",
+        "a->b",
+    )
 
 
 async def test_node_timeout_fails_the_run_in_virtual_time(
@@ -613,7 +700,10 @@ async def test_retry_exhaustion_fails_the_run(
     assert final.status is RunStatus.FAILED
     assert final.error is not None
     assert (final.error["code"], final.error["node"], final.error["type"]) == (
-        "node_failed", "f", "ConnectionError")
+        "node_failed",
+        "f",
+        "ConnectionError",
+    )
     assert final.error["details"]["attempts"] == 3
     assert events(entries)[-4:] == ["node_retrying", "node_retrying", "node_failed", "run_failed"]
     assert "failure 3" in final.error["message"]
@@ -622,9 +712,17 @@ async def test_retry_exhaustion_fails_the_run(
 async def test_timeouts_are_retried_per_attempt(
     autojump_clock: trio.testing.MockClock, engine: Engine
 ) -> None:
-    document = doc("slow-retry", [node("nap", "tools.sleep", timeout_s=2,
-                                       retry={"max_attempts": 3, "backoff_s": 0.5,
-                                              "multiplier": 1, "jitter": False})])  # fmt: skip
+    document = doc(
+        "slow-retry",
+        [
+            node(
+                "nap",
+                "tools.sleep",
+                timeout_s=2,
+                retry={"max_attempts": 3, "backoff_s": 0.5, "multiplier": 1, "jitter": False},
+            )
+        ],
+    )
     start = trio.current_time()
     final, entries = await run_to_end(engine, document, {"sleep_s": 3600})
     assert trio.current_time() - start == pytest.approx(3 * 2 + 2 * 0.5)
@@ -674,8 +772,9 @@ async def test_cancel_a_blocking_sync_node_abandons_its_thread_and_discards_the_
         return {"result": "should be discarded"}
 
     registry.add_tool("tests.block", block)
-    await engine.register_graph(doc("blocking", [node("b", "tests.block"), node("after")],
-                                    [seq("b", "after")]))  # fmt: skip
+    await engine.register_graph(
+        doc("blocking", [node("b", "tests.block"), node("after")], [seq("b", "after")])
+    )
     run = await engine.start_run("blocking", {"x": 1})
     try:
         with trio.fail_after(10):
@@ -736,8 +835,9 @@ async def test_cancel_is_idempotent(autojump_clock: trio.testing.MockClock, engi
     assert events(entries).count("run_cancelled") == 1
 
 
-async def test_cancel_a_pending_run(autojump_clock: trio.testing.MockClock,
-                                    registry: Registry) -> None:  # fmt: skip
+async def test_cancel_a_pending_run(
+    autojump_clock: trio.testing.MockClock, registry: Registry
+) -> None:
     async with open_engine(registry=registry, limits=EngineLimits(max_running=1)) as engine:
         await engine.register_graph(SLEEPER)
         holder = await engine.start_run("sleeper", {"sleep_s": 3600})
@@ -787,8 +887,9 @@ async def test_cancel_while_a_checkpoint_is_being_written_keeps_the_log_gapless(
     registry: Registry,
 ) -> None:
     store = CheckpointingStore()
-    document = doc("busy", [node("a"), node("b")], [seq("a", "b"), loop("b", "a", 10_000)],
-                   max_steps=100_000)  # fmt: skip
+    document = doc(
+        "busy", [node("a"), node("b")], [seq("a", "b"), loop("b", "a", 10_000)], max_steps=100_000
+    )
     async with open_engine(store=store, registry=registry) as engine:
         await engine.register_graph(document)
         for _ in range(5):
@@ -804,7 +905,6 @@ async def test_cancel_while_a_checkpoint_is_being_written_keeps_the_log_gapless(
             assert_gapless(log)
             assert log[-1].event == "run_cancelled"
             assert final.last_seq == log[-1].seq
-
 
 
 class GatedStore(MemoryStore):
@@ -852,8 +952,9 @@ class FailingStore(MemoryStore):
 
 async def test_a_store_failure_fails_the_run_not_the_engine(registry: Registry) -> None:
     async with open_engine(store=FailingStore(), registry=registry) as engine:
-        await engine.register_graph(doc("three", [node("a"), node("b"), node("c")],
-                                        [seq("a", "b"), seq("b", "c")]))  # fmt: skip
+        await engine.register_graph(
+            doc("three", [node("a"), node("b"), node("c")], [seq("a", "b"), seq("b", "c")])
+        )
         run = await engine.start_run("three")
         with trio.fail_after(10):
             final = await engine.wait(run.run_id)
@@ -866,12 +967,14 @@ async def test_a_store_failure_fails_the_run_not_the_engine(registry: Registry) 
         assert events(entries) == ["run_started", "node_started", "run_failed"]
         assert engine.active_runs == 0
 
+
 # -- logs -----------------------------------------------------------------------
 
 
 async def test_follow_after_replays_from_the_next_entry(engine: Engine) -> None:
-    final, entries = await run_to_end(engine, doc("three", [node("a"), node("b"), node("c")],
-                                                  [seq("a", "b"), seq("b", "c")]))  # fmt: skip
+    final, entries = await run_to_end(
+        engine, doc("three", [node("a"), node("b"), node("c")], [seq("a", "b"), seq("b", "c")])
+    )
     assert final.last_seq == len(entries)
     for k in (0, 1, 5, len(entries) - 1):
         replay = [e async for e in engine.follow(final.run_id, after=k)]
@@ -888,8 +991,9 @@ async def test_follow_started_before_the_run_gets_everything_live(
         await gate.wait()
 
     registry.add_tool("tests.gated", gated)
-    await engine.register_graph(doc("gated", [node("g", "tests.gated"), node("x")],
-                                    [seq("g", "x")]))  # fmt: skip
+    await engine.register_graph(
+        doc("gated", [node("g", "tests.gated"), node("x")], [seq("g", "x")])
+    )
     run = await engine.start_run("gated")
     received: list[tuple[LogEntry, bool]] = []
 
@@ -914,8 +1018,11 @@ async def test_follow_started_before_the_run_gets_everything_live(
 async def test_fifty_followers_each_get_every_entry_once_in_order(
     autojump_clock: trio.testing.MockClock, engine: Engine
 ) -> None:
-    document = doc("naps", [node("a", "tools.sleep"), node("b", "tools.sleep")],
-                   [seq("a", "b"), loop("b", "a", 5)])  # fmt: skip
+    document = doc(
+        "naps",
+        [node("a", "tools.sleep"), node("b", "tools.sleep")],
+        [seq("a", "b"), loop("b", "a", 5)],
+    )
     await engine.register_graph(document)
     run = await engine.start_run("naps", {"sleep_s": 0.25})
     got: list[list[int]] = [[] for _ in range(50)]
@@ -939,8 +1046,11 @@ async def test_fifty_followers_each_get_every_entry_once_in_order(
 async def test_a_stalled_follower_delays_neither_the_run_nor_other_followers(
     autojump_clock: trio.testing.MockClock, engine: Engine
 ) -> None:
-    document = doc("naps", [node("a", "tools.sleep"), node("b", "tools.sleep")],
-                   [seq("a", "b"), loop("b", "a", 20)])  # fmt: skip
+    document = doc(
+        "naps",
+        [node("a", "tools.sleep"), node("b", "tools.sleep")],
+        [seq("a", "b"), loop("b", "a", 20)],
+    )
     await engine.register_graph(document)
     run = await engine.start_run("naps", {"sleep_s": 0.5})
     stalled_got: list[int] = []
@@ -978,13 +1088,14 @@ async def test_follow_an_unknown_run(engine: Engine) -> None:
 
 
 async def test_every_run_has_a_gapless_log_whatever_its_outcome(
-    autojump_clock: trio.testing.MockClock, registry: Registry, engine: Engine,
+    autojump_clock: trio.testing.MockClock,
+    registry: Registry,
+    engine: Engine,
     spec_graph: dict[str, Any],
 ) -> None:
     await engine.register_graph(spec_graph)
     await engine.register_graph(SLEEPER)
-    await engine.register_graph(doc("fails", [node("a"), node("f", "tools.fail")],
-                                    [seq("a", "f")]))  # fmt: skip
+    await engine.register_graph(doc("fails", [node("a"), node("f", "tools.fail")], [seq("a", "f")]))
     runs = []
     for i in range(10):
         runs.append(await engine.start_run("code-review-a", {"issues_open": i % 2}))

@@ -36,12 +36,15 @@ class Gate:
 
 def gated_graph() -> dict[str, Any]:
     return {
-        "id": "gated", "start_node": "first",
-        "nodes": [{"id": "first", "callable": "test.gate"},
-                  {"id": "second", "callable": "test.record"},
-                  {"id": "third", "callable": "tools.noop"}],
+        "id": "gated",
+        "start_node": "first",
+        "nodes": [
+            {"id": "first", "callable": "test.gate"},
+            {"id": "second", "callable": "test.record"},
+            {"id": "third", "callable": "tools.noop"},
+        ],
         "edges": [{"from": "first", "to": "second"}, {"from": "second", "to": "third"}],
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture
@@ -89,11 +92,17 @@ async def test_signals_apply_between_steps_in_arrival_order(engine: Engine, gate
 
 
 async def test_a_signal_to_a_waiting_run_is_applied_and_it_keeps_waiting(engine: Engine) -> None:
-    await engine.register_graph({
-        "id": "asks", "start_node": "ask",
-        "nodes": [{"id": "ask", "wait": {"prompt": "go?"}},
-                  {"id": "done", "callable": "tools.noop"}],
-        "edges": [{"from": "ask", "to": "done"}]})  # fmt: skip
+    await engine.register_graph(
+        {
+            "id": "asks",
+            "start_node": "ask",
+            "nodes": [
+                {"id": "ask", "wait": {"prompt": "go?"}},
+                {"id": "done", "callable": "tools.noop"},
+            ],
+            "edges": [{"from": "ask", "to": "done"}],
+        }
+    )
     run = await engine.start_run("asks", {})
     assert (await engine.wait_stop(run.run_id)).status is RunStatus.WAITING
     await engine.signal(run.run_id, "note", {"note": "from outside"})
@@ -160,7 +169,10 @@ async def test_a_signal_the_state_cannot_take_any_more_is_rejected_and_the_run_g
     assert final.status is RunStatus.COMPLETED
     assert set(final.state) == {"a", "c"}
     assert [e.event for e in log if e.event.startswith("signal_")] == [
-        "signal_received", "signal_rejected", "signal_received"]  # fmt: skip
+        "signal_received",
+        "signal_rejected",
+        "signal_received",
+    ]
     assert final.signal_cursor == 3
 
 

@@ -190,9 +190,12 @@ async def test_ctrl_c_while_a_tool_runs_reaches_the_program_and_does_not_fail_th
     # Only a KeyboardInterrupt a tool raises itself fails its run; a real
     # SIGINT is held back while the tool runs and reaches the program.
     result = await trio.run_process(
-        [sys.executable, "-c", CTRL_C_PROGRAM], cwd=str(ROOT), capture_stdout=True,
-        capture_stderr=True, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", CTRL_C_PROGRAM],
+        cwd=str(ROOT),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     out = result.stdout.decode()
     assert "INTERRUPTED" in out, (out, result.stderr.decode())
     assert "NO INTERRUPT" not in out
@@ -206,11 +209,16 @@ async def test_a_condition_callable_raising_a_base_exception_fails_only_its_run(
     registry: Registry, engine: Engine, exc: BaseException
 ) -> None:
     registry.add_tool("test.judge", _raiser(exc), inline=True)
-    await engine.register_graph({
-        "id": "judged", "start_node": "a",
-        "nodes": [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "tools.noop"}],
-        "edges": [{"from": "a", "to": "b", "type": "branch",
-                   "condition": {"callable": "test.judge"}}]})  # fmt: skip
+    await engine.register_graph(
+        {
+            "id": "judged",
+            "start_node": "a",
+            "nodes": [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "tools.noop"}],
+            "edges": [
+                {"from": "a", "to": "b", "type": "branch", "condition": {"callable": "test.judge"}}
+            ],
+        }
+    )
     await engine.register_graph(_one_node("good", "tools.approve"))
     with trio.fail_after(10):
         bad = await engine.wait((await engine.start_run("judged")).run_id)

@@ -31,8 +31,7 @@ def problems(doc: Any, registry: Registry) -> list[tuple[str, str]]:
 
 
 def branch(source: str, target: str, expression: str) -> dict[str, Any]:
-    return {"from": source, "to": target, "type": "branch",
-            "condition": {"expression": expression}}  # fmt: skip
+    return {"from": source, "to": target, "type": "branch", "condition": {"expression": expression}}
 
 
 # --- the spec's sample ----------------------------------------------------------
@@ -74,26 +73,44 @@ def _with(mutate: Any) -> dict[str, Any]:
 
 SCHEMA_CASES = [
     ("unknown top-level key", lambda d: d.update(nmae="x"), ("unknown_key", "$.nmae")),
-    ("unknown node key", lambda d: d["nodes"][1].update(calable="x"),
-     ("unknown_key", "$.nodes[1].calable")),
-    ("unknown edge key", lambda d: d["edges"][0].update(conditon={}),
-     ("unknown_key", "$.edges[0].conditon")),
-    ("unknown retry key", lambda d: d["nodes"][0].update(retry={"attempts": 3}),
-     ("unknown_key", "$.nodes[0].retry.attempts")),
+    (
+        "unknown node key",
+        lambda d: d["nodes"][1].update(calable="x"),
+        ("unknown_key", "$.nodes[1].calable"),
+    ),
+    (
+        "unknown edge key",
+        lambda d: d["edges"][0].update(conditon={}),
+        ("unknown_key", "$.edges[0].conditon"),
+    ),
+    (
+        "unknown retry key",
+        lambda d: d["nodes"][0].update(retry={"attempts": 3}),
+        ("unknown_key", "$.nodes[0].retry.attempts"),
+    ),
     ("missing start_node", lambda d: d.pop("start_node"), ("missing_key", "$.start_node")),
     ("missing nodes", lambda d: d.pop("nodes"), ("missing_key", "$.nodes")),
-    ("missing node callable", lambda d: d["nodes"][1].pop("callable"),
-     ("missing_key", "$.nodes[1].callable")),
+    (
+        "missing node callable",
+        lambda d: d["nodes"][1].pop("callable"),
+        ("missing_key", "$.nodes[1].callable"),
+    ),
     ("missing edge from", lambda d: d["edges"][0].pop("from"), ("missing_key", "$.edges[0].from")),
     ("missing edge to", lambda d: d["edges"][0].pop("to"), ("missing_key", "$.edges[0].to")),
     ("max_steps 0", lambda d: d.update(max_steps=0), ("invalid_value", "$.max_steps")),
-    ("bad edge type", lambda d: d["edges"][0].update(type="parallel"),
-     ("invalid_value", "$.edges[0].type")),
+    (
+        "bad edge type",
+        lambda d: d["edges"][0].update(type="parallel"),
+        ("invalid_value", "$.edges[0].type"),
+    ),
     ("bad id characters", lambda d: d.update(id="has space"), ("invalid_value", "$.id")),
-    ("negative timeout", lambda d: d["nodes"][0].update(timeout_s=-1),
-     ("invalid_value", "$.nodes[0].timeout_s")),
+    (
+        "negative timeout",
+        lambda d: d["nodes"][0].update(timeout_s=-1),
+        ("invalid_value", "$.nodes[0].timeout_s"),
+    ),
     ("nodes not a list", lambda d: d.update(nodes={"a": 1}), ("invalid_value", "$.nodes")),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(
@@ -209,8 +226,12 @@ def test_invalid_branch_condition(registry: Registry, condition: dict[str, Any] 
 def test_unexpected_condition(registry: Registry, edge_type: str) -> None:
     doc = base()
     doc["nodes"].append({"id": "c", "callable": "tools.noop"})
-    edge: dict[str, Any] = {"from": "b", "to": "c", "type": edge_type,
-                            "condition": {"expression": "True"}}  # fmt: skip
+    edge: dict[str, Any] = {
+        "from": "b",
+        "to": "c",
+        "type": edge_type,
+        "condition": {"expression": "True"},
+    }
     if edge_type == "loop":
         edge["loop"] = {"max_iterations": 2}
     doc["edges"].append(edge)
@@ -220,8 +241,12 @@ def test_unexpected_condition(registry: Registry, edge_type: str) -> None:
 @pytest.mark.parametrize("edge_type", ["sequential", "branch"])
 def test_unexpected_loop(registry: Registry, edge_type: str) -> None:
     doc = base()
-    edge: dict[str, Any] = {"from": "a", "to": "b", "type": edge_type,
-                            "loop": {"max_iterations": 2}}  # fmt: skip
+    edge: dict[str, Any] = {
+        "from": "a",
+        "to": "b",
+        "type": edge_type,
+        "loop": {"max_iterations": 2},
+    }
     if edge_type == "branch":
         edge["condition"] = {"expression": "True"}
         doc["edges"].insert(0, edge)
@@ -309,20 +334,29 @@ def test_node_reachable_only_through_a_loop_edge_is_reachable(registry: Registry
     [
         [{"from": "a", "to": "a", "type": "sequential"}],
         [branch("a", "a", "True")],
-        [{"from": "a", "to": "b", "type": "sequential"},
-         {"from": "b", "to": "a", "type": "sequential"}],
+        [
+            {"from": "a", "to": "b", "type": "sequential"},
+            {"from": "b", "to": "a", "type": "sequential"},
+        ],
         [branch("a", "b", "context.get('n', 0) < 3"), branch("b", "a", "True")],
         [{"from": "a", "to": "b", "type": "sequential"}, branch("b", "a", "True")],
     ],
-    ids=["sequential self-loop", "branch self-loop", "sequential cycle", "branch cycle",
-         "mixed cycle"],
-)  # fmt: skip
+    ids=[
+        "sequential self-loop",
+        "branch self-loop",
+        "sequential cycle",
+        "branch cycle",
+        "mixed cycle",
+    ],
+)
 def test_unbounded_cycle(registry: Registry, edges: list[dict[str, Any]]) -> None:
     doc = base()
     doc["edges"] = edges
     if not any(e["to"] == "b" for e in edges):
-        doc["edges"] = [*edges, {"from": "a", "to": "b", "type": "loop",
-                                 "loop": {"max_iterations": 1}}]  # fmt: skip
+        doc["edges"] = [
+            *edges,
+            {"from": "a", "to": "b", "type": "loop", "loop": {"max_iterations": 1}},
+        ]
     found = problems(doc, registry)
     assert found == [("unbounded_cycle", "$.edges")]
 
@@ -522,9 +556,9 @@ def test_condition_callable_is_resolved_at_compile_time(registry: Registry) -> N
     registry.add_tool("review.has_issues", has_issues)
     doc = base()
     doc["edges"].insert(
-        0, {"from": "a", "to": "b", "type": "branch",
-            "condition": {"callable": "review.has_issues"}},
-    )  # fmt: skip
+        0,
+        {"from": "a", "to": "b", "type": "branch", "condition": {"callable": "review.has_issues"}},
+    )
     graph = compile_graph(doc, registry)
     edge = graph.outgoing["a"].conditional[0]
     assert edge.condition_tool is not None and edge.condition_tool.func is has_issues
@@ -535,9 +569,10 @@ def test_a_repeated_node_id_is_reported_even_when_the_first_has_an_unknown_calla
     registry: Registry,
 ) -> None:
     doc = {
-        "id": "g", "start_node": "a",
+        "id": "g",
+        "start_node": "a",
         "nodes": [{"id": "a", "callable": "nope.missing"}, {"id": "a", "callable": "tools.noop"}],
-    }  # fmt: skip
+    }
     with pytest.raises(GraphValidationError) as info:
         compile_graph(doc, registry)
     found = {(p.code, p.path) for p in info.value.problems}

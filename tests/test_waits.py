@@ -46,15 +46,25 @@ def review_graph(
     if callable_ is not None:
         human["callable"] = callable_
     return {
-        "id": "review", "start_node": "check",
-        "nodes": [{"id": "check", "callable": "tools.noop"}, human,
-                  {"id": "merge", "callable": "tools.approve"},
-                  {"id": "reject", "callable": "tools.noop"}],
-        "edges": [{"from": "check", "to": "human"},
-                  {"from": "human", "to": "merge", "type": "branch",
-                   "condition": {"expression": "context.get('approved') == True"}},
-                  {"from": "human", "to": "reject"}],
-    }  # fmt: skip
+        "id": "review",
+        "start_node": "check",
+        "nodes": [
+            {"id": "check", "callable": "tools.noop"},
+            human,
+            {"id": "merge", "callable": "tools.approve"},
+            {"id": "reject", "callable": "tools.noop"},
+        ],
+        "edges": [
+            {"from": "check", "to": "human"},
+            {
+                "from": "human",
+                "to": "merge",
+                "type": "branch",
+                "condition": {"expression": "context.get('approved') == True"},
+            },
+            {"from": "human", "to": "reject"},
+        ],
+    }
 
 
 def events(entries: list[LogEntry]) -> list[str]:
@@ -87,8 +97,9 @@ async def test_a_run_waits_then_a_resume_completes_it(engine: Engine) -> None:
     request_id = waiting.waiting["request_id"]
     assert engine.active_runs == 0  # it holds no task
 
-    resumed = await engine.resume(run_id, {"approved": True, "comment": "ship it"},
-                                  request_id=request_id)  # fmt: skip
+    resumed = await engine.resume(
+        run_id, {"approved": True, "comment": "ship it"}, request_id=request_id
+    )
     assert resumed.status is RunStatus.RUNNING
     final = await engine.wait(run_id)
     assert final.status is RunStatus.COMPLETED
@@ -97,15 +108,26 @@ async def test_a_run_waits_then_a_resume_completes_it(engine: Engine) -> None:
     log = await engine.read_log(run_id)
     assert gapless(log)
     assert events(log) == [
-        "run_started", "node_started", "node_completed", "edge_taken", "node_started",
-        "run_waiting", "run_input", "node_completed", "edge_taken", "node_started",
-        "node_completed", "run_completed",
-    ]  # fmt: skip
+        "run_started",
+        "node_started",
+        "node_completed",
+        "edge_taken",
+        "node_started",
+        "run_waiting",
+        "run_input",
+        "node_completed",
+        "edge_taken",
+        "node_started",
+        "node_completed",
+        "run_completed",
+    ]
     waited = log[5]
     assert waited.data["request_id"] == request_id
     assert waited.data["input_schema"] == APPROVAL_SCHEMA
-    assert log[6].data == {"request_id": request_id,
-                           "input": {"approved": True, "comment": "ship it"}}  # fmt: skip
+    assert log[6].data == {
+        "request_id": request_id,
+        "input": {"approved": True, "comment": "ship it"},
+    }
 
 
 async def test_the_answer_decides_the_branch(engine: Engine) -> None:
@@ -141,8 +163,11 @@ async def test_invalid_input_lists_every_problem_and_the_run_keeps_waiting(engin
     with pytest.raises(InputValidationError) as info:
         await engine.resume(run_id, {"approved": "yes", "comment": "x" * 60, "extra": 1})
     problems = {(p.path, p.code) for p in info.value.problems}
-    assert problems == {("$.approved", "bool_type"), ("$.comment", "string_too_long"),
-                        ("$.extra", "extra_forbidden")}  # fmt: skip
+    assert problems == {
+        ("$.approved", "bool_type"),
+        ("$.comment", "string_too_long"),
+        ("$.extra", "extra_forbidden"),
+    }
     assert info.value.details["run_id"] == run_id
     with pytest.raises(InputValidationError) as missing:
         await engine.resume(run_id, {})
@@ -364,33 +389,68 @@ def test_waits_and_their_deadlines_survive_a_restart(
 @pytest.mark.parametrize(
     ("wait", "code", "path"),
     [
-        ({"input_schema": {"type": "object"}, "input_model": "Nope"}, "invalid_wait",
-         "$.nodes[1].wait"),
+        (
+            {"input_schema": {"type": "object"}, "input_model": "Nope"},
+            "invalid_wait",
+            "$.nodes[1].wait",
+        ),
         ({"input_model": "Nope"}, "unknown_input_model", "$.nodes[1].wait.input_model"),
-        ({"input_schema": {"type": "object", "$ref": "#/x"}}, "invalid_input_schema",
-         "$.nodes[1].wait.input_schema.$ref"),
-        ({"input_schema": {"type": "object",
-                           "properties": {"a": {"type": "string", "format": "email"}}}},
-         "invalid_input_schema", "$.nodes[1].wait.input_schema.properties.a.format"),
-        ({"input_schema": {"type": "string"}}, "invalid_input_schema",
-         "$.nodes[1].wait.input_schema"),
-        ({"input_schema": {"type": "object", "properties": {"a": {"type": "strange"}}}},
-         "invalid_input_schema", "$.nodes[1].wait.input_schema.properties.a.type"),
-        ({"input_schema": {"type": "object", "properties": {"a": {"type": "string",
-                                                               "pattern": "(unclosed"}}}},
-         "invalid_input_schema", "$.nodes[1].wait.input_schema.properties.a.pattern"),
-        ({"timeout_s": 5, "on_timeout": {"input": {"approved": "maybe"}}},
-         "invalid_timeout_input", "$.nodes[1].wait.on_timeout.input.approved"),
-        ({"on_timeout": {"input": {"approved": True}}}, "invalid_wait",
-         "$.nodes[1].wait.on_timeout"),
+        (
+            {"input_schema": {"type": "object", "$ref": "#/x"}},
+            "invalid_input_schema",
+            "$.nodes[1].wait.input_schema.$ref",
+        ),
+        (
+            {
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"a": {"type": "string", "format": "email"}},
+                }
+            },
+            "invalid_input_schema",
+            "$.nodes[1].wait.input_schema.properties.a.format",
+        ),
+        (
+            {"input_schema": {"type": "string"}},
+            "invalid_input_schema",
+            "$.nodes[1].wait.input_schema",
+        ),
+        (
+            {"input_schema": {"type": "object", "properties": {"a": {"type": "strange"}}}},
+            "invalid_input_schema",
+            "$.nodes[1].wait.input_schema.properties.a.type",
+        ),
+        (
+            {
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"a": {"type": "string", "pattern": "(unclosed"}},
+                }
+            },
+            "invalid_input_schema",
+            "$.nodes[1].wait.input_schema.properties.a.pattern",
+        ),
+        (
+            {"timeout_s": 5, "on_timeout": {"input": {"approved": "maybe"}}},
+            "invalid_timeout_input",
+            "$.nodes[1].wait.on_timeout.input.approved",
+        ),
+        (
+            {"on_timeout": {"input": {"approved": True}}},
+            "invalid_wait",
+            "$.nodes[1].wait.on_timeout",
+        ),
     ],
-)  # fmt: skip
+)
 def test_problems_of_a_wait_block_are_reported_at_their_path(
     registry: Registry, wait: dict[str, Any], code: str, path: str
 ) -> None:
     graph = review_graph()
-    graph["nodes"][1]["wait"] = wait if "input_schema" in wait or "input_model" in wait else {
-        "input_schema": APPROVAL_SCHEMA, **wait}  # fmt: skip
+    graph["nodes"][1]["wait"] = (
+        wait
+        if "input_schema" in wait or "input_model" in wait
+        else {"input_schema": APPROVAL_SCHEMA, **wait}
+    )
     with pytest.raises(GraphValidationError) as info:
         compile_graph(graph, registry)
     assert [(p.code, p.path) for p in info.value.problems] == [(code, path)]
@@ -402,7 +462,8 @@ def test_a_node_needs_a_callable_or_a_wait(registry: Registry) -> None:
     with pytest.raises(GraphValidationError) as info:
         compile_graph(graph, registry)
     assert [(p.code, p.path) for p in info.value.problems] == [
-        ("missing_key", "$.nodes[1].callable")]
+        ("missing_key", "$.nodes[1].callable")
+    ]
 
 
 def test_patterns_cannot_backtrack(registry: Registry) -> None:

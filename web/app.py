@@ -102,11 +102,13 @@ def load_tool_module(registry: Registry, module: str) -> None:
                 f"cannot import tool module {module!r}: no module named {exc.name!r} in the "
                 f"current directory ({os.getcwd()}) or the installed packages"
             ) from None
-        raise RegistryError(f"cannot import tool module {module!r}: {_cause(exc)}"
-                            f"{_where(exc)}") from None  # fmt: skip
+        raise RegistryError(
+            f"cannot import tool module {module!r}: {_cause(exc)}{_where(exc)}"
+        ) from None
     except Exception as exc:
-        raise RegistryError(f"cannot import tool module {module!r}: {_cause(exc)}"
-                            f"{_where(exc)}") from None  # fmt: skip
+        raise RegistryError(
+            f"cannot import tool module {module!r}: {_cause(exc)}{_where(exc)}"
+        ) from None
     register = getattr(imported, "register", None)
     if not callable(register):
         where = getattr(imported, "__file__", None)
@@ -118,14 +120,16 @@ def load_tool_module(registry: Registry, module: str) -> None:
                 f"tool module {module!r} is a directory without __init__.py ({places}), "
                 "not a module with register(registry); is it hiding the package of that name?"
             )
-        raise RegistryError(f"tool module {module!r} has no register(registry) function "
-                            f"({_shown_path(where)})")  # fmt: skip
+        raise RegistryError(
+            f"tool module {module!r} has no register(registry) function ({_shown_path(where)})"
+        )
     try:
         register(registry)
     except Exception as exc:
         cause = exc.message if isinstance(exc, EngineError) else _cause(exc)
-        raise RegistryError(f"tool module {module!r}: register(registry) failed: {cause}"
-                            f"{_where(exc)}") from None  # fmt: skip
+        raise RegistryError(
+            f"tool module {module!r}: register(registry) failed: {cause}{_where(exc)}"
+        ) from None
 
 
 _SKIP_HINT = " (--no-entry-points skips the tools of installed packages)"
@@ -147,8 +151,9 @@ def load_entry_point_tools(registry: Registry) -> list[str]:
         try:
             register = ep.load()
         except Exception as exc:
-            raise RegistryError(f"cannot load the {what}: {_cause(exc)}{_where(exc)}"
-                                f"{_SKIP_HINT}") from None  # fmt: skip
+            raise RegistryError(
+                f"cannot load the {what}: {_cause(exc)}{_where(exc)}{_SKIP_HINT}"
+            ) from None
         if not callable(register):
             raise RegistryError(f"the {what} is not callable{_SKIP_HINT}")
         try:
@@ -225,16 +230,20 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             return
         async with AsyncExitStack() as stack:
             try:
-                registry = build_registry(settings.tool_modules,
-                                          entry_points=settings.entry_points)  # fmt: skip
+                registry = build_registry(settings.tool_modules, entry_points=settings.entry_points)
             except EngineError as exc:
                 app.state.startup_error = exc.message
                 raise
             try:
                 store = open_store_from_url(settings.store_url)
-                owned = await stack.enter_async_context(open_engine(
-                    store=store, registry=registry, limits=settings.limits,
-                    evaluator=settings.evaluator))  # fmt: skip
+                owned = await stack.enter_async_context(
+                    open_engine(
+                        store=store,
+                        registry=registry,
+                        limits=settings.limits,
+                        evaluator=settings.evaluator,
+                    )
+                )
             except EngineError as exc:
                 # The server reports this in one line (web.serve.StartupError).
                 where = settings.store_url
@@ -244,12 +253,23 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
             graphs = f"{loaded} graph(s) loaded from files"
             if skipped:
                 graphs += f", {skipped} skipped"
-            fields = {"store": redact_url(settings.store_url), "evaluator": owned.evaluator,
-                      "tools": len(registry.tools()), "graphs_loaded": loaded,
-                      "graphs_skipped": skipped, "runs_resumed": owned.active_runs}  # fmt: skip
-            log.info("store %s, evaluator %s, %d tools, %s, %d run(s) resumed",
-                     fields["store"], owned.evaluator, fields["tools"], graphs,
-                     owned.active_runs, extra={"fields": fields})  # fmt: skip
+            fields = {
+                "store": redact_url(settings.store_url),
+                "evaluator": owned.evaluator,
+                "tools": len(registry.tools()),
+                "graphs_loaded": loaded,
+                "graphs_skipped": skipped,
+                "runs_resumed": owned.active_runs,
+            }
+            log.info(
+                "store %s, evaluator %s, %d tools, %s, %d run(s) resumed",
+                fields["store"],
+                owned.evaluator,
+                fields["tools"],
+                graphs,
+                owned.active_runs,
+                extra={"fields": fields},
+            )
             yield {"services": Services(owned, settings, lifecycle)}
 
     # The access log is outermost: it sees the guard's refusals too.

@@ -91,6 +91,7 @@ def _names(values: list[str]) -> tuple[str, ...]:
     names = (name.strip() for value in values for name in value.split(","))
     return tuple(dict.fromkeys(name for name in names if name))
 
+
 log = logging.getLogger("trioflow.cli")
 
 
@@ -273,8 +274,9 @@ def engine_limits(assignments: Sequence[str]) -> EngineLimits:
         name = name.strip().replace("-", "_")
         if not sep or name not in fields:
             known = ", ".join(sorted(fields))
-            raise ValueError(f"--limit takes NAME=VALUE with NAME one of: {known} "
-                             f"(got {assignment!r})")  # fmt: skip
+            raise ValueError(
+                f"--limit takes NAME=VALUE with NAME one of: {known} (got {assignment!r})"
+            )
         kind = float if fields[name] in (float, "float") else int
         try:
             value = kind(raw.replace("_", ""))
@@ -289,8 +291,10 @@ def engine_limits(assignments: Sequence[str]) -> EngineLimits:
 
 def _bind_error(exc: OSError, host: str, port: int) -> str:
     if exc.errno == errno.EADDRINUSE:
-        return (f"port {port} on {host} is in use (another server?); choose another with "
-                "--port PORT, or --port 0 for a free one")  # fmt: skip
+        return (
+            f"port {port} on {host} is in use (another server?); choose another with "
+            "--port PORT, or --port 0 for a free one"
+        )
     return f"cannot serve on {host}:{port}: {exc.strerror or exc}"
 
 
@@ -304,8 +308,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tools += sample_modules
     evaluator = args.evaluator or os.environ.get("TRIOFLOW_EVALUATOR") or "compiled"
     if evaluator not in EVALUATORS:
-        return _fail(f"unknown evaluator {evaluator!r} (--evaluator or TRIOFLOW_EVALUATOR); "
-                     f"use one of: {', '.join(EVALUATORS)}")  # fmt: skip
+        return _fail(
+            f"unknown evaluator {evaluator!r} (--evaluator or TRIOFLOW_EVALUATOR); "
+            f"use one of: {', '.join(EVALUATORS)}"
+        )
     if not args.send_timeout > 0:
         return _fail("--send-timeout must be > 0")
     try:
@@ -561,15 +567,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     try:
         count, cut_off = trio.run(_prune, args.store, args.older_than, args.dry_run)
     except _NothingToPrune:
-        return _fail(f"nothing to prune in {args.store}: a memory store lives inside the "
-                     "process that opened it and ends with it")  # fmt: skip
+        return _fail(
+            f"nothing to prune in {args.store}: a memory store lives inside the "
+            "process that opened it and ends with it"
+        )
     except EngineError as exc:
         return _fail(exc.message)
     age = human_age(args.older_than)
     before = datetime.datetime.fromtimestamp(cut_off).strftime("%Y-%m-%d %H:%M:%S")
     if args.dry_run:
-        print(f"would delete {count} terminal run(s) older than {age} (finished before "
-              f"{before}); nothing was deleted")  # fmt: skip
+        print(
+            f"would delete {count} terminal run(s) older than {age} (finished before "
+            f"{before}); nothing was deleted"
+        )
     else:
         print(f"deleted {count} terminal run(s) older than {age} (finished before {before})")
     return EXIT_OK
@@ -596,9 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {trioflow.__version__}",
+        "--version",
+        action="version",
+        version=f"%(prog)s {trioflow.__version__}",
         help="print the version and exit",
-    )  # fmt: skip
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -611,13 +623,21 @@ def build_parser() -> argparse.ArgumentParser:
         "  3  could not start: a bad option, tools that do not load, a --graphs path that "
         "does not exist,\n     the port in use, a store that cannot be opened",
     )
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1, loopback only)")  # fmt: skip
-    p.add_argument("--port", type=_port, default=8000,
-                   help="port to listen on (default: 8000; 0 picks a free one)")  # fmt: skip
-    p.add_argument("--store", default=_default_store(),
-                   help=f"store URL: sqlite:///PATH or memory:// (default: $TRIOFLOW_STORE, "
-                        f"else {DEFAULT_STORE})")  # fmt: skip
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
+    )
+    p.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="port to listen on (default: 8000; 0 picks a free one)",
+    )
+    p.add_argument(
+        "--store",
+        default=_default_store(),
+        help=f"store URL: sqlite:///PATH or memory:// (default: $TRIOFLOW_STORE, "
+        f"else {DEFAULT_STORE})",
+    )
     _add_tool_options(p)
     p.add_argument(
         "--graphs",
@@ -628,38 +648,81 @@ def build_parser() -> argparse.ArgumentParser:
         "directory. Repeatable. A file that cannot be read or is not a valid graph is "
         "skipped with a warning line; a path that does not exist stops the server (exit 3)",
     )
-    p.add_argument("--samples", action="store_true",
-                   help="register the graphs in the repository's samples/ and load their tool "
-                        "modules (--graphs samples/ --tools samples.python_review)")  # fmt: skip
-    p.add_argument("--evaluator", default=None, metavar="|".join(EVALUATORS),
-                   help="condition evaluator (default: $TRIOFLOW_EVALUATOR, else compiled)")
-    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[,HOST]",
-                   help="Host names served besides localhost, 127.0.0.1, ::1 and the bound "
-                        "address; others get 421. Repeatable or comma-separated; * serves any")
-    p.add_argument("--allowed-origins", action="append", default=[], metavar="ORIGIN[,ORIGIN]",
-                   help="browser Origins (scheme://host[:port]) allowed besides same-origin "
-                        "requests; others get 403. Repeatable or comma-separated; * allows any")
-    p.add_argument("--send-timeout", type=float, default=Settings().send_timeout_s,
-                   metavar="SECONDS",
-                   help="close a connection whose client accepts no data for this long "
-                        "(default: %(default)g)")
-    p.add_argument("--max-body-bytes", type=int, default=Settings().max_body_bytes,
-                   metavar="BYTES",
-                   help="request bodies over this get 413 (default: %(default)d)")
-    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="an engine bound, e.g. max_log_entries=50000 or max_graph_steps=10000 "
-                        "(repeatable; see docs/operations.md for every name and default)")
-    p.add_argument("--graceful-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="seconds in-flight requests get on shutdown (default: %(default)g)")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"],
-                   help="the least severe log records written to stderr (default: info)")
-    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="text lines, or json: one JSON object per line for every record, "
-                        "access lines included (default: text)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no access log (by default one line per request: method, path, "
-                        "status, duration)")
+    p.add_argument(
+        "--samples",
+        action="store_true",
+        help="register the graphs in the repository's samples/ and load their tool "
+        "modules (--graphs samples/ --tools samples.python_review)",
+    )
+    p.add_argument(
+        "--evaluator",
+        default=None,
+        metavar="|".join(EVALUATORS),
+        help="condition evaluator (default: $TRIOFLOW_EVALUATOR, else compiled)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST[,HOST]",
+        help="Host names served besides localhost, 127.0.0.1, ::1 and the bound "
+        "address; others get 421. Repeatable or comma-separated; * serves any",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN[,ORIGIN]",
+        help="browser Origins (scheme://host[:port]) allowed besides same-origin "
+        "requests; others get 403. Repeatable or comma-separated; * allows any",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=Settings().send_timeout_s,
+        metavar="SECONDS",
+        help="close a connection whose client accepts no data for this long (default: %(default)g)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=Settings().max_body_bytes,
+        metavar="BYTES",
+        help="request bodies over this get 413 (default: %(default)d)",
+    )
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine bound, e.g. max_log_entries=50000 or max_graph_steps=10000 "
+        "(repeatable; see docs/operations.md for every name and default)",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds in-flight requests get on shutdown (default: %(default)g)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log records written to stderr (default: info)",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or json: one JSON object per line for every record, "
+        "access lines included (default: text)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no access log (by default one line per request: method, path, status, duration)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -683,8 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  3  could not start: unreadable file, invalid graph or state, tools that do not load",
     )
     p.add_argument("file", metavar="FILE", help="the graph document (JSON)")
-    p.add_argument("--state", default="{}", metavar="JSON",
-                   help="initial state as a JSON object (default: {})")  # fmt: skip
+    p.add_argument(
+        "--state", default="{}", metavar="JSON", help="initial state as a JSON object (default: {})"
+    )
     _add_tool_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -697,8 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n  0  listed\n  3  the tools do not load",
     )
     _add_tool_options(p)
-    p.add_argument("--samples", action="store_true",
-                   help="also load the samples' tool modules, as serve --samples does")
+    p.add_argument(
+        "--samples",
+        action="store_true",
+        help="also load the samples' tool modules, as serve --samples does",
+    )
     p.set_defaults(func=cmd_tools)
 
     p = sub.add_parser(
@@ -710,12 +777,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n  0  done\n"
         "  3  the store cannot be opened, or it is memory:// (nothing outlives its process)",
     )
-    p.add_argument("--store", default=_default_store(),
-                   help=f"store URL (default: $TRIOFLOW_STORE, else {DEFAULT_STORE})")  # fmt: skip
-    p.add_argument("--older-than", required=True, type=_age, metavar="AGE",
-                   help="age such as 3600, 90s, 30m, 12h or 30d")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true",
-                   help="only say how many runs would be deleted")  # fmt: skip
+    p.add_argument(
+        "--store",
+        default=_default_store(),
+        help=f"store URL (default: $TRIOFLOW_STORE, else {DEFAULT_STORE})",
+    )
+    p.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="AGE",
+        help="age such as 3600, 90s, 30m, 12h or 30d",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say how many runs would be deleted")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
@@ -727,11 +801,19 @@ def build_parser() -> argparse.ArgumentParser:
         "  3  unknown run, server unreachable or shutting down",
     )
     p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
-    p.add_argument("--url", default="http://127.0.0.1:8000",
-                   help="the server's base URL (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the server's base URL (default: %(default)s)",
+    )
     p.add_argument("--follow", "-f", action="store_true", help="wait for new entries until the end")
-    p.add_argument("--after", type=int, default=0, metavar="SEQ",
-                   help="only entries with seq > SEQ (default: 0)")  # fmt: skip
+    p.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQ",
+        help="only entries with seq > SEQ (default: 0)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON entry per line")
     p.set_defaults(func=cmd_logs)
     return parser

@@ -45,25 +45,27 @@ STATIC_FILES: dict[str, str] = {
 }
 """Every file served under ``/static/`` (path below ``web/static/``) and its content type."""
 
-CSP = "; ".join((
-    "default-src 'none'",
-    "script-src 'self'",
-    # Swagger UI 5 sets its element styles through the DOM (element.style),
-    # which a policy does not restrict; it writes no style="" markup and no
-    # <style> element, so it needs no 'unsafe-inline'. (HTML in the
-    # document's Markdown descriptions could carry style=""; ours has none,
-    # and such a style would only be dropped.)
-    "style-src 'self'",
-    # swagger-ui.css draws its icons as data: SVG images; the page's empty
-    # favicon is data: too (no request for /favicon.ico).
-    "img-src data:",
-    # /openapi.json and the requests "Try it out" sends.
-    "connect-src 'self'",
-    "base-uri 'none'",
-    "form-action 'none'",
-    # No other site can frame the page and trick a click on Execute.
-    "frame-ancestors 'none'",
-))  # fmt: skip
+CSP = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        # Swagger UI 5 sets its element styles through the DOM (element.style),
+        # which a policy does not restrict; it writes no style="" markup and no
+        # <style> element, so it needs no 'unsafe-inline'. (HTML in the
+        # document's Markdown descriptions could carry style=""; ours has none,
+        # and such a style would only be dropped.)
+        "style-src 'self'",
+        # swagger-ui.css draws its icons as data: SVG images; the page's empty
+        # favicon is data: too (no request for /favicon.ico).
+        "img-src data:",
+        # /openapi.json and the requests "Try it out" sends.
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        # No other site can frame the page and trick a click on Execute.
+        "frame-ancestors 'none'",
+    )
+)
 """The ``Content-Security-Policy`` of ``/docs``: this origin only, no inline script."""
 
 _YEAR = "public, max-age=31536000, immutable"

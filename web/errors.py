@@ -79,8 +79,9 @@ HTTP_CODES: dict[int, str] = {
 class RequestError(Exception):
     """Raised by handlers for a request the HTTP layer rejects before core sees it."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 details: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -114,9 +115,13 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def error_response(status: int, code: str, message: str,
-                   details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JSON:  # fmt: skip
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSON:
     return JSON(error_body(code, message, details), status_code=status, headers=headers)
 
 

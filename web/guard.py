@@ -120,15 +120,27 @@ class RequestGuard:
 
         if host is not None and host not in self._known_hosts and not self._host_ok(scope, host):
             shown = host.decode("latin-1")[:200]
-            await self._refuse(scope, receive, send, 421, "misdirected_request",
-                               f"this server does not serve the host {shown!r}",
-                               {"host": shown})  # fmt: skip
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                421,
+                "misdirected_request",
+                f"this server does not serve the host {shown!r}",
+                {"host": shown},
+            )
             return
         if origin is not None and not self.any_origin and not self._origin_ok(scope, origin, host):
             shown = origin.decode("latin-1")[:200]
-            await self._refuse(scope, receive, send, 403, "origin_forbidden",
-                               f"requests from the origin {shown!r} are not allowed",
-                               {"origin": shown})  # fmt: skip
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                403,
+                "origin_forbidden",
+                f"requests from the origin {shown!r} are not allowed",
+                {"origin": shown},
+            )
             return
         if kind == "websocket":
             await self.app(scope, receive, send)
@@ -148,8 +160,15 @@ class RequestGuard:
                 if shown is None
                 else f"expected application/json, got {shown!r}"
             )
-            await self._refuse(scope, receive, send, 415, "unsupported_media_type", message,
-                               {"content_type": shown})  # fmt: skip
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                415,
+                "unsupported_media_type",
+                message,
+                {"content_type": shown},
+            )
             return
         if declared is not None and not chunked:
             if declared > self.max_bytes:
@@ -230,16 +249,29 @@ class RequestGuard:
 
     # -- answers -------------------------------------------------------------------
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, code: str,
-                      message: str, details: dict[str, object]) -> None:  # fmt: skip
+    async def _refuse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, object],
+    ) -> None:
         body = pydantic_core.to_json(error_body(code, message, details))
         if scope["type"] == "http":
             await _send_http(send, status, body, close=True)
             return
         await receive()  # websocket.connect
         if "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": _json_headers(body)})  # fmt: skip
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": _json_headers(body),
+                }
+            )
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 4000 + status})
@@ -257,14 +289,18 @@ def _is_json(content_type: bytes | None) -> bool:
 def _json_headers(
     body: bytes, extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()), *extra]  # fmt: skip
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
 
 
 async def _send_http(send: Send, status: int, body: bytes, *, close: bool = False) -> None:
     extra = [(b"connection", b"close")] if close else []
-    await send({"type": "http.response.start", "status": status,
-                "headers": _json_headers(body, extra)})  # fmt: skip
+    await send(
+        {"type": "http.response.start", "status": status, "headers": _json_headers(body, extra)}
+    )
     # The client may hang up as soon as it has the answer, and Hypercorn's
     # connection teardown can race this last write; nothing is lost then.
     with contextlib.suppress(trio.BusyResourceError):

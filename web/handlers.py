@@ -88,15 +88,17 @@ async def read_json(request: Request) -> Any:
         raise RequestError(400, "malformed_json", "the request body is empty; expected JSON")
     content_type = request.headers.get("content-type")
     if content_type is None or not _is_json(content_type):
-        raise RequestError(415, "unsupported_media_type",
-                           f"expected application/json, got {content_type!r}")  # fmt: skip
+        raise RequestError(
+            415, "unsupported_media_type", f"expected application/json, got {content_type!r}"
+        )
     try:
         value = pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
         raise RequestError(400, "malformed_json", f"the request body is not JSON: {exc}") from None
     if _HUGE_NUMBER.search(body) is not None and _has_infinity(value):
-        raise RequestError(400, "malformed_json",
-                           "the request body holds a number beyond the double range")  # fmt: skip
+        raise RequestError(
+            400, "malformed_json", "the request body holds a number beyond the double range"
+        )
     return value
 
 
@@ -159,10 +161,16 @@ async def create_graph(request: Request) -> Response:
             pass
     graph = await engine.register_graph(document)
     edges = sum(len(o.conditional) + (o.sequential is not None) for o in graph.outgoing.values())
-    body = {"graph_id": graph.id, "digest": graph.digest, "created": not existed,
-            "nodes": len(graph.nodes), "edges": edges}  # fmt: skip
-    return JSON(body, status_code=200 if existed else 201,
-                        headers={"Location": f"/graph/{graph.id}"})  # fmt: skip
+    body = {
+        "graph_id": graph.id,
+        "digest": graph.digest,
+        "created": not existed,
+        "nodes": len(graph.nodes),
+        "edges": edges,
+    }
+    return JSON(
+        body, status_code=200 if existed else 201, headers={"Location": f"/graph/{graph.id}"}
+    )
 
 
 # One member of an If-None-Match list (RFC 9110, 8.8.3 and 5.6.1): an entity
@@ -221,8 +229,11 @@ async def get_graph(request: Request) -> Response:
     graph_id = request.path_params["graph_id"]
     allow = _fixed_graph_routes(request).get(graph_id)
     if allow is not None:
-        raise HTTPException(405, f"{request.method} is not allowed on /graph/{graph_id}; "
-                                 f"use {allow}", headers={"Allow": allow})  # fmt: skip
+        raise HTTPException(
+            405,
+            f"{request.method} is not allowed on /graph/{graph_id}; use {allow}",
+            headers={"Allow": allow},
+        )
     stored = await services(request).engine.get_graph_document(graph_id)
     etag = f'"{stored.digest}"'
     conditions = request.headers.getlist("if-none-match")
@@ -296,8 +307,11 @@ async def run_graph(request: Request) -> Response:
     # stalls answers 503): a client can always come back to it.
     run_headers = {"X-Run-Id": record.run_id, "Location": f"/graph/state/{record.run_id}"}
     if body.background:
-        accepted = {"run_id": record.run_id, "graph_id": record.graph_id,
-                    "status": record.status.value}  # fmt: skip
+        accepted = {
+            "run_id": record.run_id,
+            "graph_id": record.graph_id,
+            "status": record.status.value,
+        }
         return JSON(accepted, status_code=202, headers=run_headers)
     try:
         final = await engine.wait(record.run_id)
@@ -325,12 +339,20 @@ async def run_logs(request: Request) -> Response:
     last = record.last_seq
     entries: list[dict[str, Any]] = []
     if query.after < last:
-        page = await engine.read_log(record.run_id, after=query.after,
-                                     limit=min(query.limit, last - query.after))  # fmt: skip
+        page = await engine.read_log(
+            record.run_id, after=query.after, limit=min(query.limit, last - query.after)
+        )
         entries = [log_entry(e) for e in page if e.seq <= last]
     next_after = entries[-1]["seq"] if entries and entries[-1]["seq"] < last else None
-    return JSON({"run_id": record.run_id, "status": record.status.value, "last_seq": last,
-                 "entries": entries, "next_after": next_after})  # fmt: skip
+    return JSON(
+        {
+            "run_id": record.run_id,
+            "status": record.status.value,
+            "last_seq": last,
+            "entries": entries,
+            "next_after": next_after,
+        }
+    )
 
 
 async def cancel_run(request: Request) -> Response:
@@ -346,8 +368,7 @@ async def list_runs(request: Request) -> Response:
     page = await services(request).engine.list_runs(
         graph_id=query.graph_id, status=status, cursor=query.cursor, limit=query.limit
     )
-    return JSON({"items": [r.as_dict() for r in page.items],
-                         "next_cursor": page.next_cursor})  # fmt: skip
+    return JSON({"items": [r.as_dict() for r in page.items], "next_cursor": page.next_cursor})
 
 
 # -- service ---------------------------------------------------------------------

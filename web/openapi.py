@@ -51,8 +51,7 @@ def _response_mode(model: type[BaseModel]) -> Mode:
 Refs = dict[tuple[type[BaseModel] | Any, Mode], JsonSchemaValue]
 
 
-def _schema_of(body: Body, refs: Refs,
-               mode: Mode | None = None) -> Any:  # fmt: skip
+def _schema_of(body: Body, refs: Refs, mode: Mode | None = None) -> Any:
     if isinstance(body, type):
         return refs[(body, mode or _response_mode(body))]
     return body
@@ -83,14 +82,25 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
             prop = _without_null(prop)
             description = prop.pop("description", None)
             prop.pop("title", None)
-            param: dict[str, Any] = {"name": name, "in": "query", "required": name in required,
-                                     "schema": prop}  # fmt: skip
+            param: dict[str, Any] = {
+                "name": name,
+                "in": "query",
+                "required": name in required,
+                "schema": prop,
+            }
             if description:
                 param["description"] = description
             params.append(param)
     for name, (description, schema) in op.headers.items():
-        params.append({"name": name, "in": "header", "required": False,
-                       "description": description, "schema": schema})  # fmt: skip
+        params.append(
+            {
+                "name": name,
+                "in": "header",
+                "required": False,
+                "description": description,
+                "schema": schema,
+            }
+        )
     return params
 
 
@@ -118,8 +128,10 @@ def build_openapi() -> dict[str, Any]:
             media_entry: dict[str, Any] = {"schema": _schema_of(op.body, refs, "validation")}
             if op.body_example is not None:
                 media_entry["example"] = op.body_example
-            operation["requestBody"] = {"required": True,
-                                        "content": {"application/json": media_entry}}  # fmt: skip
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": media_entry},
+            }
         paths.setdefault(op.path, {})[op.method.lower()] = operation
     return {
         "openapi": "3.1.0",

@@ -101,8 +101,7 @@ class _BoundedSendStream:
             peer = repr_socket_addr(self.socket.family, self.socket.getpeername())
         except OSError:
             peer = "a client"
-        log.info("closing the connection of %s: it accepted no data for %g s", peer,
-                 self._timeout)  # fmt: skip
+        log.info("closing the connection of %s: it accepted no data for %g s", peer, self._timeout)
         self.socket.close()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -233,9 +232,11 @@ async def serve(
                 sock.close()
 
 
-async def _serve_listeners(handler: Callable[[trio.SocketStream], Awaitable[None]],
-                           listeners: list[trio.SocketListener],
-                           handler_nursery: trio.Nursery) -> None:  # fmt: skip
+async def _serve_listeners(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+    handler_nursery: trio.Nursery,
+) -> None:
     await trio.serve_listeners(handler, listeners, handler_nursery=handler_nursery)
 
 

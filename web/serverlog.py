@@ -91,12 +91,26 @@ class AccessLog:
             }
             if kind == "websocket":
                 fields["close_code"] = close_code
-                access_log.info('%s "%s %s" %s %.2f ms close %s', peer, method, path,
-                                status or "-", duration_ms, close_code or "-",
-                                extra={"fields": fields})  # fmt: skip
+                access_log.info(
+                    '%s "%s %s" %s %.2f ms close %s',
+                    peer,
+                    method,
+                    path,
+                    status or "-",
+                    duration_ms,
+                    close_code or "-",
+                    extra={"fields": fields},
+                )
             else:
-                access_log.info('%s "%s %s" %s %.2f ms', peer, method, path, status or "-",
-                                duration_ms, extra={"fields": fields})  # fmt: skip
+                access_log.info(
+                    '%s "%s %s" %s %.2f ms',
+                    peer,
+                    method,
+                    path,
+                    status or "-",
+                    duration_ms,
+                    extra={"fields": fields},
+                )
 
 
 class JsonFormatter(logging.Formatter):
@@ -129,8 +143,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level: str = "info", log_format: LogFormat = "text", *,
-              access: bool = True) -> None:  # fmt: skip
+def configure(level: str = "info", log_format: LogFormat = "text", *, access: bool = True) -> None:
     """Send every log record to stderr, as text or JSON lines.
 
     Args:

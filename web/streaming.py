@@ -98,8 +98,11 @@ async def relay_pages(
     return (await engine.get_run(run_id)).status
 
 
-async def _race(lifecycle: Lifecycle, wait_gone: Callable[[], Awaitable[None]],
-                work: Callable[[], Awaitable[None]]) -> str:  # fmt: skip
+async def _race(
+    lifecycle: Lifecycle,
+    wait_gone: Callable[[], Awaitable[None]],
+    work: Callable[[], Awaitable[None]],
+) -> str:
     """Run ``work`` until it ends, the client goes, or the server drains. Returns which."""
     outcome = "done"
     async with trio.open_nursery() as nursery:
@@ -212,9 +215,12 @@ def _last_event_id(request: Request) -> int | None:
     if raw is None or raw == "":
         return None
     if _SEQ.fullmatch(raw) is None or int(raw) > MAX_SEQ:
-        raise RequestError(400, "bad_request",
-                           f"Last-Event-ID must be a log seq: decimal digits, 0 to {MAX_SEQ}",
-                           {"last_event_id": raw[:100]})  # fmt: skip
+        raise RequestError(
+            400,
+            "bad_request",
+            f"Last-Event-ID must be a log seq: decimal digits, 0 to {MAX_SEQ}",
+            {"last_event_id": raw[:100]},
+        )
     return int(raw)
 
 
@@ -228,10 +234,13 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, engine: Engine, lifecycle: Lifecycle, run_id: str, after: int,
-                 heartbeat_s: float) -> None:  # fmt: skip
-        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                         media_type="text/event-stream; charset=utf-8")  # fmt: skip
+    def __init__(
+        self, engine: Engine, lifecycle: Lifecycle, run_id: str, after: int, heartbeat_s: float
+    ) -> None:
+        super().__init__(
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type="text/event-stream; charset=utf-8",
+        )
         self.engine = engine
         self.lifecycle = lifecycle
         self.run_id = run_id
@@ -252,8 +261,9 @@ class EventStream(Response):
                 if gone.is_set():
                     return
                 try:
-                    await send({"type": "http.response.body", "body": chunk.encode(),
-                                "more_body": True})  # fmt: skip
+                    await send(
+                        {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                    )
                 except CLIENT_GONE:
                     gone.set()
                 last_sent = trio.current_time()

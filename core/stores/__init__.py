@@ -11,5 +11,11 @@ from .memory import MemoryStore
 from .url import open_store_from_url
 
 __all__ = [
-    "Cursor", "MemoryStore", "Notifier", "Page", "Store", "StoredGraph", "open_store_from_url",
+    "Cursor",
+    "MemoryStore",
+    "Notifier",
+    "Page",
+    "Store",
+    "StoredGraph",
+    "open_store_from_url",
 ]

@@ -149,4 +149,3 @@ class MemoryStore(Store):
             del self._logs[run_id]
             self._signals.pop(run_id, None)
         return len(doomed)
-

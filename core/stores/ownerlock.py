@@ -56,9 +56,14 @@ class OwnerLock:
         except BaseException:
             os.close(fd)
             raise
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-              "command": " ".join(os.path.basename(a) if i == 0 else a
-                                  for i, a in enumerate(sys.argv))[:200]}  # fmt: skip
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "command": " ".join(
+                os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
+            )[:200],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self._fd = fd

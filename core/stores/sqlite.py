@@ -176,24 +176,48 @@ Row = tuple[Any, ...]
 
 def _run_params(run: RunRecord) -> Row:
     return (
-        run.run_id, run.graph_id, run.status.value, run.current_node, _dumps(run.state),
-        run.step, _dumps(run.loop_counters), None if run.error is None else _dumps(run.error),
-        run.created_at, run.started_at, run.finished_at, run.updated_at, run.last_seq, run.attempt,
-        run.crashes, None if run.waiting is None else _dumps(run.waiting), run.signal_cursor,
+        run.run_id,
+        run.graph_id,
+        run.status.value,
+        run.current_node,
+        _dumps(run.state),
+        run.step,
+        _dumps(run.loop_counters),
+        None if run.error is None else _dumps(run.error),
+        run.created_at,
+        run.started_at,
+        run.finished_at,
+        run.updated_at,
+        run.last_seq,
+        run.attempt,
+        run.crashes,
+        None if run.waiting is None else _dumps(run.waiting),
+        run.signal_cursor,
         deadline_of(run),
-    )  # fmt: skip
+    )
 
 
 def _run_from_row(row: Row) -> RunRecord:
     error = row[7]
     return RunRecord(
-        run_id=row[0], graph_id=row[1], status=RunStatus(row[2]), current_node=row[3],
-        state=_loads(row[4]), step=row[5], loop_counters=_loads(row[6]),
-        error=None if error is None else _loads(error), created_at=row[8], started_at=row[9],
-        finished_at=row[10], updated_at=row[11], last_seq=row[12], attempt=row[13],
-        crashes=row[14], waiting=None if row[15] is None else _loads(row[15]),
+        run_id=row[0],
+        graph_id=row[1],
+        status=RunStatus(row[2]),
+        current_node=row[3],
+        state=_loads(row[4]),
+        step=row[5],
+        loop_counters=_loads(row[6]),
+        error=None if error is None else _loads(error),
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+        updated_at=row[11],
+        last_seq=row[12],
+        attempt=row[13],
+        crashes=row[14],
+        waiting=None if row[15] is None else _loads(row[15]),
         signal_cursor=row[16],
-    )  # fmt: skip
+    )
 
 
 def _entry_rows(run_id: str, entries: Sequence[LogEntry]) -> list[Row]:
@@ -213,8 +237,9 @@ def _store_error(exc: Exception, prefix: str = "") -> EngineError:
     errors (locked, busy, disk full, I/O, read-only) may pass: transient."""
     if isinstance(exc, EngineError):
         return exc
-    return StoreError(f"{prefix}{type(exc).__name__}: {exc}",
-                      transient=isinstance(exc, sqlite3.OperationalError))  # fmt: skip
+    return StoreError(
+        f"{prefix}{type(exc).__name__}: {exc}", transient=isinstance(exc, sqlite3.OperationalError)
+    )
 
 
 def _graph_from_row(row: Row) -> StoredGraph:
@@ -267,8 +292,9 @@ class _WriterThread:
         self._pending: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="trioflow-sqlite-writer",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop, name="trioflow-sqlite-writer", daemon=True
+        )
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
@@ -390,8 +416,9 @@ class SQLiteStore(Store):
         if self._writer is not None:
             raise StoreError(f"SQLite store {self.path!r} is already open")
         self._writer = await self._call(self._open_writer)
-        self._writer_thread = _WriterThread(self._writer, trio.lowlevel.current_trio_token(),
-                                            self._jobs_done)  # fmt: skip
+        self._writer_thread = _WriterThread(
+            self._writer, trio.lowlevel.current_trio_token(), self._jobs_done
+        )
         try:
             for _ in range(self._reader_count):
                 reader = await self._call(self._connect, True)
@@ -424,8 +451,9 @@ class SQLiteStore(Store):
         # ourselves. check_same_thread=False: a connection moves between the
         # worker threads of trio's pool, but is used by one thread at a time
         # (the write lock, the reader slots).
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               cached_statements=64)  # fmt: skip
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=64
+        )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -460,8 +488,10 @@ class SQLiteStore(Store):
         app_id = int(conn.execute("PRAGMA application_id").fetchone()[0])
         has_tables = conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchone() is not None
         if app_id != APPLICATION_ID and (version > 0 or has_tables):
-            raise StoreError(f"{self.path!r} is an SQLite database, but not a trioflow one",
-                             details={"path": self.path})  # fmt: skip
+            raise StoreError(
+                f"{self.path!r} is an SQLite database, but not a trioflow one",
+                details={"path": self.path},
+            )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -504,15 +534,18 @@ class SQLiteStore(Store):
         await self._submit(job)
         return job.result  # type: ignore[no-any-return]
 
-    async def _checkpoint(self, run: RunRecord, write: Callable[[sqlite3.Connection], None],
-                          wait: bool) -> None:  # fmt: skip
+    async def _checkpoint(
+        self, run: RunRecord, write: Callable[[sqlite3.Connection], None], wait: bool
+    ) -> None:
         error = self._async_errors.pop(run.run_id, None)
         if error is not None:
             # An unawaited checkpoint of this run failed, and the steps after
             # it were refused: retrying this one cannot help. The run stays at
             # its last committed checkpoint.
-            raise StoreError(f"an earlier checkpoint of run {run.run_id!r} failed: "
-                             f"{error.message}", details=error.details)  # fmt: skip
+            raise StoreError(
+                f"an earlier checkpoint of run {run.run_id!r} failed: {error.message}",
+                details=error.details,
+            )
         await self._submit(_Job(run.run_id, write, wait=wait))
 
     async def _submit(self, job: _Job) -> None:
@@ -595,12 +628,15 @@ class SQLiteStore(Store):
         params = (graph.graph_id, _dumps(graph.document), graph.digest, graph.created_at)
 
         def put(conn: sqlite3.Connection) -> PutResult:
-            row = conn.execute("SELECT digest FROM graphs WHERE graph_id = ?",
-                               (graph.graph_id,)).fetchone()  # fmt: skip
+            row = conn.execute(
+                "SELECT digest FROM graphs WHERE graph_id = ?", (graph.graph_id,)
+            ).fetchone()
             if row is not None:
                 return "exists" if row[0] == graph.digest else "conflict"
-            conn.execute("INSERT INTO graphs (graph_id, document, digest, created_at) "
-                         "VALUES (?, ?, ?, ?)", params)  # fmt: skip
+            conn.execute(
+                "INSERT INTO graphs (graph_id, document, digest, created_at) VALUES (?, ?, ?, ?)",
+                params,
+            )
             return "created"
 
         return await self._write(put)
@@ -657,8 +693,9 @@ class SQLiteStore(Store):
 
         def save(conn: sqlite3.Connection) -> None:
             if conn.execute(_UPDATE_RUN, params).rowcount != 1:
-                row = conn.execute("SELECT last_seq FROM runs WHERE run_id = ?",
-                                   (run.run_id,)).fetchone()  # fmt: skip
+                row = conn.execute(
+                    "SELECT last_seq FROM runs WHERE run_id = ?", (run.run_id,)
+                ).fetchone()
                 if row is None:
                     raise StoreError(f"run {run.run_id!r} does not exist")
                 raise checkpoint_conflict(run, len(rows), row[0])

@@ -120,8 +120,12 @@ def _counts(issues: Sequence[Issue]) -> dict[str, Any]:
 
 
 def _review(state: State, source: str) -> list[Finding]:
-    return analyse(source, filename=state.filename, max_statements=state.max_statements,
-                   allow_print=state.allow_print)  # fmt: skip
+    return analyse(
+        source,
+        filename=state.filename,
+        max_statements=state.max_statements,
+        allow_print=state.allow_print,
+    )
 
 
 def _syntax_error(source: str, filename: str) -> Issue | None:
@@ -136,8 +140,9 @@ def _syntax_error(source: str, filename: str) -> Issue | None:
 
 async def parse(state: State, ctx: RunContext) -> dict[str, Any]:
     """Check that the source parses; a syntax error becomes an ``E999`` issue."""
-    error = await trio.to_thread.run_sync(_syntax_error, state.source, state.filename,
-                                          abandon_on_cancel=True)  # fmt: skip
+    error = await trio.to_thread.run_sync(
+        _syntax_error, state.source, state.filename, abandon_on_cancel=True
+    )
     if error is None:
         ctx.log(f"{state.filename} parses ({len(state.source.splitlines())} lines)")
         return {"parsed": True}
@@ -149,11 +154,19 @@ def review(state: State, ctx: RunContext) -> dict[str, Any]:
     """Find unused imports, bare excepts, long functions, mutable defaults and prints."""
     issues = [finding.issue for finding in _review(state, state.source)]
     for issue in issues:
-        ctx.log(f"{state.filename}:{issue.line}: {issue.code} {issue.message}", level="warning",
-                code=issue.code, line=issue.line, fixable=issue.fixable)  # fmt: skip
+        ctx.log(
+            f"{state.filename}:{issue.line}: {issue.code} {issue.message}",
+            level="warning",
+            code=issue.code,
+            line=issue.line,
+            fixable=issue.fixable,
+        )
     fixable = sum(issue.fixable for issue in issues)
-    ctx.log(f"review found {len(issues)} issues, {fixable} fixable",
-            issues_open=len(issues), issues_fixable=fixable)  # fmt: skip
+    ctx.log(
+        f"review found {len(issues)} issues, {fixable} fixable",
+        issues_open=len(issues),
+        issues_fixable=fixable,
+    )
     return _counts(issues)
 
 
@@ -167,16 +180,25 @@ def autofix(state: State, ctx: RunContext) -> dict[str, Any]:
     try:
         remaining = [finding.issue for finding in _review(state, fixed)]
     except SyntaxError as exc:
-        raise ReviewError(f"autofix produced invalid Python at line {exc.lineno}: {exc.msg}; "
-                          "the source was left unchanged") from None  # fmt: skip
+        raise ReviewError(
+            f"autofix produced invalid Python at line {exc.lineno}: {exc.msg}; "
+            "the source was left unchanged"
+        ) from None
     done = [f"{f.issue.code} line {f.issue.line}: {f.fix}" for f in applied]
     for line in done:
         ctx.log(f"fixed {line}")
-    ctx.log(f"round {state.rounds + 1}: applied {len(done)} fixes; the result parses; "
-            f"{len(remaining)} issues remain",
-            fixes=len(done), issues_open=len(remaining))  # fmt: skip
-    return {"source": fixed, "fixes_applied": [*state.fixes_applied, *done],
-            "rounds": state.rounds + 1, **_counts(remaining)}  # fmt: skip
+    ctx.log(
+        f"round {state.rounds + 1}: applied {len(done)} fixes; the result parses; "
+        f"{len(remaining)} issues remain",
+        fixes=len(done),
+        issues_open=len(remaining),
+    )
+    return {
+        "source": fixed,
+        "fixes_applied": [*state.fixes_applied, *done],
+        "rounds": state.rounds + 1,
+        **_counts(remaining),
+    }
 
 
 def approve(state: State, ctx: RunContext) -> dict[str, Any]:
@@ -187,8 +209,10 @@ def approve(state: State, ctx: RunContext) -> dict[str, Any]:
     """
     if state.issues_open:
         raise ReviewError(f"refusing to approve with {state.issues_open} open issues")
-    ctx.log(f"approved {state.filename} after {state.rounds} autofix rounds",
-            fixes=len(state.fixes_applied))  # fmt: skip
+    ctx.log(
+        f"approved {state.filename} after {state.rounds} autofix rounds",
+        fixes=len(state.fixes_applied),
+    )
     return {"approved": True, "verdict": "approved"}
 
 
@@ -201,8 +225,9 @@ def reject(state: State, ctx: RunContext) -> dict[str, Any]:
 def escalate(state: State, ctx: RunContext) -> dict[str, Any]:
     """Log the remaining, unfixable issues for the reviewer the run is about to wait for."""
     codes = sorted({issue.code for issue in state.issues})
-    ctx.log(f"{state.issues_open} issues need a human: {', '.join(codes)}", level="warning",
-            codes=codes)  # fmt: skip
+    ctx.log(
+        f"{state.issues_open} issues need a human: {', '.join(codes)}", level="warning", codes=codes
+    )
     return {"approved": False, "verdict": "needs_human"}
 
 
@@ -211,8 +236,11 @@ def decide(state: State, ctx: RunContext) -> dict[str, Any]:
     verdict = "approved" if state.approved else "rejected"
     comment = f": {state.comment}" if state.comment else ""
     level = "info" if state.approved else "warning"
-    ctx.log(f"a reviewer {verdict} {state.filename}{comment}", level=level,
-            issues_open=state.issues_open)  # fmt: skip
+    ctx.log(
+        f"a reviewer {verdict} {state.filename}{comment}",
+        level=level,
+        issues_open=state.issues_open,
+    )
     return {"verdict": verdict, "decided_by": "human"}
 
 

@@ -70,8 +70,10 @@ class Edit:
         if max(self.start, other.start) < min(self.end, other.end):
             return True
         # An insertion strictly inside a replaced range conflicts with it.
-        return any(a.start == a.end and b.start < a.start < b.end
-                   for a, b in ((self, other), (other, self)))  # fmt: skip
+        return any(
+            a.start == a.end and b.start < a.start < b.end
+            for a, b in ((self, other), (other, self))
+        )
 
 
 class _Source:
@@ -124,8 +126,9 @@ class Finding:
     fix: str = ""
 
 
-def _finding(code: str, line: int, message: str, edits: Sequence[Edit] = (),
-             fix: str = "") -> Finding:  # fmt: skip
+def _finding(
+    code: str, line: int, message: str, edits: Sequence[Edit] = (), fix: str = ""
+) -> Finding:
     issue = Issue(code=code, line=line, message=message, fixable=bool(edits))
     return Finding(issue, tuple(edits), fix if edits else "")
 
@@ -201,9 +204,10 @@ def _unused_imports(tree: ast.Module, src: _Source, filename: str) -> list[Findi
                 kept = [a for a in stmt.names if a not in unused]
                 if kept:
                     smaller: ast.stmt = (
-                        ast.Import(names=kept) if isinstance(stmt, ast.Import)
+                        ast.Import(names=kept)
+                        if isinstance(stmt, ast.Import)
                         else ast.ImportFrom(module=stmt.module, names=kept, level=stmt.level)
-                    )  # fmt: skip
+                    )
                     edits.append(Edit(src.start(stmt), src.end(stmt), ast.unparse(smaller)))
                 elif needs_pass and stmt is removed[0]:
                     edits.append(Edit(src.start(stmt), src.end(stmt), "pass"))
@@ -211,10 +215,15 @@ def _unused_imports(tree: ast.Module, src: _Source, filename: str) -> list[Findi
                     end_line = stmt.end_lineno or stmt.lineno
                     edits.append(Edit(src.line_start(stmt.lineno), src.line_end(end_line), ""))
             findings += [
-                _finding("F401", stmt.lineno, f"{alias.name!r} imported but unused", edits,
-                         f"removed unused import {alias.name!r}")
+                _finding(
+                    "F401",
+                    stmt.lineno,
+                    f"{alias.name!r} imported but unused",
+                    edits,
+                    f"removed unused import {alias.name!r}",
+                )
                 for alias in unused
-            ]  # fmt: skip
+            ]
     return findings
 
 
@@ -226,11 +235,15 @@ def _bare_excepts(tree: ast.Module, src: _Source) -> list[Finding]:
             edits = []
             if src.text.startswith("except", at) and src.text[at + 6 : at + 7] in {":", " ", "\t"}:
                 edits.append(Edit(at, at + len("except"), "except Exception"))
-            findings.append(_finding(
-                "E722", node.lineno,
-                "bare 'except:' also catches KeyboardInterrupt, SystemExit and cancellation",
-                edits, "'except:' -> 'except Exception:'",
-            ))  # fmt: skip
+            findings.append(
+                _finding(
+                    "E722",
+                    node.lineno,
+                    "bare 'except:' also catches KeyboardInterrupt, SystemExit and cancellation",
+                    edits,
+                    "'except:' -> 'except Exception:'",
+                )
+            )
     return findings
 
 
@@ -241,13 +254,19 @@ Function = ast.FunctionDef | ast.AsyncFunctionDef
 def _is_mutable(node: ast.expr) -> bool:
     if isinstance(node, ast.List | ast.Dict | ast.Set | ast.ListComp | ast.DictComp | ast.SetComp):
         return True
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in _MUTABLE_CALLS)  # fmt: skip
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _MUTABLE_CALLS
+    )
 
 
 def _is_docstring(stmt: ast.stmt) -> bool:
-    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
-            and isinstance(stmt.value.value, str))  # fmt: skip
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Constant)
+        and isinstance(stmt.value.value, str)
+    )
 
 
 def _guard_point(func: Function, src: _Source) -> tuple[int, str] | None:
@@ -279,8 +298,9 @@ def _allows_none(annotation: ast.expr) -> bool:
     return False
 
 
-def _default_fix(arg: ast.arg, default: ast.expr, point: tuple[int, str] | None,
-                 src: _Source) -> list[Edit]:  # fmt: skip
+def _default_fix(
+    arg: ast.arg, default: ast.expr, point: tuple[int, str] | None, src: _Source
+) -> list[Edit]:
     """Edits for ``arg=[]`` -> ``arg=None`` plus a guard; none when that is not clearly safe."""
     if point is None:
         return []
@@ -296,8 +316,9 @@ def _default_fix(arg: ast.arg, default: ast.expr, point: tuple[int, str] | None,
     offset, indent = point
     prefix = "" if src.text[:offset].endswith(("\n", "\r")) or offset == 0 else "\n"
     unit = "\t" if "\t" in indent else "    "
-    guard = (f"{prefix}{indent}if {arg.arg} is None:\n"
-             f"{indent}{unit}{arg.arg} = {ast.unparse(default)}\n")  # fmt: skip
+    guard = (
+        f"{prefix}{indent}if {arg.arg} is None:\n{indent}{unit}{arg.arg} = {ast.unparse(default)}\n"
+    )
     edits.append(Edit(offset, offset, guard))
     return edits
 
@@ -310,23 +331,32 @@ def _function_checks(tree: ast.Module, src: _Source, max_statements: int) -> lis
         count = sum(isinstance(n, ast.stmt) for s in func.body for n in ast.walk(s))
         count -= _is_docstring(func.body[0])
         if count > max_statements:
-            findings.append(_finding("PLR0915", func.lineno,
-                                     f"function {func.name!r} has {count} statements "
-                                     f"(more than {max_statements}); split it"))  # fmt: skip
+            findings.append(
+                _finding(
+                    "PLR0915",
+                    func.lineno,
+                    f"function {func.name!r} has {count} statements "
+                    f"(more than {max_statements}); split it",
+                )
+            )
         args = func.args
         positional = [*args.posonlyargs, *args.args]
-        pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults,
-                         strict=True))  # fmt: skip
+        pairs = list(
+            zip(positional[len(positional) - len(args.defaults) :], args.defaults, strict=True)
+        )
         pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d]
         point = _guard_point(func, src)
         for arg, default in pairs:
             if _is_mutable(default):
-                findings.append(_finding(
-                    "B006", default.lineno,
-                    f"mutable default for {arg.arg!r} in {func.name!r} is shared between calls",
-                    _default_fix(arg, default, point, src),
-                    f"default of {arg.arg!r} in {func.name!r} -> None with an 'is None' guard",
-                ))  # fmt: skip
+                findings.append(
+                    _finding(
+                        "B006",
+                        default.lineno,
+                        f"mutable default for {arg.arg!r} in {func.name!r} is shared between calls",
+                        _default_fix(arg, default, point, src),
+                        f"default of {arg.arg!r} in {func.name!r} -> None with an 'is None' guard",
+                    )
+                )
     return findings
 
 
@@ -340,8 +370,13 @@ def _prints(tree: ast.Module) -> list[Finding]:
     ]
 
 
-def analyse(source: str, *, filename: str = "snippet.py", max_statements: int = 30,
-            allow_print: bool = False) -> list[Finding]:  # fmt: skip
+def analyse(
+    source: str,
+    *,
+    filename: str = "snippet.py",
+    max_statements: int = 30,
+    allow_print: bool = False,
+) -> list[Finding]:
     """Review ``source``; findings are sorted by line.
 
     Raises:

@@ -46,8 +46,9 @@ class FaultyStore(Store):
         self._transient = True
         self._times: int | None = None
 
-    def fail(self, rule: Rule = lambda run: True, *, transient: bool = True,
-             times: int | None = None) -> None:  # fmt: skip
+    def fail(
+        self, rule: Rule = lambda run: True, *, transient: bool = True, times: int | None = None
+    ) -> None:
         """Refuse matching checkpoints (the next ``times`` of them, or all) from now on."""
         self._rule, self._transient, self._times = rule, transient, times
 
@@ -115,8 +116,9 @@ class FaultyStore(Store):
         cursor: str | None = None,
         limit: int = 50,
     ) -> Page[RunRecord]:
-        return await self.inner.list_runs(graph_id=graph_id, status=status, cursor=cursor,
-                                          limit=limit)  # fmt: skip
+        return await self.inner.list_runs(
+            graph_id=graph_id, status=status, cursor=cursor, limit=limit
+        )
 
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         return await self.inner.read_log(run_id, after=after, limit=limit)

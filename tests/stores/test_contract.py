@@ -18,11 +18,24 @@ def _graph(graph_id: str, digest: str = "d1") -> StoredGraph:
     return StoredGraph(graph_id, {"id": graph_id, "nodes": [{"id": "a"}], "n": 1.5}, digest, 10.0)
 
 
-def _run(run_id: str, *, created_at: float = 100.0, graph_id: str = "g",
-         status: RunStatus = RunStatus.PENDING, **fields: Any) -> RunRecord:  # fmt: skip
-    return RunRecord(run_id=run_id, graph_id=graph_id, status=status, state={"x": 1},
-                     current_node="a", created_at=created_at, updated_at=created_at,
-                     **fields)  # fmt: skip
+def _run(
+    run_id: str,
+    *,
+    created_at: float = 100.0,
+    graph_id: str = "g",
+    status: RunStatus = RunStatus.PENDING,
+    **fields: Any,
+) -> RunRecord:
+    return RunRecord(
+        run_id=run_id,
+        graph_id=graph_id,
+        status=status,
+        state={"x": 1},
+        current_node="a",
+        created_at=created_at,
+        updated_at=created_at,
+        **fields,
+    )
 
 
 def _entries(first: int, last: int, node: str | None = "a") -> list[LogEntry]:
@@ -98,12 +111,21 @@ async def test_list_graphs_rejects_a_garbage_cursor(store: Store) -> None:
 
 async def test_create_run_roundtrips_every_field(store: Store) -> None:
     run = RunRecord(
-        run_id="r1", graph_id="g", status=RunStatus.WAITING,
+        run_id="r1",
+        graph_id="g",
+        status=RunStatus.WAITING,
         state={"nested": {"list": [1, 2.5, None, True]}, "text": "héllo ✓"},
-        current_node="review", step=7, loop_counters={"fix->review": 2},
-        error={"code": "x", "message": "m"}, created_at=1700000000.123456,
-        started_at=1700000001.5, finished_at=None, updated_at=1700000002.25, last_seq=3, attempt=2,
-    )  # fmt: skip
+        current_node="review",
+        step=7,
+        loop_counters={"fix->review": 2},
+        error={"code": "x", "message": "m"},
+        created_at=1700000000.123456,
+        started_at=1700000001.5,
+        finished_at=None,
+        updated_at=1700000002.25,
+        last_seq=3,
+        attempt=2,
+    )
     await store.create_run(run, _entries(1, 3))
     assert await store.get_run("r1") == run
     assert await store.read_log("r1") == _entries(1, 3)
@@ -120,10 +142,18 @@ async def test_save_run_replaces_the_record_and_appends_entries(store: Store) ->
     run = _run("r1", last_seq=2)
     await store.create_run(run, _entries(1, 2))
     saved = run.evolve(
-        status=RunStatus.FAILED, state={"x": 2, "y": [1]}, current_node="b", step=4,
-        loop_counters={"a->b": 3}, error={"code": "node_failed", "node": "b"},
-        started_at=101.0, finished_at=102.5, updated_at=102.5, last_seq=5, attempt=3,
-    )  # fmt: skip
+        status=RunStatus.FAILED,
+        state={"x": 2, "y": [1]},
+        current_node="b",
+        step=4,
+        loop_counters={"a->b": 3},
+        error={"code": "node_failed", "node": "b"},
+        started_at=101.0,
+        finished_at=102.5,
+        updated_at=102.5,
+        last_seq=5,
+        attempt=3,
+    )
     await store.save_run(saved, _entries(3, 5))
     assert await store.get_run("r1") == saved
     assert await store.read_log("r1") == _entries(1, 5)
@@ -196,10 +226,17 @@ async def test_read_log_by_cursor(store: Store) -> None:
 
 async def test_read_log_keeps_every_entry_field(store: Store) -> None:
     entries = [
-        LogEntry(1, 5.5, Level.WARNING, Event.LOOP_EXHAUSTED, "fix", "loop done",
-                 {"edge": "fix->review", "max_iterations": 3}),
+        LogEntry(
+            1,
+            5.5,
+            Level.WARNING,
+            Event.LOOP_EXHAUSTED,
+            "fix",
+            "loop done",
+            {"edge": "fix->review", "max_iterations": 3},
+        ),
         LogEntry(2, 6.25, Level.ERROR, "my_event", None, "", {}),
-    ]  # fmt: skip
+    ]
     await store.create_run(_run("r1"), entries)
     got = await store.read_log("r1")
     assert got == entries
@@ -242,8 +279,9 @@ async def test_list_runs_pages_without_duplicates_or_gaps(store: Store) -> None:
 async def test_list_runs_filters_by_graph_and_status(store: Store) -> None:
     statuses = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPLETED]
     for i in range(30):
-        await store.create_run(_run(f"r{i:02d}", created_at=float(i), graph_id=f"g{i % 2}",
-                                    status=statuses[i % 3]))  # fmt: skip
+        await store.create_run(
+            _run(f"r{i:02d}", created_at=float(i), graph_id=f"g{i % 2}", status=statuses[i % 3])
+        )
     items, _ = await _all_pages(store, graph_id="g1", limit=4)
     assert [r.run_id for r in items] == [f"r{i:02d}" for i in range(29, -1, -1) if i % 2 == 1]
     items, _ = await _all_pages(store, status=RunStatus.COMPLETED, limit=3)
@@ -282,9 +320,18 @@ async def test_unfinished_runs_are_the_pending_and_running_ones(store: Store) ->
 
 
 def _waiting(run_id: str, deadline: float | None, *, answered: bool = False) -> RunRecord:
-    return _run(run_id, status=RunStatus.WAITING, waiting={
-        "node": "a", "prompt": "ok?", "input_schema": None, "request_id": f"q-{run_id}",
-        "deadline": deadline, "answered": answered})  # fmt: skip
+    return _run(
+        run_id,
+        status=RunStatus.WAITING,
+        waiting={
+            "node": "a",
+            "prompt": "ok?",
+            "input_schema": None,
+            "request_id": f"q-{run_id}",
+            "deadline": deadline,
+            "answered": answered,
+        },
+    )
 
 
 async def test_deadlines_of_waiting_runs(store: Store) -> None:
@@ -331,12 +378,15 @@ async def test_a_signal_to_an_ended_or_unknown_run_is_refused(store: Store) -> N
 
 
 async def test_delete_runs_removes_only_terminal_runs_finished_before(store: Store) -> None:
-    await store.create_run(_run("old-done", status=RunStatus.COMPLETED, finished_at=10.0),
-                           _entries(1, 3))  # fmt: skip
-    await store.create_run(_run("old-failed", status=RunStatus.FAILED, finished_at=19.0),
-                           _entries(1, 2))  # fmt: skip
-    await store.create_run(_run("new-done", status=RunStatus.CANCELLED, finished_at=20.0),
-                           _entries(1, 2))  # fmt: skip
+    await store.create_run(
+        _run("old-done", status=RunStatus.COMPLETED, finished_at=10.0), _entries(1, 3)
+    )
+    await store.create_run(
+        _run("old-failed", status=RunStatus.FAILED, finished_at=19.0), _entries(1, 2)
+    )
+    await store.create_run(
+        _run("new-done", status=RunStatus.CANCELLED, finished_at=20.0), _entries(1, 2)
+    )
     await store.create_run(_run("running", status=RunStatus.RUNNING), _entries(1, 2))
     await store.create_run(_run("pending-odd", finished_at=1.0), _entries(1, 1))
     assert await store.delete_runs(finished_before=20.0) == 2

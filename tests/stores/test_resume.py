@@ -27,10 +27,18 @@ NAP = {
         {"from": "nap", "to": "b", "type": "sequential"},
     ],
 }
-QUICK = {"id": "quick", "start_node": "only", "nodes": [{"id": "only", "callable": "tools.noop"}],
-         "edges": []}  # fmt: skip
-CUSTOM = {"id": "custom", "start_node": "hold",
-          "nodes": [{"id": "hold", "callable": "test.hold"}], "edges": []}  # fmt: skip
+QUICK = {
+    "id": "quick",
+    "start_node": "only",
+    "nodes": [{"id": "only", "callable": "tools.noop"}],
+    "edges": [],
+}
+CUSTOM = {
+    "id": "custom",
+    "start_node": "hold",
+    "nodes": [{"id": "hold", "callable": "test.hold"}],
+    "edges": [],
+}
 
 
 @pytest.fixture
@@ -191,8 +199,7 @@ async def test_a_run_whose_process_died_twice_at_one_step_is_failed_with_crash_l
             await _until_resumed(engine, stuck.run_id, 1)
             assert (await engine.get_run(stuck.run_id)).crashes == 1
             final_moving = await engine.wait(moving.run_id)  # this one makes progress
-            resumed = [e for e in await engine.read_log(stuck.run_id)
-                       if e.event == "run_resumed"]  # fmt: skip
+            resumed = [e for e in await engine.read_log(stuck.run_id) if e.event == "run_resumed"]
             assert resumed[-1].data["crashes"] == 1
 
         # A clean stop in between is not a crash.
@@ -230,10 +237,12 @@ async def test_progress_between_crashes_resets_the_count(
 
     registry.add_tool("test.first", first)
     registry.add_tool("test.hold", _hold)
-    two_steps = {"id": "two", "start_node": "one",
-                 "nodes": [{"id": "one", "callable": "test.first"},
-                           {"id": "two", "callable": "test.hold"}],
-                 "edges": [{"from": "one", "to": "two"}]}  # fmt: skip
+    two_steps = {
+        "id": "two",
+        "start_node": "one",
+        "nodes": [{"id": "one", "callable": "test.first"}, {"id": "two", "callable": "test.hold"}],
+        "edges": [{"from": "one", "to": "two"}],
+    }
     with trio.fail_after(5000):
         async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
             await engine.register_graph(two_steps)

@@ -27,8 +27,15 @@ def _pragma(path: pathlib.Path, name: str) -> object:
 
 
 def _run(run_id: str = "r1", **fields: Any) -> RunRecord:
-    base = RunRecord(run_id=run_id, graph_id="g", status=RunStatus.RUNNING, state={"n": 0},
-                     current_node="a", created_at=1.0, updated_at=1.0)  # fmt: skip
+    base = RunRecord(
+        run_id=run_id,
+        graph_id="g",
+        status=RunStatus.RUNNING,
+        state={"n": 0},
+        current_node="a",
+        created_at=1.0,
+        updated_at=1.0,
+    )
     return dataclasses.replace(base, **fields)
 
 
@@ -225,10 +232,11 @@ async def test_async_durability_hands_steps_over_and_keeps_the_log_whole(
     from trioflow import open_engine
 
     graph = {
-        "id": "chain", "start_node": "n0",
+        "id": "chain",
+        "start_node": "n0",
         "nodes": [{"id": f"n{i}", "callable": "tools.noop"} for i in range(50)],
         "edges": [{"from": f"n{i}", "to": f"n{i + 1}"} for i in range(49)],
-    }  # fmt: skip
+    }
     store = SQLiteStore(str(db), durability="async")
     async with open_engine(store=store) as engine:
         await engine.register_graph(graph)
@@ -263,8 +271,7 @@ async def test_a_failed_async_checkpoint_stops_later_ones_of_that_run(db: pathli
         await store.save_run(_run("r2", step=2, last_seq=2), [_entry(2)])
         with pytest.raises(StoreError):
             # Written with a wait (terminal), so the earlier failure surfaces.
-            await store.save_run(_run(step=4, last_seq=6, status=RunStatus.COMPLETED),
-                                 [_entry(6)])  # fmt: skip
+            await store.save_run(_run(step=4, last_seq=6, status=RunStatus.COMPLETED), [_entry(6)])
         # r1 stays at its last committed checkpoint, with no gap after it.
         assert await store.get_run("r1") == first
         assert _seqs(await store.read_log("r1")) == [1, 2]
@@ -285,6 +292,7 @@ async def test_a_write_that_raises_fails_alone_and_the_writer_lives_on(db: pathl
     store = SQLiteStore(str(db))
     await store.open()
     try:
+
         def broken(conn: sqlite3.Connection) -> None:
             conn.execute("INSERT INTO graphs VALUES ('x', '{}', 'd', 0)")
             raise ValueError("a bug in a write")
@@ -302,8 +310,9 @@ async def test_a_write_that_raises_fails_alone_and_the_writer_lives_on(db: pathl
 async def test_one_engine_at_a_time_owns_a_store_file(tmp_path: pathlib.Path) -> None:
     path = str(tmp_path / "trioflow.db")
     async with open_engine(store=SQLiteStore(path)) as owner:
-        await owner.register_graph({"id": "g", "start_node": "a",
-                                    "nodes": [{"id": "a", "callable": "tools.noop"}]})  # fmt: skip
+        await owner.register_graph(
+            {"id": "g", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.noop"}]}
+        )
         with pytest.raises(StoreLockedError) as info:  # raised as itself, not in a group
             async with open_engine(store=SQLiteStore(path)):
                 pass  # pragma: no cover

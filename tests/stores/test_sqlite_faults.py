@@ -28,10 +28,12 @@ CHATTY = {
     "id": "chatty",
     "start_node": "talk",
     "nodes": [{"id": "talk", "callable": "test.talk"}, {"id": "done", "callable": "tools.approve"}],
-    "edges": [{"from": "talk", "to": "talk", "type": "loop", "loop": {"max_iterations": 10_000}},
-              {"from": "talk", "to": "done"}],
+    "edges": [
+        {"from": "talk", "to": "talk", "type": "loop", "loop": {"max_iterations": 10_000}},
+        {"from": "talk", "to": "done"},
+    ],
     "max_steps": 100_000,
-}  # fmt: skip
+}
 
 
 HELD = {
@@ -49,11 +51,16 @@ def clock() -> trio.testing.MockClock:
 
 def _mount(target: pathlib.Path, size: str) -> None:
     target.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                            capture_output=True, text=True, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): "
-                    f"{result.stderr.strip()}")  # fmt: skip
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {result.stderr.strip()}"
+        )
 
 
 @pytest.fixture
@@ -95,8 +102,9 @@ async def test_a_full_disk_fails_a_run_cleanly_when_its_failure_still_fits(
 ) -> None:
     path = str(small_disk / "trioflow.db")
     limits = EngineLimits(store_retry_s=5.0)
-    async with open_engine(store=SQLiteStore(path), registry=_registry(registry),
-                           limits=limits) as engine:  # fmt: skip
+    async with open_engine(
+        store=SQLiteStore(path), registry=_registry(registry), limits=limits
+    ) as engine:
         await engine.register_graph(CHATTY)
         # Room for a few steps of 40 KB of log lines, not for many.
         _fill(small_disk, leave=256 * 1024)
@@ -162,12 +170,15 @@ async def test_a_disk_without_room_for_anything_leaves_runs_resumable(
 
 def _immutable(paths: list[pathlib.Path], on: bool) -> None:
     flag = "+i" if on else "-i"
-    result = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True,
-                            check=False)  # fmt: skip
+    result = subprocess.run(
+        ["chattr", flag, *map(str, paths)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         if on:
-            pytest.skip(f"cannot make a file immutable here (needs chattr, root and a "
-                        f"filesystem that supports it): {result.stderr.strip()}")  # fmt: skip
+            pytest.skip(
+                f"cannot make a file immutable here (needs chattr, root and a "
+                f"filesystem that supports it): {result.stderr.strip()}"
+            )
         raise RuntimeError(result.stderr)
 
 
@@ -183,8 +194,9 @@ async def test_a_database_file_that_turns_read_only_is_waited_out(
         await gate.wait()
 
     registry.add_tool("test.hold", hold)
-    async with open_engine(store=SQLiteStore(str(path)), registry=registry,
-                           limits=EngineLimits(store_retry_s=60)) as engine:  # fmt: skip
+    async with open_engine(
+        store=SQLiteStore(str(path)), registry=registry, limits=EngineLimits(store_retry_s=60)
+    ) as engine:
         await engine.register_graph(HELD)
         run = await engine.start_run("held")
         with trio.fail_after(60):
@@ -232,8 +244,9 @@ async def test_a_lock_held_by_another_process_is_waited_out(
 
     registry.add_tool("test.hold", hold)
     store = SQLiteStore(path, busy_timeout_ms=100)
-    async with open_engine(store=store, registry=registry,
-                           limits=EngineLimits(store_retry_s=20)) as engine:  # fmt: skip
+    async with open_engine(
+        store=store, registry=registry, limits=EngineLimits(store_retry_s=20)
+    ) as engine:
         await engine.register_graph(HELD)
         run = await engine.start_run("held")
         degraded = False

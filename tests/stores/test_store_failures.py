@@ -32,9 +32,17 @@ THREE = {
     "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}],
 }
 UNDISTURBED = [
-    "run_started", "node_started", "node_completed", "edge_taken", "node_started",
-    "node_completed", "edge_taken", "node_started", "node_completed", "run_completed",
-]  # fmt: skip
+    "run_started",
+    "node_started",
+    "node_completed",
+    "edge_taken",
+    "node_started",
+    "node_completed",
+    "edge_taken",
+    "node_started",
+    "node_completed",
+    "run_completed",
+]
 LIMITS = EngineLimits(store_retry_s=30.0)
 
 
@@ -197,4 +205,3 @@ async def test_other_runs_are_not_held_up_by_one_runs_failing_checkpoints(
         with trio.fail_after(120):
             final = await engine.wait(victim.run_id)
         assert final.status is RunStatus.FAILED
-

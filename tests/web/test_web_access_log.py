@@ -96,9 +96,15 @@ async def test_no_access_log_leaves_the_middleware_out(
 
 
 def test_json_format_is_one_object_per_line_with_the_fields() -> None:
-    record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, __file__, 1,
-                               '%s "%s %s" %s %.2f ms', ("127.0.0.1:5", "GET", "/x\n\u2028y", 200,
-                                                         1.5), None)  # fmt: skip
+    record = logging.LogRecord(
+        ACCESS_LOGGER,
+        logging.INFO,
+        __file__,
+        1,
+        '%s "%s %s" %s %.2f ms',
+        ("127.0.0.1:5", "GET", "/x\n\u2028y", 200, 1.5),
+        None,
+    )
     record.fields = {"method": "GET", "path": "/x\n\u2028y", "status": 200, "duration_ms": 1.5}
     line = JsonFormatter().format(record)
     assert "\n" not in line and "\u2028" not in line
@@ -106,8 +112,11 @@ def test_json_format_is_one_object_per_line_with_the_fields() -> None:
     assert out["level"] == "info" and out["logger"] == ACCESS_LOGGER
     assert out["message"] == '127.0.0.1:5 "GET /x\n\u2028y" 200 1.50 ms'
     assert (out["method"], out["path"], out["status"], out["duration_ms"]) == (
-        "GET", "/x\n\u2028y", 200, 1.5,
-    )  # fmt: skip
+        "GET",
+        "/x\n\u2028y",
+        200,
+        1.5,
+    )
     assert out["time"].endswith("Z")
     try:
         raise ValueError("boom")

@@ -66,11 +66,16 @@ async def test_validate(tmp_path: pathlib.Path) -> None:
     assert ok.returncode == 0, ok.stderr
     assert b"code-review-a" in ok.stdout
 
-    bad = write(tmp_path, "bad.json", {
-        "id": "bad", "start_node": "ghost",
-        "nodes": [{"id": "a", "callable": "tools.nope"}],
-        "edges": [{"from": "a", "to": "nowhere"}],
-    })  # fmt: skip
+    bad = write(
+        tmp_path,
+        "bad.json",
+        {
+            "id": "bad",
+            "start_node": "ghost",
+            "nodes": [{"id": "a", "callable": "tools.nope"}],
+            "edges": [{"from": "a", "to": "nowhere"}],
+        },
+    )
     result = await trioflow("validate", bad)
     assert result.returncode == 1
     lines = result.stdout.decode().splitlines()
@@ -94,9 +99,15 @@ async def test_run_exit_codes(tmp_path: pathlib.Path) -> None:
     assert "run_started" in log and "run_completed" in log
     assert log.index("node_started    submit") < log.index("node_started    approve")
 
-    failing = write(tmp_path, "fail.json", {
-        "id": "f", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.fail"}],
-    })  # fmt: skip
+    failing = write(
+        tmp_path,
+        "fail.json",
+        {
+            "id": "f",
+            "start_node": "a",
+            "nodes": [{"id": "a", "callable": "tools.fail"}],
+        },
+    )
     failed = await trioflow("run", failing, "--state", '{"fail_message": "kaput"}')
     assert failed.returncode == 1
     assert json.loads(failed.stdout) == {"fail_message": "kaput"}
@@ -114,9 +125,15 @@ async def test_run_exit_codes(tmp_path: pathlib.Path) -> None:
 
 
 async def test_run_cancelled_by_ctrl_c(tmp_path: pathlib.Path) -> None:
-    sleepy = write(tmp_path, "sleep.json", {
-        "id": "s", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.sleep"}],
-    })  # fmt: skip
+    sleepy = write(
+        tmp_path,
+        "sleep.json",
+        {
+            "id": "s",
+            "start_node": "a",
+            "nodes": [{"id": "a", "callable": "tools.sleep"}],
+        },
+    )
     with trio.fail_after(30):
         async with spawn(
             "run",
@@ -143,9 +160,17 @@ async def test_run_cancelled_by_ctrl_c(tmp_path: pathlib.Path) -> None:
 async def test_serve_logs_and_sigterm(tmp_path: pathlib.Path) -> None:
     with trio.fail_after(60):
         async with spawn(
-            "serve", "--port", "0", "--samples", "--log-level", "warning", "--store", "memory://",
-            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ) as process:  # fmt: skip
+            "serve",
+            "--port",
+            "0",
+            "--samples",
+            "--log-level",
+            "warning",
+            "--store",
+            "memory://",
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as process:
             assert process.stdout is not None
             out = b""
             while b"\n" not in out:
@@ -159,8 +184,10 @@ async def test_serve_logs_and_sigterm(tmp_path: pathlib.Path) -> None:
             import httpx
 
             async with httpx.AsyncClient(base_url=url) as client:
-                ran = await client.post("/graph/run", json={
-                    "graph_id": "code-review-a", "initial_state": {"issues_open": 1}})  # fmt: skip
+                ran = await client.post(
+                    "/graph/run",
+                    json={"graph_id": "code-review-a", "initial_state": {"issues_open": 1}},
+                )
                 assert ran.status_code == 200  # --samples registered the spec graph
                 run = ran.json()
 
@@ -170,8 +197,9 @@ async def test_serve_logs_and_sigterm(tmp_path: pathlib.Path) -> None:
             assert len(lines) == run["last_seq"]
             assert "run_completed" in lines[-1]
 
-            tail = await trioflow("logs", run["run_id"], "--url", url, "--follow", "--json",
-                                  "--after", "27")  # fmt: skip
+            tail = await trioflow(
+                "logs", run["run_id"], "--url", url, "--follow", "--json", "--after", "27"
+            )
             assert tail.returncode == 0
             entries = [json.loads(x) for x in tail.stdout.decode().splitlines()]
             assert entries == run["logs"][27:]
@@ -206,9 +234,17 @@ async def test_clients_hanging_up_at_any_moment_do_not_hurt_the_server() -> None
 
     with trio.fail_after(60):
         async with spawn(
-            "serve", "--port", "0", "--samples", "--log-level", "error", "--store", "memory://",
-            stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ) as process:  # fmt: skip
+            "serve",
+            "--port",
+            "0",
+            "--samples",
+            "--log-level",
+            "error",
+            "--store",
+            "memory://",
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as process:
             assert process.stdout is not None
             out = b""
             while b"\n" not in out:
@@ -235,11 +271,22 @@ async def test_clients_hanging_up_at_any_moment_do_not_hurt_the_server() -> None
 @asynccontextmanager
 async def serving(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[tuple[str, int]]:
     """A ``trioflow serve --port 0`` process: its URL and pid; SIGTERM on the way out."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1",
-                   "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "web"), str(ROOT)]),
-                   **(env or {})}  # fmt: skip
-    async with spawn("serve", "--port", "0", "--log-level", "warning", *args,
-                     stdout=subprocess.PIPE, env=environment) as process:  # fmt: skip
+    environment = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "web"), str(ROOT)]),
+        **(env or {}),
+    }
+    async with spawn(
+        "serve",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        *args,
+        stdout=subprocess.PIPE,
+        env=environment,
+    ) as process:
         assert process.stdout is not None
         out = b""
         while b"\n" not in out:
@@ -256,9 +303,16 @@ async def test_serve_allowed_hosts_and_origins_options() -> None:
     import httpx
 
     with trio.fail_after(60):
-        options = ("--store", "memory://", "--allowed-hosts", "api.example,Other.example",
-                   "--allowed-hosts", "third.example",
-                   "--allowed-origins", "https://app.example")  # fmt: skip
+        options = (
+            "--store",
+            "memory://",
+            "--allowed-hosts",
+            "api.example,Other.example",
+            "--allowed-hosts",
+            "third.example",
+            "--allowed-origins",
+            "https://app.example",
+        )
         async with serving(*options) as (url, _), httpx.AsyncClient(base_url=url) as client:
             for host in ("api.example", "other.example:8080", "third.example", "localhost"):
                 response = await client.get("/healthz", headers={"Host": host})
@@ -302,10 +356,12 @@ async def test_serve_refuses_a_store_it_cannot_open_before_binding(
 async def test_serve_evaluator_option_and_environment(tmp_path: pathlib.Path) -> None:
     import httpx
 
-    bad_option = await trioflow("serve", "--port", "0", "--store", "memory://",
-                                "--evaluator", "eval")  # fmt: skip
-    bad_env = await run_with_env({"TRIOFLOW_EVALUATOR": "python"},
-                                 "serve", "--port", "0", "--store", "memory://")  # fmt: skip
+    bad_option = await trioflow(
+        "serve", "--port", "0", "--store", "memory://", "--evaluator", "eval"
+    )
+    bad_env = await run_with_env(
+        {"TRIOFLOW_EVALUATOR": "python"}, "serve", "--port", "0", "--store", "memory://"
+    )
     for result, value in ((bad_option, "eval"), (bad_env, "python")):
         assert result.returncode == 3
         lines = result.stderr.decode().splitlines()
@@ -325,15 +381,21 @@ async def test_serve_evaluator_option_and_environment(tmp_path: pathlib.Path) ->
         assert await evaluator() == "compiled"
         assert await evaluator("--evaluator", "asteval") == "asteval"
         assert await evaluator(env={"TRIOFLOW_EVALUATOR": "asteval"}) == "asteval"
-        assert await evaluator("--evaluator", "compiled",
-                               env={"TRIOFLOW_EVALUATOR": "asteval"}) == "compiled"  # fmt: skip
+        assert (
+            await evaluator("--evaluator", "compiled", env={"TRIOFLOW_EVALUATOR": "asteval"})
+            == "compiled"
+        )
 
 
 async def run_with_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(30):
-        return await trio.run_process([*TRIOFLOW, *args], capture_stdout=True,
-                                      capture_stderr=True, check=False,
-                                      env={**os.environ, **env})  # fmt: skip
+        return await trio.run_process(
+            [*TRIOFLOW, *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**os.environ, **env},
+        )
 
 
 def rss_kib(pid: int) -> int:
@@ -374,8 +436,14 @@ async def test_followers_that_never_read_are_bounded_and_closed(tmp_path: pathli
             return
         closed.append(f"open after {len(received)} bytes: {received[-60:]!r}")
 
-    options = ("--store", f"sqlite:///{tmp_path}/trioflow.db", "--tools", "chatty_tools",
-               "--send-timeout", str(send_timeout))  # fmt: skip
+    options = (
+        "--store",
+        f"sqlite:///{tmp_path}/trioflow.db",
+        "--tools",
+        "chatty_tools",
+        "--send-timeout",
+        str(send_timeout),
+    )
     state = {"lines": 10, "line_bytes": 1000}
     with trio.fail_after(120):
         async with (
@@ -383,8 +451,9 @@ async def test_followers_that_never_read_are_bounded_and_closed(tmp_path: pathli
             httpx.AsyncClient(base_url=url, timeout=30) as client,
         ):
             await client.post("/graph/create", json=chatty_graph(99))
-            ran = await client.post("/graph/run?logs=0",
-                                    json={"graph_id": "chatty", "initial_state": state})
+            ran = await client.post(
+                "/graph/run?logs=0", json={"graph_id": "chatty", "initial_state": state}
+            )
             run = ran.json()
             assert run["last_seq"] > 1300
             path = f"/ws/logs/{run['run_id']}"
@@ -417,22 +486,33 @@ async def test_followers_that_never_read_are_bounded_and_closed(tmp_path: pathli
 async def test_serve_limit_options_reach_the_engine() -> None:
     import httpx
 
-    bad = await trioflow("serve", "--port", "0", "--store", "memory://",
-                         "--limit", "max_log_entriez=5")  # fmt: skip
+    bad = await trioflow(
+        "serve", "--port", "0", "--store", "memory://", "--limit", "max_log_entriez=5"
+    )
     assert bad.returncode == 3
     lines = bad.stderr.decode().splitlines()
     assert len(lines) == 1 and "max_log_entries" in lines[0], lines
-    zero = await trioflow("serve", "--port", "0", "--store", "memory://",
-                          "--limit", "max_graph_steps=0")  # fmt: skip
+    zero = await trioflow(
+        "serve", "--port", "0", "--store", "memory://", "--limit", "max_graph_steps=0"
+    )
     assert zero.returncode == 3 and "must be > 0" in zero.stderr.decode()
 
-    loop = {"id": "spin", "start_node": "a", "max_steps": 200,
-            "nodes": [{"id": "a", "callable": "tools.noop"}],
-            "edges": [{"from": "a", "to": "a", "type": "loop",
-                       "loop": {"max_iterations": 100}}]}  # fmt: skip
+    loop = {
+        "id": "spin",
+        "start_node": "a",
+        "max_steps": 200,
+        "nodes": [{"id": "a", "callable": "tools.noop"}],
+        "edges": [{"from": "a", "to": "a", "type": "loop", "loop": {"max_iterations": 100}}],
+    }
     with trio.fail_after(60):
-        options = ("--store", "memory://", "--limit", "max_graph_steps=100",
-                   "--limit", "max_log_entries=40")  # fmt: skip
+        options = (
+            "--store",
+            "memory://",
+            "--limit",
+            "max_graph_steps=100",
+            "--limit",
+            "max_log_entries=40",
+        )
         async with serving(*options) as (url, _), httpx.AsyncClient(base_url=url) as client:
             r = await client.post("/graph/create", json=loop)
             assert r.status_code == 422

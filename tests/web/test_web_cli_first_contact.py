@@ -99,11 +99,17 @@ async def trioflow(
     *args: str, cwd: pathlib.Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     with trio.fail_after(30):
-        done = await trio.run_process([str(SCRIPT), *args], cwd=cwd, env=env or user_env(),
-                                      capture_stdout=True, capture_stderr=True,
-                                      check=False)  # fmt: skip
-    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(),
-                                       done.stderr.decode())  # fmt: skip
+        done = await trio.run_process(
+            [str(SCRIPT), *args],
+            cwd=cwd,
+            env=env or user_env(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
 
 
 @pytest.fixture
@@ -140,16 +146,22 @@ async def test_tool_modules_import_from_the_current_directory(project: pathlib.P
     assert valid.returncode == 0, valid.stderr
     assert "graph 'words' is valid (3 nodes)" in valid.stdout
     state = json.dumps({"text": "  the quick   brown fox ", "max_words": 3})
-    ran = await trioflow("run", "--tools", "mytools", "my_graph.json", "--state", state,
-                         cwd=project)  # fmt: skip
+    ran = await trioflow(
+        "run", "--tools", "mytools", "my_graph.json", "--state", state, cwd=project
+    )
     assert ran.returncode == 0, ran.stderr
-    assert json.loads(ran.stdout) == {"text": "the quick brown fox", "max_words": 3,
-                                      "words": 4, "long": True}  # fmt: skip
+    assert json.loads(ran.stdout) == {
+        "text": "the quick brown fox",
+        "max_words": 3,
+        "words": 4,
+        "long": True,
+    }
     assert "4 words" in ran.stderr
     # Repeated, or comma-separated.
     for tools in (("--tools", "moretools", "--tools", "mytools"), ("--tools", "moretools,mytools")):
-        both = await trioflow("run", *tools, "shout.json", "--state", '{"text": "a  b"}',
-                              cwd=project)  # fmt: skip
+        both = await trioflow(
+            "run", *tools, "shout.json", "--state", '{"text": "a  b"}', cwd=project
+        )
         assert both.returncode == 0, both.stderr
         assert json.loads(both.stdout) == {"text": "A B"}
     # Without them, the graph names tools that do not exist.
@@ -159,8 +171,9 @@ async def test_tool_modules_import_from_the_current_directory(project: pathlib.P
 
 
 async def test_the_samples_tools_import_from_the_repository_root() -> None:
-    result = await trioflow("validate", "--tools", "samples.python_review",
-                            "samples/python_review.json", cwd=ROOT)  # fmt: skip
+    result = await trioflow(
+        "validate", "--tools", "samples.python_review", "samples/python_review.json", cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     assert "graph 'python-review' is valid" in result.stdout
 
@@ -320,9 +333,12 @@ async def serving(
     On the way out: SIGTERM, exit code 0, and the rest of the output in the list.
     """
     process = await trio.lowlevel.open_process(
-        [str(SCRIPT), "serve", "--port", "0", *args], cwd=cwd, env=env or user_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [str(SCRIPT), "serve", "--port", "0", *args],
+        cwd=cwd,
+        env=env or user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert process.stdout is not None
     output = b""
     try:
@@ -354,8 +370,18 @@ async def test_serve_runs_your_own_tools_and_graphs(project: pathlib.Path) -> No
     (graphs / "broken.json").write_text("{nope")
     (graphs / "bad.json").write_text(json.dumps({"id": "bad", "start_node": "x", "nodes": []}))
     (graphs / "notes.txt").write_text("not a graph")
-    options = ("--store", "memory://", "--tools", "mytools", "--tools", "moretools",
-               "--graphs", "my_graph.json", "--graphs", "graphs")  # fmt: skip
+    options = (
+        "--store",
+        "memory://",
+        "--tools",
+        "mytools",
+        "--tools",
+        "moretools",
+        "--graphs",
+        "my_graph.json",
+        "--graphs",
+        "graphs",
+    )
     with trio.fail_after(60):
         async with serving(*options, cwd=project) as (url, lines):
             async with httpx.AsyncClient(base_url=url) as client:
@@ -382,8 +408,9 @@ async def test_serve_runs_your_own_tools_and_graphs(project: pathlib.Path) -> No
     assert start[-1].startswith("trioflow listening on ")
     assert summary < len(start) - 1
 
-    missing = await trioflow("serve", "--port", "0", "--store", "memory://",
-                             "--graphs", "nowhere", cwd=project)  # fmt: skip
+    missing = await trioflow(
+        "serve", "--port", "0", "--store", "memory://", "--graphs", "nowhere", cwd=project
+    )
     assert one_line(missing) == "trioflow: --graphs nowhere: no such file or directory"
 
 
@@ -411,12 +438,16 @@ async def test_the_access_log_is_on_by_default_quiet_and_json(tmp_path: pathlib.
         return lines
 
     with trio.fail_after(60):
-        text, quiet, as_json = (await healthz(), await healthz("--quiet"),
-                                await healthz("--log-format", "json"))  # fmt: skip
+        text, quiet, as_json = (
+            await healthz(),
+            await healthz("--quiet"),
+            await healthz("--log-format", "json"),
+        )
     access = [line for line in text if " trioflow.access: " in line]
     assert len(access) == 2, text
-    assert re.search(r'INFO trioflow\.access: 127\.0\.0\.1:\d+ "GET /healthz" 200 [0-9.]+ ms$',
-                     access[0])  # fmt: skip
+    assert re.search(
+        r'INFO trioflow\.access: 127\.0\.0\.1:\d+ "GET /healthz" 200 [0-9.]+ ms$', access[0]
+    )
     assert '"GET /nope" 404' in access[1]
     assert not [line for line in quiet if "trioflow.access" in line]
     assert any("trioflow.web: store memory://" in line for line in quiet)
@@ -427,13 +458,16 @@ async def test_the_access_log_is_on_by_default_quiet_and_json(tmp_path: pathlib.
     assert {"trioflow.access", "trioflow.web"} <= by_logger
     hits = [r for r in records if r["logger"] == "trioflow.access"]
     assert [(r["method"], r["path"], r["status"]) for r in hits] == [
-        ("GET", "/healthz", 200), ("GET", "/nope", 404),
-    ]  # fmt: skip
+        ("GET", "/healthz", 200),
+        ("GET", "/nope", 404),
+    ]
     assert all(isinstance(r["duration_ms"], float) for r in hits)
     (summary,) = [r for r in records if r["message"].startswith("store ")]
     assert (summary["store"], summary["evaluator"], summary["graphs_loaded"]) == (
-        "memory://", "compiled", 0,
-    )  # fmt: skip
+        "memory://",
+        "compiled",
+        0,
+    )
 
 
 # -- errors and help -----------------------------------------------------------------------
@@ -447,8 +481,9 @@ async def test_a_port_in_use_is_one_line_and_exit_3_before_the_store_opens(
         taken.listen()
         port = taken.getsockname()[1]
         db = tmp_path / "trioflow.db"
-        result = await trioflow("serve", "--port", str(port), "--store", f"sqlite:///{db}",
-                                cwd=tmp_path)  # fmt: skip
+        result = await trioflow(
+            "serve", "--port", str(port), "--store", f"sqlite:///{db}", cwd=tmp_path
+        )
     line = one_line(result)
     assert line == (
         f"trioflow: port {port} on 127.0.0.1 is in use (another server?); choose another "
@@ -499,10 +534,17 @@ async def _store_with_runs(db: pathlib.Path) -> SQLiteStore:
     finished = {"old": 3 * DAY, "older": 40 * DAY, "recent": 3600.0, "running": None}
     for run_id, ago in finished.items():
         record = RunRecord(
-            run_id=run_id, graph_id="g", status=RunStatus.RUNNING if ago is None else
-            RunStatus.COMPLETED, state={}, current_node="a", step=1, created_at=now - 50 * DAY,
-            updated_at=now, last_seq=1, finished_at=None if ago is None else now - ago,
-        )  # fmt: skip
+            run_id=run_id,
+            graph_id="g",
+            status=RunStatus.RUNNING if ago is None else RunStatus.COMPLETED,
+            state={},
+            current_node="a",
+            step=1,
+            created_at=now - 50 * DAY,
+            updated_at=now,
+            last_seq=1,
+            finished_at=None if ago is None else now - ago,
+        )
         entry = LogEntry(1, now, Level.INFO, Event.RUN_STARTED.value, None, "x", {})
         await store.create_run(record, [entry])
     return store
@@ -515,18 +557,21 @@ async def test_prune_dry_run_human_ages_and_memory_stores(tmp_path: pathlib.Path
     await store.begin_session()
     try:
         url = f"sqlite:///{db}"
-        dry = await trioflow("prune", "--store", url, "--older-than", "1d", "--dry-run",
-                             cwd=tmp_path)  # fmt: skip
+        dry = await trioflow(
+            "prune", "--store", url, "--older-than", "1d", "--dry-run", cwd=tmp_path
+        )
         assert dry.returncode == 0, dry.stderr
-        assert dry.stdout.startswith("would delete 2 terminal run(s) older than 1 day "
-                                     "(finished before ")  # fmt: skip
+        assert dry.stdout.startswith(
+            "would delete 2 terminal run(s) older than 1 day (finished before "
+        )
         assert dry.stdout.rstrip().endswith("; nothing was deleted")
         assert len((await store.list_runs(limit=10)).items) == 4
         month = await trioflow("prune", "--store", url, "--older-than", "30d", cwd=tmp_path)
         assert month.returncode == 0, month.stderr
         assert month.stdout.startswith("deleted 1 terminal run(s) older than 30 days")
-        hours = await trioflow("prune", "--store", url, "--older-than", "36h", "--dry-run",
-                               cwd=tmp_path)  # fmt: skip
+        hours = await trioflow(
+            "prune", "--store", url, "--older-than", "36h", "--dry-run", cwd=tmp_path
+        )
         assert hours.stdout.startswith("would delete 1 terminal run(s) older than 36 hours")
         left = {r.run_id for r in (await store.list_runs(limit=10)).items}
         assert left == {"old", "recent", "running"}

@@ -45,10 +45,15 @@ def live_url() -> Iterator[str]:
             app = create_app(engine, Settings(max_body_bytes=256 * 1024))
             binds = await nursery.start(
                 lambda task_status: serve(
-                    app, host="127.0.0.1", port=0, task_status=task_status,
-                    shutdown_trigger=stop[0].wait, handle_signals=False, graceful_timeout=1,
+                    app,
+                    host="127.0.0.1",
+                    port=0,
+                    task_status=task_status,
+                    shutdown_trigger=stop[0].wait,
+                    handle_signals=False,
+                    graceful_timeout=1,
                 )
-            )  # fmt: skip
+            )
             bound.put(binds[0])
 
     def thread_main() -> None:

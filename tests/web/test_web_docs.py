@@ -121,8 +121,9 @@ async def test_static_content_types_and_cache_headers(server: Server) -> None:
         assert response.headers["cache-control"] == "no-cache"
         etag = response.headers["etag"]
         assert etag == f'"{hashlib.sha256(response.content).hexdigest()[:16]}"'
-        again = await server.client.get(f"/static/{path}",
-                                         headers={**IDENTITY, "If-None-Match": etag})  # fmt: skip
+        again = await server.client.get(
+            f"/static/{path}", headers={**IDENTITY, "If-None-Match": etag}
+        )
         assert again.status_code == 304 and again.content == b""
         assert again.headers["etag"] == etag
         old = await server.client.get(f"/static/{path}?v=0123456789abcdef", headers=IDENTITY)
@@ -140,8 +141,9 @@ async def test_static_files_are_gzipped_for_clients_that_accept_it(server: Serve
     assert gzip.decompress(raw) == original
     digest = hashlib.sha256(original).hexdigest()[:16]
     assert r.headers["etag"] == f'"{digest}-gzip"'
-    again = await server.client.get(url, headers={"Accept-Encoding": "gzip",
-                                                  "If-None-Match": r.headers["etag"]})  # fmt: skip
+    again = await server.client.get(
+        url, headers={"Accept-Encoding": "gzip", "If-None-Match": r.headers["etag"]}
+    )
     assert again.status_code == 304
     for accepted in ("gzip", "GZIP;q=0.5", "*", "*;q=0, gzip", "br;q=1, gzip;q=0.1"):
         response = await server.client.get(url, headers={"Accept-Encoding": accepted})
@@ -157,17 +159,28 @@ async def test_static_files_are_gzipped_for_clients_that_accept_it(server: Serve
 
 
 async def test_only_the_listed_files_are_served(server: Server) -> None:
-    for path in ("swagger-ui/README.md", "swagger-ui/swagger-ui-bundle.js.map",
-                 "swagger-ui/swagger-ui.css.map", "nope.js", "swagger-ui", "",
-                 "swagger-ui/index.html", "Docs.js", "docs.js/"):  # fmt: skip
+    for path in (
+        "swagger-ui/README.md",
+        "swagger-ui/swagger-ui-bundle.js.map",
+        "swagger-ui/swagger-ui.css.map",
+        "nope.js",
+        "swagger-ui",
+        "",
+        "swagger-ui/index.html",
+        "Docs.js",
+        "docs.js/",
+    ):
         response = await server.client.get(f"/static/{path}")
         assert response.status_code == 404, path
         assert response.headers["content-type"] == "application/json"
         assert response.json()["error"]["code"] == "not_found"
     # Dot segments as sent on the wire (httpx would remove them).
-    for target in ("/static/swagger-ui/../docs.js", "/static/../docs_page.py",
-                   "/static/%2e%2e/docs_page.py",
-                   "/static/swagger-ui/..%2f..%2fapp.py"):  # fmt: skip
+    for target in (
+        "/static/swagger-ui/../docs.js",
+        "/static/../docs_page.py",
+        "/static/%2e%2e/docs_page.py",
+        "/static/swagger-ui/..%2f..%2fapp.py",
+    ):
         status, _ = await raw_get(server.base_url, target)
         assert status == 404, target
     refused = await server.client.post("/static/docs.js")
@@ -179,8 +192,9 @@ async def raw_get(base_url: str, target: str) -> tuple[int, bytes]:
     address, port = base_url.removeprefix("http://").split(":")
     stream = await trio.open_tcp_stream(address, int(port))
     async with stream:
-        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: {address}:{port}\r\n"
-                              "Connection: close\r\n\r\n".encode())  # fmt: skip
+        await stream.send_all(
+            f"GET {target} HTTP/1.1\r\nHost: {address}:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
         received = b""
         while chunk := await stream.receive_some(65536):
             received += chunk
@@ -229,8 +243,9 @@ def test_vendored_swagger_ui_is_the_published_release() -> None:
     assert "swagger-ui-dist" in readme and "Apache-2.0" in readme
     version = re.search(r"version: (\d+\.\d+\.\d+)", readme)
     assert version is not None
-    sums = dict((name, digest) for digest, name in
-                re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M))  # fmt: skip
+    sums = dict(
+        (name, digest) for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M)
+    )
     vendored = {p.name for p in (STATIC / "swagger-ui").iterdir()} - {"README.md"}
     assert set(sums) == vendored
     for name, digest in sums.items():

@@ -31,11 +31,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     # No name resolves but the server's: nothing leaves the machine, whatever the page asks.
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-]  # fmt: skip
+]
 TRIOFLOW = [sys.executable, "-c", "import sys; from trioflow.web.cli import main; sys.exit(main())"]
 
 SEED_ENDPOINTS = {
@@ -77,8 +83,9 @@ def server_url(browser_available: None) -> Iterator[str]:
     """``trioflow serve`` on a free port with a memory store, for the module."""
     process = subprocess.Popen(
         [*TRIOFLOW, "serve", "--port", "0", "--store", "memory://", "--log-level", "warning"],
-        stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert process.stdout is not None
     try:
         line = _first_line(process, timeout=30)
@@ -121,8 +128,11 @@ class Watch:
     def foreign(self) -> list[str]:
         """Requests to anything but the server (data: and blob: URLs are no requests)."""
         urls = (r.url for r in self.requests)
-        return [u for u in urls if _origin(u) != self.origin and urlsplit(u).scheme
-                not in ("data", "blob")]  # fmt: skip
+        return [
+            u
+            for u in urls
+            if _origin(u) != self.origin and urlsplit(u).scheme not in ("data", "blob")
+        ]
 
     def check(self) -> None:
         assert self.errors == [], "console errors on /docs"
@@ -141,9 +151,12 @@ def browser_context(server_url: str, tmp_path_factory: pytest.TempPathFactory) -
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
             viewport={"width": 1280, "height": 900},
-        )  # fmt: skip
+        )
         context.set_default_timeout(30_000)
         try:
             yield context

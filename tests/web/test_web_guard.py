@@ -26,8 +26,9 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     return details
 
 
-async def raw_handshake(base_url: str, path: str, host: str | None = None,
-                        origin: str | None = None) -> tuple[int, dict[str, Any]]:  # fmt: skip
+async def raw_handshake(
+    base_url: str, path: str, host: str | None = None, origin: str | None = None
+) -> tuple[int, dict[str, Any]]:
     """A WebSocket handshake with the given Host and Origin: the status and the JSON body.
 
     (trio-websocket sends the URL's host as Host, and leaves its socket open
@@ -73,22 +74,36 @@ async def open_server(web_engine: Engine) -> AsyncIterator[Any]:
 async def test_a_foreign_host_is_misdirected(server: Server, sleep_graph: dict[str, Any]) -> None:
     port = server.base_url.rsplit(":", 1)[1]
     with trio.fail_after(10):
-        for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.nip.io",
-                     "localhost.attacker.example", "[::2]", "local host"):  # fmt: skip
+        for host in (
+            "attacker.example",
+            f"attacker.example:{port}",
+            "127.0.0.1.nip.io",
+            "localhost.attacker.example",
+            "[::2]",
+            "local host",
+        ):
             response = await server.client.get("/healthz", headers={"Host": host})
             details = assert_error(response, 421, "misdirected_request")
             assert details["host"] == host
         # Writes too: the run is not started.
         await server.create(sleep_graph)
         response = await server.client.post(
-            "/graph/run", json={"graph_id": "sleepy", "background": True},
+            "/graph/run",
+            json={"graph_id": "sleepy", "background": True},
             headers={"Host": "attacker.example"},
-        )  # fmt: skip
+        )
         assert_error(response, 421, "misdirected_request")
         assert (await server.client.get("/runs")).json()["items"] == []
         # The loopback names and the bound address, with or without a port.
-        for host in ("localhost", f"localhost:{port}", "LOCALHOST", "127.0.0.1",
-                     f"127.0.0.1:{port}", "[::1]", f"[::1]:{port}"):  # fmt: skip
+        for host in (
+            "localhost",
+            f"localhost:{port}",
+            "LOCALHOST",
+            "127.0.0.1",
+            f"127.0.0.1:{port}",
+            "[::1]",
+            f"[::1]:{port}",
+        ):
             ok = await server.client.get("/healthz", headers={"Host": host})
             assert ok.status_code == 200, (host, ok.text)
 
@@ -99,8 +114,9 @@ async def test_a_websocket_handshake_with_a_foreign_host_is_refused(
     with trio.fail_after(10):
         await server.create(sleep_graph)
         run_id = await server.start("sleepy", {"sleep_s": 0})
-        status, body = await raw_handshake(server.base_url, f"/ws/logs/{run_id}",
-                                           "attacker.example")  # fmt: skip
+        status, body = await raw_handshake(
+            server.base_url, f"/ws/logs/{run_id}", "attacker.example"
+        )
         assert status == 421
         assert body["error"]["code"] == "misdirected_request"
         url = f"{server.ws_url}/ws/logs/{run_id}"
@@ -131,9 +147,12 @@ async def test_a_cross_site_post_is_refused(server: Server, sleep_graph: dict[st
         body = json.dumps({"graph_id": "sleepy", "background": True}).encode()
         # What a page on another site can send without a CORS preflight:
         # no content type, text/plain, a form.
-        for headers in ({}, {"Content-Type": "text/plain"},
-                        {"Content-Type": "application/x-www-form-urlencoded"},
-                        {"Content-Type": "multipart/form-data; boundary=x"}):  # fmt: skip
+        for headers in (
+            {},
+            {"Content-Type": "text/plain"},
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            {"Content-Type": "multipart/form-data; boundary=x"},
+        ):
             response = await server.client.post("/graph/run", content=body, headers=headers)
             details = assert_error(response, 415, "unsupported_media_type")
             assert details["content_type"] == headers.get("Content-Type")
@@ -146,21 +165,29 @@ async def test_a_cross_site_post_is_refused(server: Server, sleep_graph: dict[st
         assert (await server.client.get("/runs")).json()["items"] == []
 
         run_id = await server.start("sleepy", {"sleep_s": 30})
-        for origin in ("http://attacker.example", "null", f"{server.base_url}.evil",
-                       server.base_url.replace("http://", "https://")):  # fmt: skip
-            response = await server.client.post(f"/graph/cancel/{run_id}",
-                                                headers={"Origin": origin})  # fmt: skip
+        for origin in (
+            "http://attacker.example",
+            "null",
+            f"{server.base_url}.evil",
+            server.base_url.replace("http://", "https://"),
+        ):
+            response = await server.client.post(
+                f"/graph/cancel/{run_id}", headers={"Origin": origin}
+            )
             assert_error(response, 403, "origin_forbidden")
         response = await server.client.get("/runs", headers={"Origin": "http://attacker.example"})
         assert_error(response, 403, "origin_forbidden")
         # Same origin (the page the server itself serves) and no Origin (curl, SDKs) are fine.
-        response = await server.client.post(f"/graph/cancel/{run_id}",
-                                            headers={"Origin": server.base_url})  # fmt: skip
+        response = await server.client.post(
+            f"/graph/cancel/{run_id}", headers={"Origin": server.base_url}
+        )
         assert response.status_code == 200, response.text
         response = await server.client.post(f"/graph/cancel/{run_id}")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
-        same = {"Origin": server.base_url.replace("127.0.0.1", "localhost"),
-                "Host": server.base_url.replace("http://127.0.0.1", "localhost")}  # fmt: skip
+        same = {
+            "Origin": server.base_url.replace("127.0.0.1", "localhost"),
+            "Host": server.base_url.replace("http://127.0.0.1", "localhost"),
+        }
         assert (await server.client.get("/runs", headers=same)).status_code == 200
 
 
@@ -185,8 +212,9 @@ async def test_a_post_without_a_body_needs_no_content_type(
                 received += chunk
         assert received.startswith(b"HTTP/1.1 200 ")
         # A body still needs its type, whatever the route.
-        response = await server.client.post(f"/graph/cancel/{run_id}", content=b"x",
-                                            headers={"Content-Type": "text/plain"})  # fmt: skip
+        response = await server.client.post(
+            f"/graph/cancel/{run_id}", content=b"x", headers={"Content-Type": "text/plain"}
+        )
         assert_error(response, 415, "unsupported_media_type")
 
 
@@ -197,8 +225,9 @@ async def test_a_websocket_handshake_from_a_foreign_origin_is_refused(
         await server.create(sleep_graph)
         run_id = await server.start("sleepy", {"sleep_s": 0})
         url = f"{server.ws_url}/ws/logs/{run_id}"
-        status, body = await raw_handshake(server.base_url, f"/ws/logs/{run_id}",
-                                           origin="http://attacker.example")  # fmt: skip
+        status, body = await raw_handshake(
+            server.base_url, f"/ws/logs/{run_id}", origin="http://attacker.example"
+        )
         assert status == 403
         assert body["error"]["code"] == "origin_forbidden"
         async with open_ws(url, extra_headers=[("Origin", server.base_url)]) as ws:
@@ -208,8 +237,9 @@ async def test_a_websocket_handshake_from_a_foreign_origin_is_refused(
 
 async def test_allowed_origins_setting(open_server: Any, sleep_graph: dict[str, Any]) -> None:
     with trio.fail_after(10):
-        srv = await open_server(Settings(allowed_origins=("https://app.example",
-                                                          "http://localhost:3000")))  # fmt: skip
+        srv = await open_server(
+            Settings(allowed_origins=("https://app.example", "http://localhost:3000"))
+        )
         for origin in ("https://app.example", "https://APP.example:443", "http://localhost:3000"):
             response = await srv.client.get("/runs", headers={"Origin": origin})
             assert response.status_code == 200, (origin, response.text)

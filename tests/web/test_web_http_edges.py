@@ -51,8 +51,9 @@ async def test_fixed_graph_paths_answer_405_with_allow(server: Server) -> None:
         assert response.headers["allow"] == "POST"
         # Other names are graph ids, as before.
         assert_error(await client.get("/graph/state"), 404, "graph_not_found")
-        await server.create({"id": "state", "start_node": "a",
-                             "nodes": [{"id": "a", "callable": "tools.noop"}]})  # fmt: skip
+        await server.create(
+            {"id": "state", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.noop"}]}
+        )
         assert (await client.get("/graph/state")).status_code == 200
 
 
@@ -86,8 +87,7 @@ async def test_get_graph_answers_304_to_the_current_etag(
         etag = first.headers["etag"]
         assert etag.startswith('"') and etag.endswith('"')
         for condition in (etag, f"W/{etag}", f'"stale", {etag}', "*"):
-            again = await client.get("/graph/code-review-a",
-                                     headers={"If-None-Match": condition})  # fmt: skip
+            again = await client.get("/graph/code-review-a", headers={"If-None-Match": condition})
             assert again.status_code == 304, condition
             assert again.content == b""
             assert again.headers["etag"] == etag
@@ -99,8 +99,7 @@ async def test_get_graph_answers_304_to_the_current_etag(
         )
         assert two.status_code == 304
         for condition in ('"stale"', "garbage", etag[1:-1]):
-            fresh = await client.get("/graph/code-review-a",
-                                     headers={"If-None-Match": condition})  # fmt: skip
+            fresh = await client.get("/graph/code-review-a", headers={"If-None-Match": condition})
             assert fresh.status_code == 200, condition
             assert fresh.json() == first.json()
         # * matches only a graph that exists.
@@ -144,8 +143,9 @@ async def test_sse_at_the_end_of_a_run_still_going_waits(
     with trio.fail_after(10):
         await gates.reached.wait()
         last = (await client.get(f"/graph/state/{run_id}")).json()["last_seq"]
-        async with client.stream("GET", f"/sse/logs/{run_id}",
-                                 headers={"Last-Event-ID": str(last)}) as response:  # fmt: skip
+        async with client.stream(
+            "GET", f"/sse/logs/{run_id}", headers={"Last-Event-ID": str(last)}
+        ) as response:
             assert response.status_code == 200
             gates.opened.set()
             text = "".join([chunk async for chunk in response.aiter_text()])
@@ -182,8 +182,7 @@ async def test_a_sync_run_names_its_run_and_a_client_that_gave_up_can_reattach(
         with pytest.raises(httpx.ReadTimeout):
             await client.post("/graph/run", json={"graph_id": "gated"}, timeout=0.5)
         await gates.reached.wait()
-        page = (await client.get("/runs", params={"graph_id": "gated",
-                                                  "status": "running"})).json()  # fmt: skip
+        page = (await client.get("/runs", params={"graph_id": "gated", "status": "running"})).json()
         (lost,) = page["items"]
         gates.opened.set()
         final = await server.engine.wait(lost["run_id"])

@@ -18,8 +18,20 @@ from trioflow import Registry, open_engine
 from trioflow.stores.sqlite import SQLiteStore
 from trioflow.web import Settings, create_app
 
-NOT_SEQS = ("1_0", "+3", " 3", "3 ", "3.0", "0x1", "-1", "", "٣", "9007199254740993",
-            "9223372036854775808", "1e3")  # fmt: skip
+NOT_SEQS = (
+    "1_0",
+    "+3",
+    " 3",
+    "3 ",
+    "3.0",
+    "0x1",
+    "-1",
+    "",
+    "٣",
+    "9007199254740993",
+    "9223372036854775808",
+    "1e3",
+)
 
 
 @pytest.fixture
@@ -47,8 +59,10 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 async def finished_chatty(server: Server, loops: int, lines: int = 10) -> dict[str, Any]:
     await server.create(chatty_graph(loops))
-    response = await server.client.post("/graph/run", json={
-        "graph_id": "chatty", "initial_state": {"lines": lines, "line_bytes": 10}})  # fmt: skip
+    response = await server.client.post(
+        "/graph/run",
+        json={"graph_id": "chatty", "initial_state": {"lines": lines, "line_bytes": 10}},
+    )
     assert response.status_code == 200, response.text
     run: dict[str, Any] = response.json()
     return run
@@ -66,8 +80,17 @@ async def test_sequence_numbers_are_strict_and_bounded_on_sqlite(
         run = await finished_chatty(server, loops=1, lines=3)
         run_id, last = run["run_id"], run["last_seq"]
         sse = f"/sse/logs/{run_id}"
-        for raw in ("9223372036854775808", "9007199254740993", "1_0", "+3", "3.0", "0x1",
-                    "-1", "1e3", "3 4"):  # fmt: skip
+        for raw in (
+            "9223372036854775808",
+            "9007199254740993",
+            "1_0",
+            "+3",
+            "3.0",
+            "0x1",
+            "-1",
+            "1e3",
+            "3 4",
+        ):
             response = await server.client.get(sse, headers={"Last-Event-ID": raw})
             details = assert_error(response, 400, "bad_request")
             assert details["last_event_id"] == raw
@@ -113,14 +136,21 @@ async def test_numbers_beyond_the_double_range_are_malformed_json(
             response = await server.client.post("/graph/run", content=body, headers=json_type)
             assert_error(response, 400, "malformed_json")
         document = dict(spec_graph, id="huge", name=None)
-        text = (b'{"id": "huge", "start_node": "submit", "nodes": [{"id": "submit", '
-                b'"callable": "tools.noop", "retry": 1e999}]}')  # fmt: skip
-        assert_error(await server.client.post("/graph/create", content=text, headers=json_type),
-                     400, "malformed_json")  # fmt: skip
+        text = (
+            b'{"id": "huge", "start_node": "submit", "nodes": [{"id": "submit", '
+            b'"callable": "tools.noop", "retry": 1e999}]}'
+        )
+        assert_error(
+            await server.client.post("/graph/create", content=text, headers=json_type),
+            400,
+            "malformed_json",
+        )
         assert (await server.client.get(f"/graph/{document['id']}")).status_code == 404
         # Large but finite numbers, big integers and look-alikes in strings are fine.
-        body = (b'{"graph_id": "code-review-a", "initial_state": {"issues_open": 0, '
-                b'"big": 1e308, "tiny": 1e-400, "int": 1' + b"0" * 400 + b', "s": "1e400"}}')
+        body = (
+            b'{"graph_id": "code-review-a", "initial_state": {"issues_open": 0, '
+            b'"big": 1e308, "tiny": 1e-400, "int": 1' + b"0" * 400 + b', "s": "1e400"}}'
+        )
         response = await server.client.post("/graph/run", content=body, headers=json_type)
         assert response.status_code == 200, response.text
         state = response.json()["state"]
@@ -158,23 +188,27 @@ async def test_run_answers_hold_at_most_the_last_entries(sqlite_server: Server) 
         for bad in ("10001", "-1", "x", "1_0"):
             response = await server.client.get(f"/graph/state/{run['run_id']}?logs={bad}")
             assert_error(response, 422, "request_invalid")
-            response = await server.client.post(f"/graph/run?logs={bad}",
-                                                json={"graph_id": "chatty"})  # fmt: skip
+            response = await server.client.post(
+                f"/graph/run?logs={bad}", json={"graph_id": "chatty"}
+            )
             assert_error(response, 422, "request_invalid")
         assert (await server.client.get("/runs")).json()["items"][0]["run_id"] == run["run_id"]
 
-        ran = await server.client.post("/graph/run?logs=3", json={
-            "graph_id": "chatty", "initial_state": {"lines": 1}})  # fmt: skip
-        assert [e["seq"] for e in ran.json()["logs"]] == list(range(ran.json()["last_seq"] - 2,
-                                                                     ran.json()["last_seq"] + 1))
+        ran = await server.client.post(
+            "/graph/run?logs=3", json={"graph_id": "chatty", "initial_state": {"lines": 1}}
+        )
+        assert [e["seq"] for e in ran.json()["logs"]] == list(
+            range(ran.json()["last_seq"] - 2, ran.json()["last_seq"] + 1)
+        )
 
         # The paged endpoint reads the whole log, exactly once, in order.
         seen: list[dict[str, Any]] = []
         after: int | None = 0
         pages = 0
         while after is not None:
-            response = await server.client.get(f"/runs/{run['run_id']}/logs",
-                                               params={"after": after, "limit": 1000})  # fmt: skip
+            response = await server.client.get(
+                f"/runs/{run['run_id']}/logs", params={"after": after, "limit": 1000}
+            )
             assert response.status_code == 200, response.text
             page = response.json()
             assert page["run_id"] == run["run_id"] and page["status"] == "completed"
@@ -202,8 +236,9 @@ async def test_runs_under_the_cap_keep_their_answer(
 ) -> None:
     with trio.fail_after(10):
         await server.create(spec_graph)
-        response = await server.client.post("/graph/run", json={
-            "graph_id": "code-review-a", "initial_state": {"issues_open": 1}})  # fmt: skip
+        response = await server.client.post(
+            "/graph/run", json={"graph_id": "code-review-a", "initial_state": {"issues_open": 1}}
+        )
         run = response.json()
     assert run["last_seq"] == 29
     assert [e["seq"] for e in run["logs"]] == list(range(1, 30))

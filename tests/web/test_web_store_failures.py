@@ -25,10 +25,13 @@ from faults import FaultyStore, until
 THREE = {
     "id": "three",
     "start_node": "a",
-    "nodes": [{"id": "a", "callable": "tools.noop"}, {"id": "b", "callable": "test.gate"},
-              {"id": "c", "callable": "tools.approve"}],
+    "nodes": [
+        {"id": "a", "callable": "tools.noop"},
+        {"id": "b", "callable": "test.gate"},
+        {"id": "c", "callable": "tools.approve"},
+    ],
     "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}],
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -128,12 +131,15 @@ async def test_a_synchronous_run_that_stalls_answers_503(
 
 async def test_a_graph_over_the_servers_ceilings_is_422(server: Server) -> None:
     document = {
-        "id": "greedy", "start_node": "a", "max_steps": 1_000_000,
+        "id": "greedy",
+        "start_node": "a",
+        "max_steps": 1_000_000,
         "nodes": [{"id": "a", "callable": "tools.fail", "retry": {"max_attempts": 100}}],
-    }  # fmt: skip
+    }
     r = await server.client.post("/graph/create", json=document)
     assert r.status_code == 422
     problems = {(p["code"], p["path"]) for p in r.json()["error"]["details"]["problems"]}
-    assert problems == {("over_limit", "$.max_steps"),
-                        ("over_limit", "$.nodes[0].retry.max_attempts")}  # fmt: skip
-
+    assert problems == {
+        ("over_limit", "$.max_steps"),
+        ("over_limit", "$.nodes[0].retry.max_attempts"),
+    }

@@ -41,8 +41,12 @@ async def test_tools_lists_the_registry_in_pages(tools_server: Server) -> None:
         assert whole.json()["next_cursor"] is None
         items = whole.json()["items"]
         assert [t["name"] for t in items] == [
-            "test.lookup", "tools.approve", "tools.fail", "tools.noop", "tools.sleep",
-        ]  # fmt: skip
+            "test.lookup",
+            "tools.approve",
+            "tools.fail",
+            "tools.noop",
+            "tools.sleep",
+        ]
         by_name = {t["name"]: t for t in items}
         assert by_name["test.lookup"] == {
             "name": "test.lookup",
@@ -64,6 +68,9 @@ async def test_tools_lists_the_registry_in_pages(tools_server: Server) -> None:
             cursor = page["next_cursor"]
             if cursor is None:
                 break
-        assert pages == [["test.lookup", "tools.approve"], ["tools.fail", "tools.noop"],
-                         ["tools.sleep"]]  # fmt: skip
+        assert pages == [
+            ["test.lookup", "tools.approve"],
+            ["tools.fail", "tools.noop"],
+            ["tools.sleep"],
+        ]
         assert_error(await client.get("/tools", params={"limit": 0}), 422, "request_invalid")
