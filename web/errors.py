@@ -28,6 +28,7 @@ from trioflow import (
     ExpressionError,
     GraphConflictError,
     GraphValidationError,
+    InputValidationError,
     LimitExceededError,
     RegistryError,
     RunStalledError,
@@ -45,6 +46,7 @@ log = logging.getLogger("trioflow.web")
 
 ENGINE_STATUS: dict[type[EngineError], int] = {
     GraphValidationError: 422,
+    InputValidationError: 422,
     ExpressionError: 422,
     StateValidationError: 422,
     UnknownGraphError: 404,

@@ -33,7 +33,15 @@ from trioflow.stores.base import Cursor
 
 from .errors import RequestError, engine_error_response, request_invalid
 from .responses import JSON, log_entry
-from .schemas import LogPageQuery, PageQuery, RunLogsQuery, RunRequest, RunsQuery
+from .schemas import (
+    LogPageQuery,
+    PageQuery,
+    ResumeRequest,
+    RunLogsQuery,
+    RunRequest,
+    RunsQuery,
+    SignalRequest,
+)
 from .services import services
 
 Q = TypeVar("Q", bound=BaseModel)
@@ -314,7 +322,7 @@ async def run_graph(request: Request) -> Response:
         }
         return JSON(accepted, status_code=202, headers=run_headers)
     try:
-        final = await engine.wait(record.run_id)
+        final = await engine.wait_stop(record.run_id)  # ends, or waits for input
         answer = await run_with_logs(engine, final, query.logs)
     except EngineError as exc:
         response = engine_error_response(exc)
@@ -359,6 +367,44 @@ async def cancel_run(request: Request) -> Response:
     """``POST /graph/cancel/{run_id}``: the cancelled run; 409 if it already ended otherwise."""
     record = await services(request).engine.cancel(request.path_params["run_id"])
     return JSON(record.as_dict())
+
+
+async def resume_run(request: Request) -> Response:
+    """``POST /graph/resume/{run_id}``: give a waiting run its input; 200 with the run."""
+    engine = services(request).engine
+    run_id = request.path_params["run_id"]
+    raw = await read_json(request)
+    try:
+        body = ResumeRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise request_invalid(exc, "body") from None
+    query = parse_query(RunLogsQuery, request)
+    resumed = await engine.resume(run_id, body.input, request_id=body.request_id)
+    headers = {"X-Run-Id": run_id, "Location": f"/graph/state/{run_id}"}
+    if body.background:
+        return JSON(resumed.as_dict(), headers=headers)
+    try:
+        stopped = await engine.wait_stop(run_id)
+        answer = await run_with_logs(engine, stopped, query.logs)
+    except EngineError as exc:
+        response = engine_error_response(exc)
+        response.headers.update(headers)
+        return response
+    return JSON(answer, headers=headers)
+
+
+async def signal_run(request: Request) -> Response:
+    """``POST /graph/signal/{run_id}``: 202 once the signal is stored."""
+    engine = services(request).engine
+    run_id = request.path_params["run_id"]
+    raw = await read_json(request)
+    try:
+        body = SignalRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise request_invalid(exc, "body") from None
+    stored = await engine.signal(run_id, body.name, body.updates)
+    accepted = {"run_id": run_id, "signal_id": stored.signal_id, "name": stored.name}
+    return JSON(accepted, status_code=202, headers={"Location": f"/graph/state/{run_id}"})
 
 
 async def list_runs(request: Request) -> Response:

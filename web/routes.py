@@ -184,6 +184,49 @@ OPERATIONS: tuple[Operation, ...] = (
         {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409, 413, 415)},
         tag="runs",
     ),
+    Operation(
+        "POST",
+        "/graph/resume/{run_id}",
+        handlers.resume_run,
+        "resumeRun",
+        "Give a run that waits for input its answer; it goes on at once",
+        {
+            200: (
+                "The run once it ends or waits again (background: the run as it left the wait)",
+                schemas.RunWithLogs,
+            ),
+            409: (
+                "The run does not wait (or another answer won), or request_id is not "
+                "the current wait's (stale_request)",
+                schemas.ErrorResponse,
+            ),
+            422: (
+                "The input does not fit the wait (every problem, with its path: "
+                "input_invalid), or the state model rejects it",
+                schemas.ErrorResponse,
+            ),
+            **_errors(400, 404, 413, 415, 429),
+        },
+        tag="runs",
+        body=schemas.ResumeRequest,
+        body_example={"input": {"approved": True, "comment": "looks good"}},
+        query=schemas.RunLogsQuery,
+    ),
+    Operation(
+        "POST",
+        "/graph/signal/{run_id}",
+        handlers.signal_run,
+        "signalRun",
+        "Send a run state updates, applied between steps in arrival order",
+        {
+            202: ("Stored; the run applies it before its next step", schemas.SignalAccepted),
+            409: ("The run has ended", schemas.ErrorResponse),
+            **_errors(400, 404, 413, 415, 422),
+        },
+        tag="runs",
+        body=schemas.SignalRequest,
+        body_example={"name": "priority", "updates": {"priority": "high"}},
+    ),
     # Listed after the fixed /graph/... routes: Starlette matches in table order.
     Operation(
         "GET",

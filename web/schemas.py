@@ -77,8 +77,33 @@ class RunRequest(_StrictInput):
     )
     background: bool = Field(
         default=False,
-        description="false: wait and answer the finished run (200); "
+        description="false: wait and answer the run once it ends, or waits for input (200); "
         "true: answer 202 with the run id at once.",
+    )
+
+
+class ResumeRequest(_StrictInput):
+    """Body of ``POST /graph/resume/{run_id}``."""
+
+    input: dict[str, Any] = Field(description="The answer: a JSON object the wait accepts.")
+    request_id: Annotated[str | None, Field(min_length=1, max_length=200)] = Field(
+        default=None,
+        description="The wait's request_id (from run_waiting or the run's waiting): an "
+        "answer to an earlier question is refused (409 stale_request).",
+    )
+    background: bool = Field(
+        default=False,
+        description="false: answer once the run ends or waits again (200, with its log); "
+        "true: answer at once with the run as it left the wait.",
+    )
+
+
+class SignalRequest(_StrictInput):
+    """Body of ``POST /graph/signal/{run_id}``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    updates: dict[str, Any] = Field(
+        default_factory=dict, description="State updates, applied between steps."
     )
 
 
@@ -162,6 +187,25 @@ class LogEntryOut(BaseModel):
     data: dict[str, Any]
 
 
+class WaitingOut(BaseModel):
+    """What a waiting run waits for (kept, ``answered``, until its wait node completes)."""
+
+    node: str
+    prompt: str
+    input_schema: dict[str, Any] | None = Field(description="What the answer may be.")
+    request_id: str = Field(description="Give it back with the answer (optional).")
+    deadline: float | None = Field(description="When the wait times out (epoch seconds).")
+    answered: bool
+
+
+class SignalAccepted(BaseModel):
+    """Answer to a signal: stored, to be applied between steps."""
+
+    run_id: str
+    signal_id: int = Field(description="1, 2, 3, ... per run, in arrival order.")
+    name: str
+
+
 class RunOut(BaseModel):
     """A run as of its last checkpoint."""
 
@@ -179,6 +223,9 @@ class RunOut(BaseModel):
     updated_at: float
     last_seq: int
     attempt: int
+    waiting: WaitingOut | None = Field(
+        default=None, description="While the run waits for input: what it waits for."
+    )
 
 
 class RunWithLogs(RunOut):
