@@ -1,9 +1,10 @@
-"""The ``trioflow`` command: serve, validate, run, tools, logs, prune.
+"""The ``trioflow`` command: serve, validate, run, tools, logs, resume, signal, prune.
 
 Exit codes (also in ``trioflow --help``, :data:`EXIT_CODES`):
-    ``run``: 0 completed, 1 failed, 2 cancelled (Ctrl-C cancels the run), 3 could
-    not start (unreadable file, invalid graph or state, a tool module or entry
-    point that does not load).
+    ``run``: 0 completed, 1 failed, 2 cancelled (Ctrl-C cancels the run, and so
+    does the end of stdin while it waits for input), 3 could not start
+    (unreadable file, invalid graph or state, a tool module or entry point
+    that does not load).
     ``validate``: 0 valid, 1 invalid (every problem is printed), 3 unreadable
     file or tools that do not load.
     ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
@@ -13,6 +14,9 @@ Exit codes (also in ``trioflow --help``, :data:`EXIT_CODES`):
     does not load, a ``--graphs`` path that does not exist, the port in use, a
     store that cannot be opened).
     ``tools``: 0 listed, 3 if the tools do not load.
+    ``resume``: 0 taken (with ``--wait``, the run's next stop like ``run``, a
+    new wait being 0), 3 refused or server unreachable.
+    ``signal``: 0 stored, 3 refused or server unreachable.
     ``prune``: 0 done, 3 if the store cannot be opened or is ``memory://``.
     Usage errors exit 3 as well, so that 2 always means "cancelled".
 """
@@ -42,8 +46,10 @@ from trioflow import (
     EngineError,
     EngineLimits,
     GraphValidationError,
+    InputValidationError,
     MemoryStore,
     Registry,
+    RunStateError,
     RunStatus,
     open_engine,
     open_store_from_url,
@@ -113,14 +119,40 @@ def _fail(message: str) -> int:
     return EXIT_ERROR
 
 
-def format_entry(entry: dict[str, Any]) -> str:
-    """One log entry as a line: seq, local time, level, event, node, message."""
+def format_entry(entry: dict[str, Any], answer: str | None = None) -> str:
+    """One log entry as a line: seq, local time, level, event, node, message.
+
+    A ``run_waiting`` entry (its message is the prompt) gets indented lines
+    after it: the input it accepts, its deadline and ``answer``, which says
+    how to give the input.
+    """
     when = datetime.datetime.fromtimestamp(entry["ts"]).strftime("%H:%M:%S.%f")[:-3]
     node = entry.get("node") or "-"
-    return (
+    line = (
         f"{entry['seq']:>5} {when} {entry['level']:<7} {entry['event']:<15} "
         f"{node} {entry['message']}"
     )
+    if entry["event"] != "run_waiting":
+        return line
+    data = entry.get("data") or {}
+    lines = [line]
+    schema = data.get("input_schema")
+    if schema is not None:
+        lines.append(f"{'':6}input: {json.dumps(schema, separators=(',', ':'))}")
+    deadline = data.get("deadline")
+    if isinstance(deadline, (int, float)):
+        local = datetime.datetime.fromtimestamp(deadline).isoformat(sep=" ", timespec="seconds")
+        lines.append(f"{'':6}deadline: {local}")
+    if answer is not None:
+        lines.append(f"{'':6}answer: {answer}")
+    return "\n".join(lines)
+
+
+def resume_hint(run_id: str, entry: dict[str, Any]) -> str:
+    """The command that answers the wait ``entry`` of run ``run_id``."""
+    request_id = (entry.get("data") or {}).get("request_id")
+    option = f" --request-id {request_id}" if request_id else ""
+    return f"trioflow resume {run_id} --input '<JSON>'{option}"
 
 
 def _read_document(path: str) -> Any:
@@ -394,6 +426,8 @@ async def _run(document: Any, state: Any, registry: Registry) -> int:
         except EngineError as exc:
             return _fail(exc.message)
         run_id = record.run_id
+        stdin = _Lines()
+        asking: trio.CancelScope | None = None
 
         async def cancel_on_signal() -> None:
             with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
@@ -402,16 +436,98 @@ async def _run(document: Any, state: Any, registry: Registry) -> int:
                     await engine.cancel(run_id)
                     return
 
+        async def ask(entry: dict[str, Any], task_status: Any) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await _answer(engine, run_id, entry, stdin)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_signal)
             async for entry in engine.follow(run_id):
-                print(format_entry(entry.as_dict()), file=sys.stderr, flush=True)
+                raw = entry.as_dict()
+                if asking is not None:
+                    # The run left the wait (answered, timed out or cancelled).
+                    asking.cancel()
+                    asking = None
+                if entry.event != "run_waiting":
+                    print(format_entry(raw), file=sys.stderr, flush=True)
+                    continue
+                hint = "one JSON object on a line of stdin (the end of stdin cancels the run)"
+                print(format_entry(raw, hint), file=sys.stderr, flush=True)
+                stdin.start(nursery)
+                asking = await nursery.start(ask, raw)
             nursery.cancel_scope.cancel()
         final = await engine.get_run(run_id)
         print(json.dumps(final.state, indent=2, ensure_ascii=False))
         if final.error is not None:
             print(f"trioflow: run failed: {final.error.get('message')}", file=sys.stderr)
         return STATUS_EXIT.get(final.status, EXIT_ERROR)
+
+
+class _Lines:
+    """The lines of stdin, read by one worker thread once the first wait asks.
+
+    One reader for the whole run, so that no line is lost to a read that was
+    abandoned when a wait ended without it (timed out, or cancelled).
+    """
+
+    def __init__(self) -> None:
+        self._send, self.receive = trio.open_memory_channel[str](0)
+        self._started = False
+
+    def start(self, nursery: trio.Nursery) -> None:
+        if not self._started:
+            self._started = True
+            nursery.start_soon(self._read)
+
+    async def _read(self) -> None:
+        async with self._send:
+            while True:
+                line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+                if not line:
+                    return  # closing the channel says: stdin ended
+                await self._send.send(line)
+
+
+async def _answer(
+    engine: trioflow.Engine, run_id: str, entry: dict[str, Any], stdin: _Lines
+) -> None:
+    """Read the input of a wait from stdin, a line at a time, until one is taken.
+
+    The end of stdin cancels the run: nothing else could answer it, and the
+    memory store it lives in ends with this process. When stdin is not a
+    terminal, so does a line that is refused: a script's answer does not get
+    better by asking again.
+    """
+    request_id = (entry.get("data") or {}).get("request_id")
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = await stdin.receive.receive()
+        except trio.EndOfChannel:
+            print("trioflow: stdin ended: cancelling the waiting run", file=sys.stderr)
+            await engine.cancel(run_id)
+            return
+        if not line.strip():
+            continue
+        try:
+            await engine.resume(run_id, json.loads(line), request_id=request_id)
+            return
+        except InputValidationError as exc:
+            problem = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+        except RunStateError as exc:
+            # The run no longer waits for this answer (its wait timed out).
+            print(f"trioflow: {exc.message}", file=sys.stderr)
+            return
+        except EngineError as exc:
+            problem = exc.message
+        except ValueError as exc:
+            problem = f"not JSON: {exc}"
+        print(f"trioflow: input refused: {problem}", file=sys.stderr, flush=True)
+        if not interactive:
+            print("trioflow: cancelling the waiting run", file=sys.stderr)
+            await engine.cancel(run_id)
+            return
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -463,7 +579,12 @@ async def _logs(url: str, run_id: str, after: int, follow: bool, as_json: bool) 
                     message = json.loads(await ws.get_message())
                     if message["type"] == "log":
                         entry = message["log"]
-                        print(json.dumps(entry) if as_json else format_entry(entry), flush=True)
+                        text = (
+                            json.dumps(entry)
+                            if as_json
+                            else format_entry(entry, resume_hint(run_id, entry))
+                        )
+                        print(text, flush=True)
                         if until is not None and entry["seq"] >= until:
                             break
                     elif message["type"] == "status":
@@ -495,6 +616,83 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.after < 0:
         return _fail("--after must be >= 0")
     return trio.run(_logs, args.url, args.run_id, args.after, args.follow, args.json)
+
+
+# -- resume, signal ----------------------------------------------------------------
+
+
+def _json_object(text: str, option: str) -> dict[str, Any] | str:
+    """``text`` parsed as a JSON object, or the reason it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"{option} is not JSON: {exc}"
+    if not isinstance(value, dict):
+        return f"{option} must be a JSON object, not {type(value).__name__}"
+    return value
+
+
+async def _post(url: str, path: str, body: dict[str, Any], wait: bool) -> tuple[int, Any] | str:
+    """POST ``body`` to the server; the status and the parsed answer, or why it failed."""
+    import httpx
+
+    base = url.rstrip("/")
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=None if wait else 30) as client:
+            response = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        return f"cannot reach {base}: {exc}"
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return f"{base}{path} answered {response.status_code}: {response.text[:200]}"
+
+
+def _refused(answer: Any) -> int:
+    """Print an error answer: its message, then each problem it lists with its path."""
+    error = answer.get("error", {}) if isinstance(answer, dict) else {}
+    print(f"trioflow: {error.get('message', answer)}", file=sys.stderr)
+    details = error.get("details") or {}
+    for problem in details.get("problems") or []:
+        print(f"  {problem.get('path')}: {problem.get('message')}", file=sys.stderr)
+    for field in details.get("errors") or []:
+        print(f"  {field.get('field')}: {field.get('message')}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    value = _json_object(args.input, "--input")
+    if isinstance(value, str):
+        return _fail(value)
+    body: dict[str, Any] = {"input": value, "background": not args.wait}
+    if args.request_id is not None:
+        body["request_id"] = args.request_id
+    result = trio.run(_post, args.url, f"/graph/resume/{args.run_id}", body, args.wait)
+    if isinstance(result, str):
+        return _fail(result)
+    status, answer = result
+    if status != 200:
+        return _refused(answer)
+    answer.pop("logs", None)
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    if not args.wait or answer["status"] == RunStatus.WAITING.value:
+        return EXIT_OK
+    return STATUS_EXIT.get(RunStatus(answer["status"]), EXIT_ERROR)
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    value = _json_object(args.updates, "--updates")
+    if isinstance(value, str):
+        return _fail(value)
+    body = {"name": args.name, "updates": value}
+    result = trio.run(_post, args.url, f"/graph/signal/{args.run_id}", body, False)
+    if isinstance(result, str):
+        return _fail(result)
+    status, answer = result
+    if status != 202:
+        return _refused(answer)
+    print(json.dumps(answer, indent=2, ensure_ascii=False))
+    return EXIT_OK
 
 
 # -- prune -------------------------------------------------------------------------
@@ -741,7 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a graph here, printing its log (stderr) and state (stdout)",
         description="Run a graph in this process with a memory store, printing its log on "
-        "stderr and its final state on stdout. Ctrl-C cancels the run.",
+        "stderr and its final state on stdout. Ctrl-C cancels the run. When the run waits "
+        "for input, its prompt is printed and the answer is read from stdin, one JSON object "
+        "per line; the end of stdin cancels the run.",
         epilog="exit codes:\n  0  completed\n  1  failed\n  2  cancelled\n"
         "  3  could not start: unreadable file, invalid graph or state, tools that do not load",
     )
@@ -801,11 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  3  unknown run, server unreachable or shutting down",
     )
     p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
-    p.add_argument(
-        "--url",
-        default="http://127.0.0.1:8000",
-        help="the server's base URL (default: %(default)s)",
-    )
+    _add_url_option(p)
     p.add_argument("--follow", "-f", action="store_true", help="wait for new entries until the end")
     p.add_argument(
         "--after",
@@ -816,7 +1012,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON entry per line")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser(
+        "resume",
+        help="give a waiting run on a server its input",
+        description="Give a run that waits for input (status waiting) its answer, over "
+        "POST /graph/resume/RUN_ID, and print the run. The input is checked against what "
+        "the wait accepts; every problem is printed with its path.",
+        epilog="exit codes:\n  0  taken (with --wait: the run completed, or waits again)\n"
+        "  1  with --wait: the run failed\n  2  with --wait: the run was cancelled\n"
+        "  3  refused (input invalid, run not waiting, stale request id, unknown run), "
+        "server unreachable",
+    )
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    p.add_argument("--input", required=True, metavar="JSON", help="the answer, a JSON object")
+    p.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="the wait's request_id (from its run_waiting entry): refused if the run "
+        "has moved on to another question",
+    )
+    p.add_argument("--wait", action="store_true", help="wait until the run ends or waits again")
+    _add_url_option(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "signal",
+        help="send a signal (state updates) to a run on a server",
+        description="Send a signal to a run over POST /graph/signal/RUN_ID. The server "
+        "stores it before answering; the run applies its updates between steps, in "
+        "arrival order, exactly once (a waiting run applies it and keeps waiting).",
+        epilog="exit codes:\n  0  stored\n"
+        "  3  refused (run ended, unknown run, updates not a JSON object), server unreachable",
+    )
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    p.add_argument("name", metavar="NAME", help="the signal's name (logged with it)")
+    p.add_argument("--updates", default="{}", metavar="JSON", help="state updates, a JSON object")
+    _add_url_option(p)
+    p.set_defaults(func=cmd_signal)
     return parser
+
+
+def _add_url_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the server's base URL (default: %(default)s)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
