@@ -332,3 +332,73 @@ async def test_one_server_per_store_file_and_a_killed_one_leaves_no_stale_lock(
                 assert (await client.get("/graph/quick")).status_code == 200
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
+
+
+TWO_NAPS = {
+    "id": "two-naps",
+    "start_node": "a",
+    "nodes": [
+        {"id": "a", "callable": "tools.noop"},
+        {"id": "b", "callable": "tools.sleep"},
+        {"id": "c", "callable": "tools.sleep"},
+        {"id": "d", "callable": "tools.approve"},
+    ],
+    "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "d"}],
+}
+
+
+def _signals_applied(state: dict[str, Any]) -> list[int]:
+    return [e["data"]["signal_id"] for e in state["logs"] if e["event"] == "signal_received"]
+
+
+async def test_a_signal_takes_effect_exactly_once_across_a_sigkill(tmp_path: pathlib.Path) -> None:
+    """One signal applied before the kill, one stored (202) but not applied yet.
+
+    After the restart the first is not applied again (its checkpoint moved
+    the run's signal cursor) and the second is applied once, in order.
+    """
+    db = tmp_path / "trioflow.db"
+    with trio.fail_after(120):
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert (await client.post("/graph/create", json=TWO_NAPS)).status_code == 201
+                r = await client.post(
+                    "/graph/run",
+                    json={
+                        "graph_id": "two-naps",
+                        "initial_state": {"sleep_s": 2.0},
+                        "background": True,
+                    },
+                )
+                run_id = r.json()["run_id"]
+                await _until(client, run_id, lambda s: s["current_node"] == "b")
+                first = await client.post(
+                    f"/graph/signal/{run_id}", json={"name": "note", "updates": {"note": "one"}}
+                )
+                assert first.status_code == 202, first.text
+                # Applied between b and c, in the checkpoint that starts c.
+                applied = await _until(client, run_id, lambda s: s["current_node"] == "c")
+                assert applied["state"]["note"] == "one"
+                assert _signals_applied(applied) == [first.json()["signal_id"]]
+                second = await client.post(
+                    f"/graph/signal/{run_id}", json={"name": "extra", "updates": {"extra": "two"}}
+                )
+                assert second.status_code == 202, second.text
+                before = await _state(client, run_id)
+                assert before["current_node"] == "c" and "extra" not in before["state"]
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                final = await _until(client, run_id, lambda s: s["status"] == "completed")
+                assert _signals_applied(final) == [
+                    first.json()["signal_id"],
+                    second.json()["signal_id"],
+                ]
+                assert final["state"]["note"] == "one"
+                assert final["state"]["extra"] == "two"
+                assert final["state"]["approved"] is True
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
