@@ -402,3 +402,56 @@ async def test_a_signal_takes_effect_exactly_once_across_a_sigkill(tmp_path: pat
             proc.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 assert await proc.wait() == 0
+
+
+ASK = {
+    "id": "ask",
+    "start_node": "a",
+    "nodes": [
+        {"id": "a", "callable": "tools.noop"},
+        {
+            "id": "ask",
+            "wait": {
+                "prompt": "Go on?",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"go": {"type": "boolean"}},
+                    "required": ["go"],
+                },
+                "timeout_s": 3600,
+            },
+        },
+        {"id": "d", "callable": "tools.approve"},
+    ],
+    "edges": [{"from": "a", "to": "ask"}, {"from": "ask", "to": "d"}],
+}
+
+
+async def test_a_waiting_run_survives_a_sigkill_untouched(tmp_path: pathlib.Path) -> None:
+    db = tmp_path / "trioflow.db"
+    with trio.fail_after(60):
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                assert (await client.post("/graph/create", json=ASK)).status_code == 201
+                r = await client.post("/graph/run", json={"graph_id": "ask", "initial_state": {}})
+                assert r.status_code == 200 and r.json()["status"] == "waiting", r.text
+                run_id = r.json()["run_id"]
+                before = await _state(client, run_id)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+        async with serving(db) as (proc, url):
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                # Not re-executed: the same record, the same question, the same deadline.
+                assert _comparable(await _state(client, run_id)) == _comparable(before)
+                waiting = before["waiting"]
+                r = await client.post(
+                    f"/graph/resume/{run_id}",
+                    json={"input": {"go": True}, "request_id": waiting["request_id"]},
+                )
+                assert r.status_code == 200, r.text
+                assert r.json()["status"] == "completed"
+                assert r.json()["state"]["go"] is True
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await proc.wait() == 0
