@@ -157,6 +157,28 @@ async def test_a_wait_nodes_callable_runs_after_the_input_and_sees_it(
     assert final.state == {"approved": True, "reviewed_by": "callable"}
 
 
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_a_run_that_ends_at_its_wait_node_waits_for_nothing(
+    registry: Registry, engine: Engine, outcome: str
+) -> None:
+    def last(state: Any) -> None:
+        if outcome == "failed":
+            raise RuntimeError("no")
+
+    registry.add_tool("test.last", last, inline=True)
+    graph = {
+        "id": "ask-last",
+        "start_node": "ask",
+        "nodes": [{"id": "ask", "callable": "test.last", "wait": {"prompt": "?"}}],
+    }
+    run_id = await start_waiting(engine, graph)
+    await engine.resume(run_id, {"x": 1})
+    final = await engine.wait(run_id)
+    assert final.status.value == outcome
+    assert final.waiting is None
+    assert (await engine.get_run(run_id)).waiting is None
+
+
 async def test_invalid_input_lists_every_problem_and_the_run_keeps_waiting(engine: Engine) -> None:
     run_id = await start_waiting(engine, review_graph())
     before = await engine.get_run(run_id)
