@@ -370,14 +370,15 @@ class RunActor:
         if error is not None:
             data["error"] = error
         final = self._entry(event, message, level=level, node=node, data=data)
-        # A run that ends waits for nothing, even if it ends at its wait node.
+        if self.record.waiting is not None:
+            # A run that ends waits for nothing, even if it ends at its wait node.
+            changes["waiting"] = None
         record = self.record.evolve(
             last_seq=self._seq,
             updated_at=time.time(),
             status=status,
             error=error,
             finished_at=time.time(),
-            waiting=None,
             **changes,
         )
         await self._commit(record, [*entries, final], retry=retry)

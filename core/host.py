@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .actor import RunActor  # (it imports this module for type checking only)
 from .commands import START, Command, RunHandle
 from .errors import StoreError
 from .graph import Graph
@@ -83,8 +84,6 @@ class RunHost:
 
         ``first`` commands are in its mailbox before anything else.
         """
-        from .actor import RunActor  # the actor module imports this one
-
         handle = RunHandle(record.run_id)
         for command in first:
             handle.send(command)
