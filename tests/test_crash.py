@@ -376,8 +376,12 @@ async def test_a_signal_takes_effect_exactly_once_across_a_sigkill(tmp_path: pat
                     f"/graph/signal/{run_id}", json={"name": "note", "updates": {"note": "one"}}
                 )
                 assert first.status_code == 202, first.text
-                # Applied between b and c, in the checkpoint that starts c.
-                applied = await _until(client, run_id, lambda s: s["current_node"] == "c")
+                # Applied between b and c: its own checkpoint, after the one that starts c.
+                applied = await _until(
+                    client,
+                    run_id,
+                    lambda s: s["current_node"] == "c" and _signals_applied(s) != [],
+                )
                 assert applied["state"]["note"] == "one"
                 assert _signals_applied(applied) == [first.json()["signal_id"]]
                 second = await client.post(

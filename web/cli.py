@@ -74,12 +74,13 @@ STATUS_EXIT = {
 
 EXIT_CODES = """\
 exit codes:
-  0  done (run, logs --follow: the run completed)
-  1  validate: the graph is invalid; run, logs --follow: the run failed
-  2  run, logs --follow: the run was cancelled
+  0  done (run, logs --follow, resume --wait: the run completed)
+  1  validate: the graph is invalid; run, logs --follow, resume --wait: the
+     run failed
+  2  run, logs --follow, resume --wait: the run was cancelled
   3  could not do it: a usage error or bad option, an unreadable file, a tool
      module or entry point that does not load, the port in use, a store that
-     cannot be opened, a server that cannot be reached
+     cannot be opened, a server that cannot be reached or that refused
 """
 
 SAMPLES_DIR = pathlib.Path(__file__).resolve().parent.parent / "samples"

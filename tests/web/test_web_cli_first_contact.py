@@ -507,7 +507,16 @@ async def test_version_help_text_and_exit_codes(tmp_path: pathlib.Path) -> None:
 
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands.choices) == {"serve", "validate", "run", "tools", "prune", "logs"}
+    assert set(commands.choices) == {
+        "serve",
+        "validate",
+        "run",
+        "tools",
+        "prune",
+        "logs",
+        "resume",
+        "signal",
+    }
     for name, command in commands.choices.items():
         for action in command._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
