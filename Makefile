@@ -23,11 +23,11 @@ $(SOURCES): FORCE
 $(STAMP): pyproject.toml $(SOURCES)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,postgresql]'
 	@touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[dev,postgresql,bench]'
 	@touch $(BENCH_STAMP)
 
 # make serve ARGS="--tools mytools --graphs my_graph.json" adds options.

@@ -31,9 +31,9 @@ import trio
 from pydantic import BaseModel
 
 from .cancellation import is_cancellation
-from .commands import Cancel, Command, Resume, RunHandle, Signal, Start
+from .commands import Abandon, Cancel, Command, Drain, Resume, RunHandle, Signal, Start
 from .context import RunContext
-from .errors import ConditionError, RunFailure, StateValidationError, StoreError
+from .errors import ConditionError, LeaseLostError, RunFailure, StateValidationError, StoreError
 from .graph import Graph, Node
 from .logs import Event, Level, LogEntry, bound_data, bound_text
 from .planning import decide
@@ -72,6 +72,10 @@ class _RunFailed(Exception):
         super().__init__(failure.message)
         self.failure = failure
         self.entries = entries
+
+
+class _Abandoned(Exception):
+    """Internal: the run is no longer this actor's to write (its lease passed on)."""
 
 
 class _Unwritable(Exception):
@@ -147,6 +151,8 @@ class RunActor:
         self._seq = record.last_seq
         self._model: BaseModel | None = None
         self._last_yield = time.perf_counter()
+        #: The engine stops: stop at the next step boundary, without ending.
+        self._draining = False
 
     # -- commands --------------------------------------------------------------
     #
@@ -166,6 +172,10 @@ class RunActor:
                 self._signals_due = True
             case Resume():
                 self._input_resume = True
+            case Drain():
+                self._draining = True
+            case Abandon():
+                pass  # the scope is cancelled; the handle forbids further writes
             case _:  # pragma: no cover - a new command without a handler
                 raise TypeError(f"run {self.run_id}: no handler for command {command!r}")
 
@@ -190,6 +200,8 @@ class RunActor:
         """The actor's whole life. Never raises except ``Cancelled`` (engine shutdown)."""
         try:
             await self._execute()
+        except _Abandoned:
+            log.info("run %s: %s; this engine stopped it", self.run_id, self.handle.abandoned)
         except _Unwritable as exc:
             # Not even the run's end could be stored: it stays at its last
             # checkpoint, resumable, and the engine tells its followers.
@@ -212,6 +224,8 @@ class RunActor:
         self._seq = self.record.last_seq
         try:
             await self._fail(failure)
+        except _Abandoned:
+            return
         except _Unwritable as exc:
             self.host.stall(self.run_id, exc.error)
         except Exception:
@@ -228,8 +242,10 @@ class RunActor:
                 # for Start (the engine grants slots in FIFO order).
                 self._drain()
                 self._started = self._started or self.handle.has_slot
-                while not self._started:
+                while not self._started and not self._draining:
                     await self._take()
+                if self._draining:
+                    return  # it never started: nothing to checkpoint
                 if not self._input_resume:  # the engine wrote run_input already
                     await self._begin()
                 await self._steps()
@@ -246,6 +262,10 @@ class RunActor:
                 retry = False
             finally:
                 self.host.release_slot(self.handle)
+        if self.handle.abandoned is not None:
+            # Another engine holds the run now (or may, any moment): whatever
+            # happened here, it is not this actor's to record.
+            raise _Abandoned
         # Terminal records are written outside the run's scope, so a cancel
         # arriving now cannot interrupt them; only engine shutdown can.
         if failure is not None:
@@ -318,8 +338,16 @@ class RunActor:
         delay = STORE_RETRY_FIRST_S
         deadline: float | None = None
         while True:
+            if self.handle.abandoned is not None:
+                self._seq = self.record.last_seq
+                raise _Abandoned
             try:
                 await host.store.save_run(record, entries)
+            except LeaseLostError as exc:
+                # Fenced: another writer claimed the run. Stop, write nothing.
+                self._seq = self.record.last_seq
+                self.handle.send(Abandon(f"lost the run to another writer ({exc.message})"))
+                raise _Abandoned from None
             except StoreError as exc:
                 host.store_failed(exc)
                 now = trio.current_time()
@@ -480,6 +508,8 @@ class RunActor:
         while True:
             if self.handle.pending:
                 self._drain()
+                if self._draining:
+                    return  # the last step is checkpointed: the run stays running
             if self._signals_due:
                 await self._apply_signals()
             record = self.record
@@ -606,7 +636,8 @@ class RunActor:
                     {"step": step},
                 )
             )
-            # (crashes back to 0, no wait answered any more, the same signal cursor)
+            # (crashes back to 0, no wait answered any more, the same signal cursor
+            # and epoch)
             await self._commit(
                 RunRecord(
                     record.run_id,
@@ -626,6 +657,7 @@ class RunActor:
                     0,
                     None,
                     record.signal_cursor,
+                    record.epoch,
                 ),
                 entries,
             )

@@ -7,7 +7,11 @@ mailbox between steps; a parked one (waiting for a running slot) awaits it.
 There is no reader task per run.
 
 ``Cancel`` is also a signal: sending it cancels the run's scope at once, so
-it interrupts a node that blocks. Every other command is taken between steps.
+it interrupts a node that blocks. So is ``Abandon``, which also forbids the
+actor any further write (its run belongs to another engine now). ``Drain``
+asks the run to stop at its next step boundary, its last step checkpointed,
+without ending (the engine is stopping). Every other command is taken between
+steps.
 """
 
 from __future__ import annotations
@@ -57,7 +61,23 @@ class Start:
     """The run may execute now: it has a running slot (sent by the engine)."""
 
 
-Command = Cancel | Resume | Signal | Start
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The engine stops: finish the node in flight, checkpoint, and stop without ending."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Stop now and write nothing more: the run is no longer this engine's.
+
+    Sent when another engine claimed the run (its lease passed on), or when
+    this engine could not reach its store for a whole lease.
+    """
+
+    reason: str
+
+
+Command = Cancel | Resume | Signal | Start | Drain | Abandon
 
 #: The one Start command (it carries nothing).
 START = Start()
@@ -75,18 +95,24 @@ class RunHandle:
     __slots__ = (
         "_receive",
         "_send",
+        "abandoned",
         "cancel_reason",
         "done",
+        "draining",
+        "epoch",
         "has_slot",
         "pending",
         "record",
         "run_id",
         "scope",
         "signal_queued",
+        "since",
     )
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, epoch: int = 0) -> None:
         self.run_id = run_id
+        #: The run's epoch as this engine holds it (its actor writes at it).
+        self.epoch = epoch
         self._send: trio.MemorySendChannel[Command] | None = None
         self._receive: trio.MemoryReceiveChannel[Command] | None = None
         self.scope = trio.CancelScope()
@@ -102,6 +128,13 @@ class RunHandle:
         self.record: RunRecord | None = None
         #: The run holds one of the engine's running slots.
         self.has_slot = False
+        #: Why the actor must write nothing more (Abandon), once it must not.
+        self.abandoned: str | None = None
+        #: The engine stops: the run stops at its next step boundary.
+        self.draining = False
+        #: When the engine took the run (Trio clock): a lease renewal that
+        #: started before it cannot have known of it.
+        self.since = trio.current_time()
 
     def _open(self) -> tuple[trio.MemorySendChannel[Command], trio.MemoryReceiveChannel[Command]]:
         if self._send is None or self._receive is None:
@@ -122,6 +155,21 @@ class RunHandle:
             if self.cancel_reason is None:
                 self.cancel_reason = command.reason
                 self.scope.cancel()
+            return
+        if isinstance(command, Abandon):
+            if self.abandoned is None:
+                self.abandoned = command.reason
+                self.scope.cancel()
+            return
+        if isinstance(command, Drain):
+            # Never refused: the flag is what counts; the command (when there
+            # is room) only makes the actor look at its mailbox.
+            self.draining = True
+            try:
+                self._open()[0].send_nowait(command)
+            except trio.WouldBlock:
+                return  # a full mailbox is looked at anyway
+            self.pending += 1
             return
         if isinstance(command, Signal):
             if self.signal_queued:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -13,12 +15,15 @@ from typing import Any
 import pydantic_core
 import trio
 
-from .commands import Cancel
+from .cluster import FOLLOW_POLL_S, Cluster
+from .commands import Abandon, Cancel, Command, Drain, Signal
 from .document import GraphDocument
 from .errors import (
     CapacityError,
+    EngineStoppingError,
     GraphConflictError,
     GraphValidationError,
+    LeaseHeldError,
     LimitExceededError,
     RunFailure,
     RunStalledError,
@@ -35,7 +40,7 @@ from .host import RunHost, StoreHealth
 from .logs import Event, Level, LogEntry
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
-from .stores.base import Page, Store, StoredGraph, StoredSignal
+from .stores.base import Claimed, Page, SharedStore, Store, StoredGraph, StoredSignal
 from .stores.memory import MemoryStore
 from .waiting import Waiting
 
@@ -115,6 +120,19 @@ class Engine:
         self._followers = 0
         #: Set when the engine starts closing: no run ends here after that.
         self._closing = False
+        #: The engine stops: it takes no new runs.
+        self._stopping = False
+        #: Set for a store several engines share (PostgreSQL): this engine is a node.
+        self.cluster: Cluster | None = None
+        self._follow_poll_s: float | None = None
+        if isinstance(store, SharedStore):
+            self.cluster = Cluster(self._host, store, self._start_claimed)
+            self._follow_poll_s = FOLLOW_POLL_S
+
+    @property
+    def node_id(self) -> str | None:
+        """This engine's node id on a shared store (``None`` on one it has alone)."""
+        return self.store.node_id if isinstance(self.store, SharedStore) else None
 
     @property
     def evaluator(self) -> Evaluator:
@@ -196,7 +214,10 @@ class Engine:
             LimitExceededError: the initial state is over ``max_state_bytes``.
             StateValidationError: the state model rejects the initial state.
             CapacityError: the process already holds ``max_active_runs`` runs.
+            EngineStoppingError: the engine is shutting down.
         """
+        if self._stopping:
+            raise EngineStoppingError("the engine is stopping: it takes no new runs")
         graph = await self.get_graph(graph_id)
         if len(self._host.handles) >= self.limits.max_active_runs:
             raise CapacityError(
@@ -222,6 +243,9 @@ class Engine:
                 )
         _, state = graph.state.initial(initial_state)
         now = time.time()
+        # On a shared store, a node with no free running slot queues the run
+        # (epoch 0: no node holds it) for whichever node has one first.
+        queued = self.cluster is not None and self._host.free_slots <= 0
         record = RunRecord(
             run_id=os.urandom(16).hex(),
             graph_id=graph.id,
@@ -230,9 +254,11 @@ class Engine:
             current_node=graph.start_node,
             created_at=now,
             updated_at=now,
+            epoch=0 if queued else 1,
         )
         await self.store.create_run(record)
-        self._host.spawn(graph, record)
+        if not queued:
+            self._host.spawn(graph, record)
         return record
 
     def store_health(self) -> StoreHealth:
@@ -294,8 +320,22 @@ class Engine:
             raise RunStateError(run_id, record.status.value, "cancel")
         # Not terminal and no actor executes it here: a run left stalled by a
         # store failure, or left by a stopped process (an engine opened with
-        # resume=False). Record its end directly, on top of its last checkpoint.
-        return await self._cancel_stored(record)
+        # resume=False), a waiting run, or (on a shared store) a run queued
+        # or held by another node. Record its end directly, on top of its last
+        # checkpoint, claiming it: that works unless a live node holds it.
+        try:
+            return await self._cancel_stored(record)
+        except LeaseHeldError:
+            pass
+        # Another node executes it: the request goes to the run's row first,
+        # then (notification, or that node's next heartbeat) to its actor.
+        if not isinstance(self.store, SharedStore):  # pragma: no cover - shared stores only
+            raise RunStateError(run_id, record.status.value, "cancel")
+        await self.store.request_cancel(run_id)
+        final = await self.wait(run_id)
+        if final.status is not RunStatus.CANCELLED:
+            raise RunStateError(run_id, final.status.value, "cancel")
+        return final
 
     async def _cancel_stored(self, record: RunRecord) -> RunRecord:
         for _ in range(3):
@@ -315,9 +355,12 @@ class Engine:
                 updated_at=now,
                 last_seq=entry.seq,
                 waiting=None,
+                epoch=record.epoch + 1,
             )
             try:
-                await self.store.save_run(final, [entry])
+                await self.store.save_run(final, [entry], claim=True)
+            except LeaseHeldError:
+                raise
             except StoreConflictError:
                 # Someone wrote in between: look again.
                 record = await self.get_run(record.run_id)
@@ -510,7 +553,9 @@ class Engine:
                     entries = await self.store.read_log(run_id, after=cursor, limit=page_size)
                     if not entries:
                         self._raise_if_stopped(run_id)
-                        await event.wait()
+                        # On a shared store a notification may be lost: read again anyway.
+                        with trio.move_on_after(self._follow_poll_s or math.inf):
+                            await event.wait()
                         continue
                 finally:
                     notifier.release(run_id, event)
@@ -569,6 +614,66 @@ class Engine:
             resumed += 1
         return resumed
 
+    async def _drain(self, grace_s: float) -> None:
+        """Let the nodes in flight finish, for up to ``grace_s`` seconds (engine shutdown)."""
+        handles = list(self._host.handles.values())
+        if grace_s <= 0 or not handles:
+            return
+        log.info("draining %d runs (up to %g s)", len(handles), grace_s)
+        for handle in handles:
+            handle.send(Drain())
+        with trio.CancelScope(shield=True), trio.move_on_after(grace_s):
+            for handle in handles:
+                await handle.done.wait()
+
+    async def _start_claimed(self, claimed: list[Claimed]) -> None:
+        """Execute runs this node has just claimed on a shared store (each at its new epoch)."""
+        for item in claimed:
+            record = item.record
+            old = self._host.handles.get(record.run_id)
+            if old is not None:
+                # Its lease lapsed here while the actor lived (a heartbeat
+                # that could not get through): that actor is fenced off now.
+                old.send(Abandon("this node claimed the run again"))
+            if item.taken_over and record.crashes >= 2:
+                failure = RunFailure(
+                    "crash_loop",
+                    f"the node executing this run died (or lost the store) {record.crashes} times "
+                    f"in a row while it was at node {record.current_node} (step {record.step}); "
+                    "it is not resumed again",
+                    node=record.current_node,
+                    extra={"crashes": record.crashes},
+                )
+                await self._end_claimed(record, failure)
+                continue
+            try:
+                graph = await self.get_graph(record.graph_id)
+            except (UnknownGraphError, GraphValidationError) as exc:
+                failure = RunFailure(
+                    "graph_unavailable",
+                    f"cannot resume run: {exc.message}",
+                    node=record.current_node,
+                )
+                await self._end_claimed(record, failure)
+                continue
+            first: list[Command] = []
+            if item.cancel_requested:
+                first.append(Cancel())
+            if item.signals_pending:
+                first.append(Signal("", {}))
+            if item.taken_over:
+                log.warning(
+                    "run %s: taken over from a node whose lease expired (at node %s)",
+                    record.run_id,
+                    record.current_node,
+                )
+            self._host.spawn(graph, record, *first)
+
+    async def _end_claimed(self, record: RunRecord, failure: RunFailure) -> None:
+        # A conflict: claimed by yet another node meanwhile, its business now.
+        with contextlib.suppress(StoreConflictError):
+            await self._fail_stored(record, failure)
+
     async def _fail_stored(self, record: RunRecord, failure: RunFailure) -> None:
         """End a run that no actor executes ``failed``, on top of its last checkpoint."""
         now = time.time()
@@ -625,12 +730,17 @@ async def open_engine(
     limits: EngineLimits | None = None,
     evaluator: Evaluator = "compiled",
     resume: bool = True,
+    drain_timeout: float = 0.0,
 ) -> AsyncIterator[Engine]:
     """Open an engine: the store, the supervisor nursery, resumed runs.
 
-    Leaving the block cancels runs still in flight; they are left as their
-    last checkpoint says (``running``), so a durable store resumes them the
-    next time an engine opens on it.
+    Leaving the block stops the engine: it takes no new runs, lets the nodes
+    in flight finish for up to ``drain_timeout`` seconds (each run then stops
+    at its step boundary, its last step checkpointed), and cancels what is
+    still running. Runs stopped either way are left as their last checkpoint
+    says (``running``), so a durable store resumes them the next time an
+    engine opens on it, and on a shared store another node takes them over
+    at once (this one gives up its leases).
 
     Args:
         store: where graphs, runs and logs live (default: a new ``MemoryStore``).
@@ -641,7 +751,11 @@ async def open_engine(
             owns the store's runs: it records its session in the store, so
             the next one knows whether it stopped cleanly or died (crash
             loops are told apart that way). ``resume=False`` is for tools
-            that only read or prune a store.
+            that only read or prune a store. On a shared store (PostgreSQL)
+            such an engine is a node: it executes runs, claims runs no live
+            node holds (see :mod:`trioflow.cluster`) and times out waits.
+        drain_timeout: seconds the nodes in flight get to finish when the
+            engine stops (0: cancel them at once).
     """
     store = store if store is not None else MemoryStore()
     registry = registry if registry is not None else default_registry()
@@ -656,23 +770,45 @@ async def open_engine(
                 limits=limits or EngineLimits(),
                 evaluator=evaluator,
             )
+            cluster = engine.cluster
             if resume:
                 clean = await store.begin_session()
                 session = True
-                if not clean:
-                    log.warning("the previous engine on this store did not stop cleanly")
-                count = await engine._resume_unfinished(crashed=not clean)
-                if count:
-                    log.info("resumed %d unfinished runs", count)
-                # The engine that owns the store's runs times out their waits.
-                nursery.start_soon(engine._waits.watch_deadlines, name="wait-deadlines")
+                if cluster is not None:
+                    # A node: it claims the runs no live node holds (those of
+                    # a node that died, queued ones) instead of taking all.
+                    await nursery.start(cluster.run)
+                    cluster.wake()
+                    poll = store.claim_interval if isinstance(store, SharedStore) else None
+                    nursery.start_soon(engine._waits.watch_deadlines, poll, name="wait-deadlines")
+                else:
+                    if not clean:
+                        log.warning("the previous engine on this store did not stop cleanly")
+                    count = await engine._resume_unfinished(crashed=not clean)
+                    if count:
+                        log.info("resumed %d unfinished runs", count)
+                    # The engine that owns the store's runs times out their waits.
+                    nursery.start_soon(engine._waits.watch_deadlines, name="wait-deadlines")
             try:
                 yield engine
             finally:
+                engine._stopping = True
+                if cluster is not None:
+                    cluster.draining = True
+                await engine._drain(drain_timeout)
                 engine._closing = True
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
+            if session and isinstance(store, SharedStore):
+                # Every actor has stopped: the runs this node still held go
+                # back to the others now, not when their leases expire.
+                try:
+                    released = await store.release_leases({})
+                    if released:
+                        log.info("released %d runs to the other nodes", released)
+                except StoreError as exc:
+                    log.error("could not release this node's runs: %s", exc.message)
             if session:
                 # Every actor has stopped: the runs left unfinished were
                 # stopped by this engine, not by a crash.

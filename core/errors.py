@@ -211,6 +211,12 @@ class LimitExceededError(EngineError):
         super().__init__(message, details={"limit": limit, "value": value, "maximum": maximum})
 
 
+class EngineStoppingError(EngineError):
+    """Raised by a request for a new run while the engine shuts down."""
+
+    code = "engine_stopping"
+
+
 class CapacityError(EngineError):
     """Raised when the engine already holds its maximum number of active runs."""
 
@@ -266,6 +272,35 @@ class StoreConflictError(StoreError):
     """
 
     code = "store_conflict"
+
+
+class LeaseLostError(StoreConflictError):
+    """Raised by a checkpoint of a run that another writer has claimed since.
+
+    The run's stored epoch (its fencing token) is no longer the writer's:
+    another engine took the run over (its lease had expired), or answered,
+    cancelled or timed out its wait. Nothing was written; the writer must
+    stop executing the run and write nothing more for it.
+    """
+
+    code = "lease_lost"
+
+
+class LeaseHeldError(StoreConflictError):
+    """Raised by a claim of a run that a live engine holds (its lease has not expired).
+
+    Only the PostgreSQL store has leases. Nothing was written; a change to
+    such a run goes to its owner (a cancel request, a signal).
+    """
+
+    code = "lease_held"
+
+    def __init__(self, run_id: str, owner: str | None) -> None:
+        super().__init__(
+            f"run {run_id!r} is executing on node {owner!r}",
+            details={"run_id": run_id, "owner": owner},
+        )
+        self.owner = owner
 
 
 class RunStalledError(EngineError):

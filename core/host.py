@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,8 @@ class RunHost:
         self._trio0 = trio.current_time()
         #: Set when a run parks with a deadline: the deadline timer looks again.
         self.deadlines_changed = trio.Event()
+        #: Called when a running slot frees up (a shared store's claim scan looks again).
+        self.slot_freed: Callable[[], None] | None = None
 
     # -- actors ------------------------------------------------------------------
 
@@ -84,7 +87,7 @@ class RunHost:
 
         ``first`` commands are in its mailbox before anything else.
         """
-        handle = RunHandle(record.run_id)
+        handle = RunHandle(record.run_id, record.epoch)
         for command in first:
             handle.send(command)
         actor = RunActor(self, graph, record, handle)
@@ -114,6 +117,13 @@ class RunHost:
             if nxt.done.is_set() or nxt.cancel_requested:
                 continue
             self._grant(nxt)
+        if self.slot_freed is not None and self._running < self.limits.max_running:
+            self.slot_freed()
+
+    @property
+    def free_slots(self) -> int:
+        """Running slots nobody holds or waits for."""
+        return self.limits.max_running - self._running - len(self._queue)
 
     def finished(self, handle: RunHandle) -> None:
         """Called once by every actor as it ends."""

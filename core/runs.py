@@ -83,6 +83,7 @@ class RunRecord:
     crashes: int = 0
     waiting: dict[str, Any] | None = None
     signal_cursor: int = 0
+    epoch: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``; a status change goes through the transition guard."""
@@ -109,6 +110,7 @@ class RunRecord:
             self.crashes,
             self.waiting,
             self.signal_cursor,
+            self.epoch,
         )
         for name, value in changes.items():
             if name not in _FIELD_SET:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -94,7 +95,7 @@ class Waiting:
             self._check_capacity()
             new, entry = self._answer(graph, record, checked, Event.RUN_INPUT, "input received")
             try:
-                await self._store.save_run(new, [entry])
+                await self._store.save_run(new, [entry], claim=True)
             except StoreConflictError:
                 continue  # cancelled, resumed or signalled meanwhile: look again
             self._host.spawn(graph, new, Resume(checked, waiting.get("request_id")))
@@ -133,12 +134,14 @@ class Waiting:
             bound_data(data, self._limits.max_log_data_bytes),
         )
         waiting["answered"] = True
+        # A claim: the run belongs to no engine while it waits; this one takes it.
         new = record.evolve(
             status=RunStatus.RUNNING,
             state=state,
             waiting=waiting,
             last_seq=seq,
             updated_at=time.time(),
+            epoch=record.epoch + 1,
         )
         return new, entry
 
@@ -167,16 +170,23 @@ class Waiting:
 
     # -- deadlines ---------------------------------------------------------------
 
-    async def watch_deadlines(self) -> None:
-        """Time out waits as their deadlines pass. Runs for the engine's lifetime."""
+    async def watch_deadlines(self, poll_s: float | None = None) -> None:
+        """Time out waits as their deadlines pass. Runs for the engine's lifetime.
+
+        ``poll_s``: look at the store at least this often (on a shared
+        store, other nodes park runs with deadlines this one is not told of).
+        """
         while True:
             changed = self._host.deadlines_changed = trio.Event()
             try:
                 deadline = await self._store.next_deadline()
                 if deadline is None:
-                    await changed.wait()
+                    with trio.move_on_after(poll_s if poll_s is not None else math.inf):
+                        await changed.wait()
                     continue
                 delay = deadline - self._host.wall()
+                if poll_s is not None:
+                    delay = min(delay, poll_s)
                 if delay > 0:
                     with trio.move_on_after(delay):
                         await changed.wait()
@@ -226,7 +236,7 @@ class Waiting:
             await self._end(record, [timed_out], failure)
             return
         try:
-            await self._store.save_run(new, [timed_out, entry])
+            await self._store.save_run(new, [timed_out, entry], claim=True)
         except StoreConflictError:
             return  # resumed or cancelled meanwhile
         self._host.spawn(graph, new, Resume(plan.on_timeout_input, waiting.get("request_id")))
@@ -250,9 +260,10 @@ class Waiting:
             finished_at=now,
             updated_at=now,
             last_seq=final_entry.seq,
+            epoch=record.epoch + 1,
         )
         try:
-            await self._store.save_run(final, [*entries, final_entry])
+            await self._store.save_run(final, [*entries, final_entry], claim=True)
         except StoreConflictError:
             return  # resumed or cancelled meanwhile
         self._store.notifier.notify(record.run_id)

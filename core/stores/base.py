@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import trio
 
-from ..errors import EngineError, StoreConflictError
+from ..errors import EngineError, LeaseLostError, StoreConflictError
 from ..logs import LogEntry
 from ..runs import RunRecord, RunStatus
 
@@ -91,6 +91,32 @@ def checkpoint_conflict(run: RunRecord, entries: int, stored: int) -> StoreConfl
     )
 
 
+def fencing_problem(
+    run: RunRecord, entries: int, stored_seq: int, stored_epoch: int, *, claim: bool
+) -> StoreConflictError | None:
+    """Why a checkpoint of ``run`` may not be written on top of the stored record, if it may not.
+
+    See :meth:`Store.save_run`: the stored epoch must be the writer's (one
+    less, for a claim), and the entries must continue the stored log.
+    """
+    expected = run.epoch - 1 if claim else run.epoch
+    if stored_epoch != expected:
+        if claim:
+            return StoreConflictError(
+                f"run {run.run_id!r} was claimed by another writer (epoch {stored_epoch}); "
+                "nothing was written",
+                details={"run_id": run.run_id, "stored_epoch": stored_epoch},
+            )
+        return LeaseLostError(
+            f"run {run.run_id!r} is now at epoch {stored_epoch}, not {run.epoch}: another "
+            "writer claimed it; nothing was written",
+            details={"run_id": run.run_id, "stored_epoch": stored_epoch, "epoch": run.epoch},
+        )
+    if stored_seq != run.last_seq - entries:
+        return checkpoint_conflict(run, entries, stored_seq)
+    return None
+
+
 class Notifier:
     """Wakes followers of a run when its log grows.
 
@@ -117,6 +143,12 @@ class Notifier:
     def notify(self, run_id: str) -> None:
         w = self._watches.pop(run_id, None)
         if w is not None:
+            w.event.set()
+
+    def notify_all(self) -> None:
+        """Wake every follower (they read the store again): notifications may have been lost."""
+        watches, self._watches = self._watches, {}
+        for w in watches.values():
             w.event.set()
 
     def release(self, run_id: str, event: trio.Event) -> None:
@@ -191,10 +223,17 @@ class Store(ABC):
     # -- runs ------------------------------------------------------------------
     @abstractmethod
     async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
-        """Insert a new run (and its first log entries) atomically."""
+        """Insert a new run (and its first log entries) atomically.
+
+        In a shared store, a run with ``epoch`` 1 is held by the creating
+        engine (it executes it); one with ``epoch`` 0 is queued for any
+        engine to claim.
+        """
 
     @abstractmethod
-    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+    async def save_run(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, claim: bool = False
+    ) -> None:
         """Checkpoint: replace the run record and append ``entries`` atomically.
 
         ``entries`` continue the stored log: their seqs run from the stored
@@ -202,6 +241,16 @@ class Store(ABC):
         anything else (another writer got there first) raises
         :class:`~core.errors.StoreConflictError` and writes nothing, so a
         stored log never has a gap and is never rewritten.
+
+        Fencing: the stored record's ``epoch`` must be ``run.epoch``; a writer
+        that *claims* the run (``claim=True``: it takes a run no live engine
+        executes, such as a waiting run it answers) writes ``run.epoch`` one
+        above the stored one. A checkpoint whose epoch is not the stored one
+        any more raises :class:`~core.errors.LeaseLostError` (a subclass of
+        ``StoreConflictError``): someone claimed the run since, and this
+        writer must stop. A store shared by several engines (PostgreSQL)
+        also refuses a claim of a run a live engine holds
+        (:class:`~core.errors.LeaseHeldError`).
 
         Raises:
             StoreError: nothing was written; ``transient`` says whether the
@@ -260,3 +309,116 @@ class Store(ABC):
     @abstractmethod
     async def delete_runs(self, *, finished_before: float) -> int:
         """Delete terminal runs finished before the given time, and their logs."""
+
+
+# -- stores shared by several engines -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What one heartbeat learned about the leases an engine holds.
+
+    ``held``: the runs whose lease was renewed (a run the engine thought it
+    held and that is missing was claimed by another engine, or ended);
+    ``cancel_requested`` and ``signals_pending``: held runs that were sent
+    a cancel or a signal (the fallback when a notification was lost).
+    """
+
+    held: frozenset[str]
+    cancel_requested: frozenset[str]
+    signals_pending: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A run an engine has just claimed: it executes it now, at ``record.epoch``."""
+
+    record: RunRecord
+    #: The previous holder's lease expired while the run was running (it died, or
+    #: lost the database); ``record.crashes`` was counted up for it.
+    taken_over: bool
+    cancel_requested: bool
+    #: Signals are stored that the run has not applied yet.
+    signals_pending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A live engine of a shared store."""
+
+    node_id: str
+    started_at: float
+    heartbeat_at: float
+    runs: int
+
+
+class ClusterEvents(Protocol):
+    """What a shared store's listener tells its engine (all called on the Trio thread)."""
+
+    def log_written(self, run_id: str) -> None:
+        """Another engine wrote log entries of ``run_id``."""
+
+    def cancel_requested(self, run_id: str) -> None:
+        """Someone asked for ``run_id`` to be cancelled."""
+
+    def signal_sent(self, run_id: str) -> None:
+        """A signal for ``run_id`` was stored."""
+
+    def work_available(self) -> None:
+        """Runs may be waiting for an engine to claim them."""
+
+    def reconnected(self) -> None:
+        """The listener was cut off and is back: notifications may have been lost."""
+
+
+class SharedStore(Store):
+    """A store several engines (nodes) use at once: leases, fencing, notifications.
+
+    Each engine is a node with an id. A run executes on the node that holds
+    its lease; the node renews its leases on every heartbeat, and a run
+    whose lease expired (its node died, or lost the database) is claimed by
+    another node, which resumes it from its last checkpoint. Every claim
+    raises the run's epoch, and checkpoints are fenced by it (see
+    :meth:`Store.save_run`), so a node that lost a run can never write it.
+    """
+
+    #: This engine's node id.
+    node_id: str
+    #: Seconds a lease lasts without a renewal.
+    lease_ttl: float
+    #: Seconds between two scans for runs to claim (a notification wakes it earlier).
+    claim_interval: float
+
+    @abstractmethod
+    async def claim_runs(self, limit: int) -> list[Claimed]:
+        """Claim up to ``limit`` runs no live node holds, oldest first."""
+
+    @abstractmethod
+    async def renew_leases(self, held: Mapping[str, int]) -> Renewal:
+        """Renew the leases of ``held`` (run id -> epoch) in one statement."""
+
+    @abstractmethod
+    async def release_leases(self, held: Mapping[str, int]) -> int:
+        """Give up the leases of ``held`` (a node that stops), so others claim them at once."""
+
+    @abstractmethod
+    async def request_cancel(self, run_id: str) -> None:
+        """Record that ``run_id`` is to be cancelled, and tell the node that holds it."""
+
+    @abstractmethod
+    async def live_nodes(self) -> list[NodeInfo]:
+        """The nodes whose heartbeat is younger than a lease, with the runs each holds."""
+
+    @abstractmethod
+    async def leave(self) -> None:
+        """Record that this node stopped cleanly."""
+
+    @abstractmethod
+    async def listen(
+        self, events: ClusterEvents, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Deliver the other nodes' notifications to ``events`` until cancelled.
+
+        Reconnects by itself after losing the database (``events.reconnected``
+        then says that some may have been lost).
+        """

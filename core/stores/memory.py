@@ -15,8 +15,8 @@ from .base import (
     Store,
     StoredGraph,
     StoredSignal,
-    checkpoint_conflict,
     deadline_of,
+    fencing_problem,
 )
 
 _UNFINISHED = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
@@ -56,13 +56,17 @@ class MemoryStore(Store):
         self._logs[run.run_id] = list(entries)
         self.notifier.notify(run.run_id)
 
-    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+    async def save_run(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, claim: bool = False
+    ) -> None:
         log = self._logs.get(run.run_id)
         if log is None:
             raise StoreError(f"run {run.run_id!r} does not exist")
-        stored = self._runs[run.run_id].last_seq
-        if stored != run.last_seq - len(entries):
-            raise checkpoint_conflict(run, len(entries), stored)
+        stored = self._runs[run.run_id]
+        if stored.epoch != run.epoch or stored.last_seq != run.last_seq - len(entries) or claim:
+            problem = fencing_problem(run, len(entries), stored.last_seq, stored.epoch, claim=claim)
+            if problem is not None:
+                raise problem
         log.extend(entries)
         self._runs[run.run_id] = run
         self.notifier.notify(run.run_id)

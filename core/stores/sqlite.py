@@ -63,6 +63,7 @@ from .base import (
     StoredSignal,
     checkpoint_conflict,
     deadline_of,
+    fencing_problem,
 )
 from .ownerlock import OwnerLock
 
@@ -139,6 +140,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (run_id, signal_id)
         ) WITHOUT ROWID""",
     ),
+    (
+        # The run's fencing token: raised by every claim (see Store.save_run).
+        "ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 #: The schema version this code writes and reads.
@@ -150,19 +155,21 @@ _loads = json.loads
 _RUN_COLUMNS = (
     "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
     "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes, waiting, "
-    "signal_cursor, deadline"
+    "signal_cursor, deadline, epoch"
 )
 _INSERT_RUN = (
     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
-    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
 )
-# A checkpoint applies only on top of the stored record it continues (?16 is
-# the stored last_seq it expects), so a log never gets a gap or a rewrite.
+# A checkpoint applies only on top of the stored record it continues (?20 is
+# the stored last_seq it expects, ?21 the stored epoch), so a log never gets a
+# gap or a rewrite, and a writer whose run was claimed since writes nothing.
 _UPDATE_RUN = (
     "UPDATE runs SET graph_id = ?2, status = ?3, current_node = ?4, state = ?5, step = ?6, "
     "loop_counters = ?7, error = ?8, created_at = ?9, started_at = ?10, finished_at = ?11, "
     "updated_at = ?12, last_seq = ?13, attempt = ?14, crashes = ?15, waiting = ?16, "
-    "signal_cursor = ?17, deadline = ?18 WHERE run_id = ?1 AND last_seq = ?19"
+    "signal_cursor = ?17, deadline = ?18, epoch = ?19 "
+    "WHERE run_id = ?1 AND last_seq = ?20 AND epoch = ?21"
 )
 _INSERT_LOG = (
     "INSERT INTO logs (run_id, seq, ts, level, event, node, message, data) "
@@ -194,6 +201,7 @@ def _run_params(run: RunRecord) -> Row:
         None if run.waiting is None else _dumps(run.waiting),
         run.signal_cursor,
         deadline_of(run),
+        run.epoch,
     )
 
 
@@ -217,6 +225,7 @@ def _run_from_row(row: Row) -> RunRecord:
         crashes=row[14],
         waiting=None if row[15] is None else _loads(row[15]),
         signal_cursor=row[16],
+        epoch=row[18],
     )
 
 
@@ -685,20 +694,24 @@ class SQLiteStore(Store):
 
         await self._checkpoint(run, create, wait=True)
 
-    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+    async def save_run(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, claim: bool = False
+    ) -> None:
         # Serialise on the Trio thread: the record and entries are a snapshot
         # of this step, whatever the run does next.
-        params = (*_run_params(run), run.last_seq - len(entries))
+        expected_epoch = run.epoch - 1 if claim else run.epoch
+        params = (*_run_params(run), run.last_seq - len(entries), expected_epoch)
         rows = _entry_rows(run.run_id, entries)
 
         def save(conn: sqlite3.Connection) -> None:
             if conn.execute(_UPDATE_RUN, params).rowcount != 1:
                 row = conn.execute(
-                    "SELECT last_seq FROM runs WHERE run_id = ?", (run.run_id,)
+                    "SELECT last_seq, epoch FROM runs WHERE run_id = ?", (run.run_id,)
                 ).fetchone()
                 if row is None:
                     raise StoreError(f"run {run.run_id!r} does not exist")
-                raise checkpoint_conflict(run, len(rows), row[0])
+                problem = fencing_problem(run, len(rows), row[0], row[1], claim=claim)
+                raise problem or checkpoint_conflict(run, len(rows), row[0])
             if rows:
                 try:
                     conn.executemany(_INSERT_LOG, rows)

@@ -1,18 +1,34 @@
-"""Choosing a store from a URL: ``memory://``, ``sqlite:///path``."""
+"""Choosing a store from a URL: ``memory://``, ``sqlite:///path``, ``postgresql://...``."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from ..errors import StoreError
 from .base import Store
 from .memory import MemoryStore
 
 
-def open_store_from_url(url: str) -> Store:
+def open_store_from_url(url: str, **shared: Any) -> Store:
     """Build (not open) the store a URL names.
 
+    ``postgresql://user@host:port/db?schema=NAME`` (or ``postgres://``) is the
+    store several engines share; ``schema`` is trioflow's own parameter, the
+    others go to libpq. ``shared`` keyword arguments (``node_id``,
+    ``lease_ttl``, ``claim_interval``) go to that store and are refused by
+    the others.
+
     Raises:
-        StoreError: the scheme is unknown.
+        StoreError: the scheme is unknown, or an option does not apply to it.
     """
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore, parse_url
+
+        dsn, options = parse_url(url)
+        return PostgresStore(dsn, **options, **shared)
+    if shared:
+        names = ", ".join(sorted(shared))
+        raise StoreError(f"{names} only apply to a postgresql:// store, not to {url!r}")
     if url in ("memory://", "memory:", "memory"):
         return MemoryStore()
     if url.startswith("sqlite://"):
@@ -24,4 +40,6 @@ def open_store_from_url(url: str) -> Store:
         if not path:
             raise StoreError("sqlite URL needs a path, e.g. sqlite:///./trioflow.db")
         return SQLiteStore(path)
-    raise StoreError(f"unknown store URL {url!r}; use memory:// or sqlite:///PATH")
+    raise StoreError(
+        f"unknown store URL {url!r}; use memory://, sqlite:///PATH or postgresql://..."
+    )

@@ -101,9 +101,11 @@ class FaultyStore(Store):
     async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
         await self.inner.create_run(run, entries)
 
-    async def save_run(self, run: RunRecord, entries: Sequence[LogEntry]) -> None:
+    async def save_run(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, claim: bool = False
+    ) -> None:
         self._check(run)
-        await self.inner.save_run(run, entries)
+        await self.inner.save_run(run, entries, claim=claim)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         return await self.inner.get_run(run_id)

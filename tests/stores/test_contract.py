@@ -8,7 +8,13 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow.errors import RunStateError, StoreConflictError, StoreError, UnknownRunError
+from trioflow.errors import (
+    LeaseLostError,
+    RunStateError,
+    StoreConflictError,
+    StoreError,
+    UnknownRunError,
+)
 from trioflow.logs import Event, Level, LogEntry
 from trioflow.runs import RunRecord, RunStatus
 from trioflow.stores.base import Cursor, InvalidCursorError, Store, StoredGraph
@@ -26,6 +32,8 @@ def _run(
     status: RunStatus = RunStatus.PENDING,
     **fields: Any,
 ) -> RunRecord:
+    # Epoch 1: created by the engine that executes it (as Engine.start_run does).
+    fields.setdefault("epoch", 1)
     return RunRecord(
         run_id=run_id,
         graph_id=graph_id,
@@ -196,6 +204,39 @@ async def test_a_record_only_checkpoint_must_match_the_stored_seq(store: Store) 
     with pytest.raises(StoreConflictError):
         await store.save_run(run.evolve(last_seq=3, step=9), [])
     assert await store.get_run("r1") == run
+
+
+async def test_a_checkpoint_of_a_stale_epoch_is_fenced_off(store: Store) -> None:
+    # A writer whose run was claimed since (the epoch went up) writes nothing,
+    # even when its entries would continue the log, and learns it lost the run.
+    waiting = _run("r1", last_seq=2, status=RunStatus.WAITING)
+    await store.create_run(waiting, _entries(1, 2))
+    claimed = waiting.evolve(status=RunStatus.RUNNING, epoch=2, last_seq=3)
+    await store.save_run(claimed, _entries(3, 3), claim=True)
+    assert (await store.get_run("r1")) == claimed
+    zombie = waiting.evolve(status=RunStatus.RUNNING, last_seq=3, state={"by": "zombie"})
+    with pytest.raises(LeaseLostError):
+        await store.save_run(zombie, _entries(3, 3, node="zombie"))
+    with pytest.raises(LeaseLostError):
+        await store.save_run(waiting.evolve(last_seq=4), _entries(4, 4, node="zombie"))
+    assert await store.get_run("r1") == claimed
+    assert await store.read_log("r1") == _entries(1, 3)
+    # The new holder goes on.
+    await store.save_run(claimed.evolve(last_seq=4), _entries(4, 4))
+    assert (await store.get_run("r1")).last_seq == 4  # type: ignore[union-attr]
+
+
+async def test_of_two_claims_on_one_epoch_only_the_first_is_written(store: Store) -> None:
+    waiting = _run("r1", last_seq=1, status=RunStatus.WAITING)
+    await store.create_run(waiting, _entries(1, 1))
+    mine = waiting.evolve(status=RunStatus.RUNNING, epoch=2, last_seq=2, state={"by": "a"})
+    theirs = waiting.evolve(status=RunStatus.CANCELLED, epoch=2, last_seq=2, state={"by": "b"})
+    await store.save_run(mine, _entries(2, 2), claim=True)
+    with pytest.raises(StoreConflictError) as info:
+        await store.save_run(theirs, _entries(2, 2, node="b"), claim=True)
+    assert not isinstance(info.value, LeaseLostError)  # a claim lost a race; it held nothing
+    assert await store.get_run("r1") == mine
+    assert (await store.get_run("r1")).epoch == 2  # type: ignore[union-attr]
 
 
 async def test_sessions_report_whether_the_last_one_ended_cleanly(store: Store) -> None:

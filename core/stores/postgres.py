@@ -1,0 +1,1324 @@
+"""The PostgreSQL store: several engines (nodes) on one database.
+
+Every node runs the same API on the same data. A run executes on the node
+that holds its *lease* (``owner``, ``lease_until`` from the database clock,
+and ``epoch``, raised by one on every claim). A node renews all its leases
+in one statement per heartbeat; live nodes claim runs whose lease expired
+(``FOR UPDATE SKIP LOCKED``) and resume them from their last checkpoint.
+Every checkpoint is written only while the run's stored epoch is still the
+writer's and the writer still owns it, in the same transaction as its log
+rows: a node that lost a run can never write a step, an entry or an end of
+it (fencing).
+
+Connections: psycopg 3, synchronous, in worker threads (its async
+connection needs asyncio). One *writer* thread owns a connection and
+commits checkpoints in batches: every checkpoint queued while a commit runs
+goes into the next transaction, as one ``UPDATE ... FROM unnest(...)`` and
+one ``INSERT ... SELECT FROM unnest(...)`` for the whole batch, pipelined
+with the commit and with the ``NOTIFY`` that tells other nodes which logs
+grew. Reads and the small writes (claims, renewals, signals) use a
+``psycopg_pool`` pool through ``trio.to_thread``. One *listener* connection
+per node, read with ``trio.lowlevel.wait_readable`` on its socket, receives
+the other nodes' notifications and reconnects by itself.
+
+Notification channels are per schema (several deployments, or test runs,
+may share a database): ``<prefix>_log`` (payload ``run_id:seq,...``, never
+entries: a payload is at most 8,000 bytes), ``<prefix>_ctl`` (``cancel:`` or
+``signal:`` and a run id) and ``<prefix>_work`` (runs to claim).
+
+The schema is versioned (table ``trioflow_schema``) and migrated at open
+under an advisory lock, so nodes starting together do not race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ..errors import (
+    EngineError,
+    LeaseHeldError,
+    LeaseLostError,
+    RunStateError,
+    StoreError,
+    UnknownRunError,
+)
+from ..logs import Level, LogEntry
+from ..runs import TERMINAL, RunRecord, RunStatus
+from .base import (
+    Claimed,
+    ClusterEvents,
+    Cursor,
+    NodeInfo,
+    Page,
+    PutResult,
+    Renewal,
+    SharedStore,
+    StoredGraph,
+    StoredSignal,
+    checkpoint_conflict,
+    deadline_of,
+    fencing_problem,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+log = logging.getLogger("trioflow.store.postgres")
+
+T = TypeVar("T")
+
+#: The schema version this code writes and reads.
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE graphs (
+            graph_id   text PRIMARY KEY,
+            document   text NOT NULL,
+            digest     text NOT NULL,
+            created_at double precision NOT NULL
+        )""",
+        # fillfactor: room on each page for the next version of a row, so a
+        # step's UPDATE (which changes no indexed column) stays a HOT update.
+        """CREATE TABLE runs (
+            run_id           text PRIMARY KEY,
+            graph_id         text NOT NULL,
+            status           text NOT NULL,
+            current_node     text,
+            state            text NOT NULL,
+            step             integer NOT NULL,
+            loop_counters    text NOT NULL,
+            error            text,
+            created_at       double precision NOT NULL,
+            started_at       double precision,
+            finished_at      double precision,
+            updated_at       double precision NOT NULL,
+            last_seq         integer NOT NULL,
+            attempt          integer NOT NULL,
+            crashes          integer NOT NULL DEFAULT 0,
+            waiting          text,
+            signal_cursor    integer NOT NULL DEFAULT 0,
+            deadline         double precision,
+            epoch            bigint NOT NULL DEFAULT 0,
+            owner            text,
+            lease_until      timestamptz,
+            cancel_requested boolean NOT NULL DEFAULT false,
+            last_signal_id   integer NOT NULL DEFAULT 0,
+            write_id         bigint NOT NULL DEFAULT 0
+        ) WITH (fillfactor = 70)""",
+        "CREATE INDEX runs_by_created ON runs (created_at DESC, run_id DESC)",
+        "CREATE INDEX runs_by_graph ON runs (graph_id, created_at, run_id)",
+        "CREATE INDEX runs_by_status ON runs (status, created_at, run_id)",
+        "CREATE INDEX runs_by_finished ON runs (status, finished_at)",
+        "CREATE INDEX runs_by_deadline ON runs (deadline) WHERE deadline IS NOT NULL",
+        # The claim scan: runs to execute whose lease is missing or expired.
+        "CREATE INDEX runs_claimable ON runs (lease_until NULLS FIRST, created_at) "
+        "WHERE status IN ('pending', 'running')",
+        "CREATE INDEX runs_by_owner ON runs (owner) WHERE owner IS NOT NULL",
+        """CREATE TABLE logs (
+            run_id  text NOT NULL,
+            seq     integer NOT NULL,
+            ts      double precision NOT NULL,
+            level   text NOT NULL,
+            event   text NOT NULL,
+            node    text,
+            message text NOT NULL,
+            data    text NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )""",
+        """CREATE TABLE signals (
+            run_id     text NOT NULL,
+            signal_id  integer NOT NULL,
+            name       text NOT NULL,
+            updates    text NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (run_id, signal_id)
+        )""",
+        """CREATE TABLE nodes (
+            node_id      text PRIMARY KEY,
+            started_at   timestamptz NOT NULL,
+            heartbeat_at timestamptz NOT NULL,
+            left_at      timestamptz
+        )""",
+        "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    ),
+)
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
+_loads = json.loads
+
+_ACTIVE_SQL = "('pending', 'running')"
+_TERMINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL)) + ")"
+
+_RUN_COLUMNS = (
+    "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
+    "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes, waiting, "
+    "signal_cursor, epoch"
+)
+
+# One checkpoint per row of the arrays; a row is written only on top of the
+# record it continues (last_seq, epoch) and, for a claim, only if no live node
+# holds the run; for any other write, only by the run's owner (or, for a
+# waiting run, which has none, by anyone).
+_CHECKPOINT_SQL = f"""
+WITH v AS (
+  SELECT * FROM unnest(
+    %(run_id)s::text[], %(status)s::text[], %(current_node)s::text[], %(state)s::text[],
+    %(step)s::int[], %(loop_counters)s::text[], %(error)s::text[], %(started_at)s::float8[],
+    %(finished_at)s::float8[], %(updated_at)s::float8[], %(last_seq)s::int[],
+    %(attempt)s::int[], %(crashes)s::int[], %(waiting)s::text[], %(signal_cursor)s::int[],
+    %(deadline)s::float8[], %(epoch)s::bigint[], %(expect_seq)s::int[],
+    %(expect_epoch)s::bigint[], %(claim)s::bool[], %(write_id)s::bigint[]
+  ) AS v(run_id, status, current_node, state, step, loop_counters, error, started_at,
+         finished_at, updated_at, last_seq, attempt, crashes, waiting, signal_cursor,
+         deadline, epoch, expect_seq, expect_epoch, claim, write_id)
+), u AS (
+  UPDATE runs r SET
+    status = v.status, current_node = v.current_node, state = v.state, step = v.step,
+    loop_counters = v.loop_counters, error = v.error, started_at = v.started_at,
+    finished_at = v.finished_at, updated_at = v.updated_at, last_seq = v.last_seq,
+    attempt = v.attempt, crashes = v.crashes, waiting = v.waiting,
+    signal_cursor = v.signal_cursor, deadline = v.deadline, epoch = v.epoch,
+    write_id = v.write_id,
+    owner = CASE WHEN v.status IN {_ACTIVE_SQL} THEN %(me)s END,
+    lease_until = CASE WHEN v.status NOT IN {_ACTIVE_SQL} THEN NULL
+                       WHEN v.claim THEN now() + %(ttl)s * interval '1 second'
+                       ELSE r.lease_until END,
+    cancel_requested = r.cancel_requested AND v.status IN {_ACTIVE_SQL}
+  FROM v
+  WHERE r.run_id = v.run_id AND r.last_seq = v.expect_seq AND r.epoch = v.expect_epoch
+    AND CASE WHEN v.claim THEN r.lease_until IS NULL OR r.lease_until < now()
+             ELSE r.owner = %(me)s OR (r.owner IS NULL AND r.status = 'waiting') END
+  RETURNING r.run_id
+), i AS (
+  INSERT INTO logs (run_id, seq, ts, level, event, node, message, data)
+  SELECT l.run_id, l.seq, l.ts, l.level, l.event, l.node, l.message, l.data
+  FROM unnest(%(l_run)s::text[], %(l_seq)s::int[], %(l_ts)s::float8[], %(l_level)s::text[],
+              %(l_event)s::text[], %(l_node)s::text[], %(l_message)s::text[], %(l_data)s::text[])
+       AS l(run_id, seq, ts, level, event, node, message, data)
+  WHERE l.run_id IN (SELECT run_id FROM u)
+)
+SELECT run_id FROM u
+"""
+
+# New runs; one with epoch > 0 is held by this node, one with epoch 0 is queued.
+_CREATE_SQL = f"""
+WITH v AS (
+  SELECT * FROM unnest(
+    %(run_id)s::text[], %(graph_id)s::text[], %(status)s::text[], %(current_node)s::text[],
+    %(state)s::text[], %(step)s::int[], %(loop_counters)s::text[], %(error)s::text[],
+    %(created_at)s::float8[], %(started_at)s::float8[], %(finished_at)s::float8[],
+    %(updated_at)s::float8[], %(last_seq)s::int[], %(attempt)s::int[], %(crashes)s::int[],
+    %(waiting)s::text[], %(signal_cursor)s::int[], %(deadline)s::float8[], %(epoch)s::bigint[]
+  ) AS v(run_id, graph_id, status, current_node, state, step, loop_counters, error,
+         created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes,
+         waiting, signal_cursor, deadline, epoch)
+), c AS (
+  INSERT INTO runs ({_RUN_COLUMNS}, deadline, owner, lease_until)
+  SELECT v.run_id, v.graph_id, v.status, v.current_node, v.state, v.step, v.loop_counters,
+         v.error, v.created_at, v.started_at, v.finished_at, v.updated_at, v.last_seq,
+         v.attempt, v.crashes, v.waiting, v.signal_cursor, v.epoch, v.deadline,
+         CASE WHEN v.epoch > 0 AND v.status IN {_ACTIVE_SQL} THEN %(me)s END,
+         CASE WHEN v.epoch > 0 AND v.status IN {_ACTIVE_SQL}
+              THEN now() + %(ttl)s * interval '1 second' END
+  FROM v
+  ON CONFLICT (run_id) DO NOTHING
+  RETURNING run_id
+), i AS (
+  INSERT INTO logs (run_id, seq, ts, level, event, node, message, data)
+  SELECT l.run_id, l.seq, l.ts, l.level, l.event, l.node, l.message, l.data
+  FROM unnest(%(l_run)s::text[], %(l_seq)s::int[], %(l_ts)s::float8[], %(l_level)s::text[],
+              %(l_event)s::text[], %(l_node)s::text[], %(l_message)s::text[], %(l_data)s::text[])
+       AS l(run_id, seq, ts, level, event, node, message, data)
+  WHERE l.run_id IN (SELECT run_id FROM c)
+)
+SELECT run_id FROM c
+"""
+
+_CLAIM_SQL = f"""
+WITH c AS (
+  SELECT run_id, owner IS NOT NULL AND status = 'running' AS taken_over FROM runs
+  WHERE status IN {_ACTIVE_SQL} AND (lease_until IS NULL OR lease_until < now())
+  ORDER BY lease_until NULLS FIRST, created_at
+  LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE runs r SET owner = %(me)s, epoch = r.epoch + 1,
+  lease_until = now() + %(ttl)s * interval '1 second',
+  crashes = r.crashes + CASE WHEN c.taken_over THEN 1 ELSE 0 END
+FROM c WHERE r.run_id = c.run_id
+RETURNING {", ".join("r." + c.strip() for c in _RUN_COLUMNS.split(","))},
+  c.taken_over, r.cancel_requested, r.last_signal_id > r.signal_cursor
+"""
+
+_RENEW_SQL = f"""
+WITH n AS (
+  UPDATE nodes SET heartbeat_at = now() WHERE node_id = %(me)s
+)
+UPDATE runs r SET lease_until = now() + %(ttl)s * interval '1 second'
+FROM unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS h(run_id, epoch)
+WHERE r.run_id = h.run_id AND r.epoch = h.epoch AND r.owner = %(me)s
+  AND r.status IN {_ACTIVE_SQL}
+RETURNING r.run_id, r.cancel_requested, r.last_signal_id > r.signal_cursor
+"""
+
+#: Most checkpoints committed in one transaction.
+_MAX_BATCH = 512
+#: Checkpoints of unknown outcome remembered for their retries (oldest forgotten first).
+_MAX_AMBIGUOUS = 10_000
+#: A NOTIFY payload is at most 8,000 bytes.
+_MAX_PAYLOAD = 7900
+
+Row = tuple[Any, ...]
+
+
+def _text(value: str) -> str:
+    """``value`` as PostgreSQL text can hold it (it cannot hold NUL)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _storable_id(value: str) -> bool:
+    """Whether an id can be stored, so can be looked up at all (no NUL)."""
+    return "\x00" not in value
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    error = row[7]
+    return RunRecord(
+        run_id=row[0],
+        graph_id=row[1],
+        status=RunStatus(row[2]),
+        current_node=row[3],
+        state=_loads(row[4]),
+        step=row[5],
+        loop_counters=_loads(row[6]),
+        error=None if error is None else _loads(error),
+        created_at=row[8],
+        started_at=row[9],
+        finished_at=row[10],
+        updated_at=row[11],
+        last_seq=row[12],
+        attempt=row[13],
+        crashes=row[14],
+        waiting=None if row[15] is None else _loads(row[15]),
+        signal_cursor=row[16],
+        epoch=row[17],
+    )
+
+
+def _entry_from_row(row: Sequence[Any]) -> LogEntry:
+    return LogEntry(row[0], row[1], Level(row[2]), row[3], row[4], row[5], _loads(row[6]))
+
+
+def _graph_from_row(row: Sequence[Any]) -> StoredGraph:
+    return StoredGraph(row[0], _loads(row[1]), row[2], row[3])
+
+
+@dataclass(slots=True, eq=False)
+class _Checkpoint:
+    """One create or checkpoint for the writer thread, serialised on the Trio thread."""
+
+    create: bool
+    run: RunRecord
+    claim: bool
+    # Columns of the run's row (see _CHECKPOINT_SQL / _CREATE_SQL).
+    state: str
+    loop_counters: str
+    error: str | None
+    waiting: str | None
+    deadline: float | None
+    entries: list[tuple[Any, ...]]
+    expect_seq: int
+    expect_epoch: int
+    #: Stored with the checkpoint: tells "written by an earlier try whose
+    #: answer was lost" from "written by someone else".
+    write_id: int
+    #: The write_id of an earlier try of this same checkpoint whose commit's
+    #: outcome is unknown (the connection broke), if there was one.
+    earlier: int | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    error_out: EngineError | None = None
+    #: It failed with the connection: it may have been committed all the same.
+    ambiguous: bool = False
+
+
+def _store_error(exc: Exception, what: str) -> EngineError:
+    """``exc`` as an engine error; connection-level failures are transient."""
+    import psycopg
+
+    if isinstance(exc, EngineError):
+        return exc
+    transient = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
+    if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+        transient = True
+    return StoreError(f"PostgreSQL {what}: {type(exc).__name__}: {exc}", transient=transient)
+
+
+class _Writer:
+    """Owns the write connection; commits queued checkpoints in batches.
+
+    Every job queued while a batch commits goes into the next one (group
+    commit). A batch is one transaction: creates and checkpoints as two
+    set-based statements, pipelined with the commit and the log NOTIFY, so
+    one round trip commits up to ``_MAX_BATCH`` checkpoints. If the batch
+    fails for a reason other than the connection, each job is tried alone,
+    so one bad checkpoint fails alone. Outcomes return to the Trio thread
+    through ``TrioToken.run_sync_soon``.
+    """
+
+    def __init__(self, store: PostgresStore, token: trio.lowlevel.TrioToken) -> None:
+        self._store = store
+        self._token = token
+        self._pending: deque[_Checkpoint] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._conn: psycopg.Connection[Any] | None = None
+        #: The backend pid of the write connection: its own notifications are not news.
+        self.backend_pid: int | None = None
+        self._thread = threading.Thread(
+            target=self._loop, name="trioflow-postgres-writer", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, job: _Checkpoint) -> None:
+        with self._cond:
+            self._pending.append(job)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Finish every queued job, then close the connection (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        pending = self._pending
+        while True:
+            with self._cond:
+                while not pending and not self._stopping:
+                    self._cond.wait()
+                if not pending:
+                    break
+                batch: list[_Checkpoint] = []
+                seen: set[str] = set()
+                deferred: list[_Checkpoint] = []
+                while pending and len(batch) < _MAX_BATCH:
+                    job = pending.popleft()
+                    # One row per run per statement: a second checkpoint of the
+                    # same run waits for the next batch.
+                    if job.run.run_id in seen:
+                        deferred.append(job)
+                        continue
+                    seen.add(job.run.run_id)
+                    batch.append(job)
+                pending.extendleft(reversed(deferred))
+            self._run(batch)
+            self._token.run_sync_soon(self._store._jobs_done, batch)
+        self._close()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            self._close()
+            conn = self._conn = self._store._connect("writer")
+            self.backend_pid = conn.info.backend_pid
+        return conn
+
+    def _run(self, checkpoints: list[_Checkpoint]) -> None:
+        if checkpoints:
+            try:
+                self._write(checkpoints)
+            except Exception as exc:
+                import psycopg
+
+                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                    error = _store_error(exc, "commit failed")
+                    for job in checkpoints:
+                        job.error_out = error
+                        job.ambiguous = True
+                    self._close()
+                else:
+                    # Something in the data: find which, one checkpoint at a time.
+                    for job in checkpoints:
+                        try:
+                            self._write([job])
+                        except Exception as one:
+                            job.error_out = _store_error(one, "checkpoint failed")
+                            if isinstance(one, psycopg.OperationalError | psycopg.InterfaceError):
+                                job.ambiguous = True
+                                self._close()
+
+    def _write(self, jobs: list[_Checkpoint]) -> None:
+        """Commit ``jobs`` in one transaction; set each one's outcome."""
+        conn = self._connection()
+        store = self._store
+        creates = [j for j in jobs if j.create]
+        saves = [j for j in jobs if not j.create]
+        written: set[str] = set()
+        with conn.pipeline() as pipeline:
+            with conn.transaction():
+                cursors = []
+                if creates:
+                    cursors.append(conn.execute(_CREATE_SQL, store._create_params(creates)))
+                if saves:
+                    cursors.append(conn.execute(_CHECKPOINT_SQL, store._checkpoint_params(saves)))
+            payloads = store._log_payloads(jobs)
+            for payload in payloads:
+                conn.execute("SELECT pg_notify(%s, %s)", (store.channels["log"], payload))
+            queued = [j for j in creates if j.run.epoch == 0]
+            if queued and store.notifications:
+                conn.execute("SELECT pg_notify(%s, '')", (store.channels["work"],))
+            pipeline.sync()
+            for cursor in cursors:
+                written.update(row[0] for row in cursor.fetchall())
+        missing = [j for j in jobs if j.run.run_id not in written]
+        if missing:
+            self._explain(conn, missing)
+
+    def _explain(self, conn: psycopg.Connection[Any], jobs: list[_Checkpoint]) -> None:
+        """Why each of ``jobs`` was not written; or that it was, by an earlier try."""
+        rows = conn.execute(
+            "SELECT run_id, last_seq, epoch, owner, write_id, "
+            "lease_until IS NOT NULL AND lease_until >= now() FROM runs "
+            "WHERE run_id = ANY(%s)",
+            ([j.run.run_id for j in jobs],),
+        ).fetchall()
+        stored = {r[0]: r for r in rows}
+        me = self._store.node_id
+        for job in jobs:
+            run = job.run
+            row = stored.get(run.run_id)
+            if job.create:
+                job.error_out = StoreError(f"run {run.run_id!r} already exists")
+                continue
+            if row is None:
+                job.error_out = StoreError(f"run {run.run_id!r} does not exist")
+                continue
+            _, last_seq, epoch, owner, write_id, lease_live = row
+            if job.earlier is not None and write_id == job.earlier:
+                continue  # an earlier try committed it (its answer was lost)
+            entries = len(job.entries)
+            problem = fencing_problem(run, entries, last_seq, epoch, claim=job.claim)
+            if problem is None and job.claim and owner is not None and lease_live:
+                problem = LeaseHeldError(run.run_id, owner)
+            if problem is None and not job.claim and owner != me:
+                problem = LeaseLostError(
+                    f"run {run.run_id!r} is held by node {owner!r}, not this one; nothing "
+                    "was written",
+                    details={"run_id": run.run_id, "owner": owner},
+                )
+            job.error_out = problem or checkpoint_conflict(run, entries, last_seq)
+
+
+class PostgresStore(SharedStore):
+    """Graphs, runs and logs in PostgreSQL, shared by several engines.
+
+    Args:
+        dsn: a libpq connection string or ``postgresql://`` URL.
+        schema: the schema to use (created if missing); default: the
+            connection's ``search_path`` (usually ``public``).
+        node_id: this engine's name among the nodes; default: host, pid and
+            start time. Two live nodes may not share one.
+        lease_ttl: seconds a lease lasts without a renewal; a node renews
+            every third of it, and its runs are taken over by another node
+            that long after it stops renewing.
+        claim_interval: seconds between two scans for runs to claim (a
+            notification wakes the scan earlier).
+        readers: connections of the pool for reads and small writes.
+        notifications: send ``NOTIFY`` (live logs, cancels, work to claim)
+            to other nodes. Without, they learn the same on their next
+            heartbeat or poll (for tests of those fallbacks).
+        connect_timeout: seconds to wait for a connection.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        node_id: str | None = None,
+        lease_ttl: float = 15.0,
+        claim_interval: float = 1.0,
+        readers: int = 8,
+        notifications: bool = True,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if schema is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
+            raise StoreError(f"invalid schema name {schema!r}: letters, digits and _ only")
+        if not lease_ttl > 0 or not claim_interval > 0:
+            raise StoreError("lease_ttl and claim_interval must be > 0")
+        if readers < 1:
+            raise StoreError("PostgresStore needs at least one reader connection")
+        self.dsn = dsn
+        self.schema = schema
+        started = time.strftime("%Y%m%dT%H%M%S")
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{started}"
+        if not 1 <= len(self.node_id) <= 200 or not _storable_id(self.node_id):
+            raise StoreError("a node id is 1 to 200 characters, without NUL")
+        self.lease_ttl = float(lease_ttl)
+        self.claim_interval = float(claim_interval)
+        self.notifications = notifications
+        self._connect_timeout = connect_timeout
+        self._readers = readers
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._writer: _Writer | None = None
+        self._limiter = trio.CapacityLimiter(readers)
+        #: (run_id, last_seq, epoch) -> write_id of a checkpoint whose commit's
+        #: outcome is unknown: its retry recognises it if it was written.
+        self._ambiguous: dict[tuple[str, int, int], int] = {}
+        prefix = "tf_" + hashlib.sha1((schema or "").encode()).hexdigest()[:10]
+        self.channels = {kind: f"{prefix}_{kind}" for kind in ("log", "ctl", "work")}
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def _conninfo(self, role: str) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "autocommit": True,
+            "application_name": f"trioflow-{role}:{self.node_id}"[:63],
+            "connect_timeout": max(1, int(self._connect_timeout)),
+            # A dead peer or network is noticed in seconds, not hours.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10_000,
+        }
+        if self.schema is not None:
+            options["options"] = f"-c search_path={self.schema}"
+        return options
+
+    def _connect(self, role: str) -> psycopg.Connection[Any]:
+        import psycopg
+
+        return psycopg.connect(self.dsn, **self._conninfo(role))
+
+    async def open(self) -> None:
+        """Connect, create the schema or migrate it forward, start the writer.
+
+        Raises:
+            StoreError: the database cannot be reached, or its schema was
+                written by a newer trioflow; nothing is written then.
+        """
+        try:
+            import psycopg_pool
+        except ImportError:
+            raise StoreError(
+                "the PostgreSQL store needs psycopg: pip install 'trioflow[postgresql]'"
+            ) from None
+        if self._pool is not None:
+            raise StoreError("the PostgreSQL store is already open")
+
+        def open_pool() -> psycopg_pool.ConnectionPool[Any]:
+            options = self._conninfo("reader")
+            pool: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+                self.dsn,
+                kwargs=options,
+                min_size=1,
+                max_size=self._readers,
+                open=False,
+                timeout=self._connect_timeout,
+                name=f"trioflow-{self.node_id}",
+            )
+            try:
+                pool.open(wait=True, timeout=self._connect_timeout)
+                with pool.connection() as conn:
+                    self._migrate(conn)
+            except BaseException:
+                pool.close()
+                raise
+            return pool
+
+        try:
+            self._pool = await trio.to_thread.run_sync(open_pool, limiter=self._limiter)
+        except Exception as exc:
+            if isinstance(exc, EngineError):
+                raise
+            raise StoreError(
+                f"cannot open the PostgreSQL store: {type(exc).__name__}: {exc}",
+                transient=True,
+            ) from None
+        self._writer = _Writer(self, trio.lowlevel.current_trio_token())
+
+    async def aclose(self) -> None:
+        """Commit every queued checkpoint, then close every connection."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await trio.to_thread.run_sync(writer.stop)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await trio.to_thread.run_sync(pool.close)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            # One node migrates at a time; the others wait, then find it done.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('trioflow-schema'))")
+            if self.schema is not None:
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            conn.execute("CREATE TABLE IF NOT EXISTS trioflow_schema (version integer NOT NULL)")
+            row = conn.execute("SELECT version FROM trioflow_schema").fetchone()
+            version = 0 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the PostgreSQL schema has version {version}, but this trioflow knows "
+                    f"versions up to {SCHEMA_VERSION}; upgrade trioflow to use it",
+                    details={"version": version, "supported": SCHEMA_VERSION},
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[target - 1]:
+                    conn.execute(statement)
+            if row is None:
+                conn.execute("INSERT INTO trioflow_schema VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                conn.execute("UPDATE trioflow_schema SET version = %s", (SCHEMA_VERSION,))
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _require_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the PostgreSQL store is not open")
+        return pool
+
+    async def _db(
+        self, fn: Callable[[psycopg.Connection[Any]], T], what: str, *, abandon: bool = False
+    ) -> T:
+        """Run ``fn(conn)`` in one transaction on a pool connection, in a worker thread.
+
+        ``abandon``: a cancel does not wait for the thread (heartbeats, whose
+        caller must not hang on a database that does not answer).
+        """
+        pool = self._require_pool()
+
+        def call() -> T:
+            with pool.connection() as conn, conn.transaction():
+                return fn(conn)
+
+        try:
+            return await trio.to_thread.run_sync(
+                call, limiter=self._limiter, abandon_on_cancel=abandon
+            )
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise _store_error(exc, what) from None
+
+    async def _submit(self, job: _Checkpoint) -> None:
+        writer = self._writer
+        if writer is None:
+            raise StoreError("the PostgreSQL store is not open")
+        writer.submit(job)
+        # Shielded: a job handed to the writer will be written or fail; its
+        # outcome is the caller's. A cancel is delivered at the next checkpoint.
+        # (The writer's connection has TCP timeouts, so this wait is bounded.)
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
+        if job.error_out is not None:
+            raise job.error_out
+
+    def _jobs_done(self, batch: list[_Checkpoint]) -> None:
+        """On the Trio thread: report outcomes, wake followers of the runs written."""
+        for job in batch:
+            if job.error_out is None:
+                self.notifier.notify(job.run.run_id)
+            elif job.ambiguous and not job.create:
+                run = job.run
+                self._ambiguous[(run.run_id, run.last_seq, run.epoch)] = job.write_id
+                if len(self._ambiguous) > _MAX_AMBIGUOUS:
+                    del self._ambiguous[next(iter(self._ambiguous))]
+            job.done.set()
+
+    def _checkpoint_job(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, create: bool, claim: bool
+    ) -> _Checkpoint:
+        rid = run.run_id
+        key = (rid, run.last_seq, run.epoch)
+        earlier = self._ambiguous.pop(key, None) if self._ambiguous else None
+        rows = [
+            (
+                rid,
+                e.seq,
+                e.ts,
+                e.level.value,
+                _text(str(e.event)),
+                _text(e.node) if e.node else None,
+                _text(e.message),
+                _dumps(e.data),
+            )
+            for e in entries
+        ]
+        return _Checkpoint(
+            create=create,
+            run=run,
+            claim=claim,
+            state=_dumps(run.state),
+            loop_counters=_dumps(run.loop_counters),
+            error=None if run.error is None else _dumps(run.error),
+            waiting=None if run.waiting is None else _dumps(run.waiting),
+            deadline=deadline_of(run),
+            entries=rows,
+            expect_seq=run.last_seq - len(entries),
+            expect_epoch=run.epoch - 1 if claim else run.epoch,
+            write_id=int.from_bytes(os.urandom(8), "big") >> 1,
+            earlier=earlier,
+        )
+
+    def _log_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, list[Any]]:
+        cols: list[list[Any]] = [[] for _ in range(8)]
+        for job in jobs:
+            for row in job.entries:
+                for i, value in enumerate(row):
+                    cols[i].append(value)
+        names = ("l_run", "l_seq", "l_ts", "l_level", "l_event", "l_node", "l_message", "l_data")
+        return dict(zip(names, cols, strict=True))
+
+    def _checkpoint_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
+        runs = [j.run for j in jobs]
+        return {
+            "run_id": [r.run_id for r in runs],
+            "status": [r.status.value for r in runs],
+            "current_node": [r.current_node for r in runs],
+            "state": [j.state for j in jobs],
+            "step": [r.step for r in runs],
+            "loop_counters": [j.loop_counters for j in jobs],
+            "error": [j.error for j in jobs],
+            "started_at": [r.started_at for r in runs],
+            "finished_at": [r.finished_at for r in runs],
+            "updated_at": [r.updated_at for r in runs],
+            "last_seq": [r.last_seq for r in runs],
+            "attempt": [r.attempt for r in runs],
+            "crashes": [r.crashes for r in runs],
+            "waiting": [j.waiting for j in jobs],
+            "signal_cursor": [r.signal_cursor for r in runs],
+            "deadline": [j.deadline for j in jobs],
+            "epoch": [r.epoch for r in runs],
+            "expect_seq": [j.expect_seq for j in jobs],
+            "expect_epoch": [j.expect_epoch for j in jobs],
+            "claim": [j.claim for j in jobs],
+            "write_id": [j.write_id for j in jobs],
+            "me": self.node_id,
+            "ttl": self.lease_ttl,
+            **self._log_params(jobs),
+        }
+
+    def _create_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
+        runs = [j.run for j in jobs]
+        return {
+            "run_id": [r.run_id for r in runs],
+            "graph_id": [r.graph_id for r in runs],
+            "status": [r.status.value for r in runs],
+            "current_node": [r.current_node for r in runs],
+            "state": [j.state for j in jobs],
+            "step": [r.step for r in runs],
+            "loop_counters": [j.loop_counters for j in jobs],
+            "error": [j.error for j in jobs],
+            "created_at": [r.created_at for r in runs],
+            "started_at": [r.started_at for r in runs],
+            "finished_at": [r.finished_at for r in runs],
+            "updated_at": [r.updated_at for r in runs],
+            "last_seq": [r.last_seq for r in runs],
+            "attempt": [r.attempt for r in runs],
+            "crashes": [r.crashes for r in runs],
+            "waiting": [j.waiting for j in jobs],
+            "signal_cursor": [r.signal_cursor for r in runs],
+            "deadline": [j.deadline for j in jobs],
+            "epoch": [r.epoch for r in runs],
+            "me": self.node_id,
+            "ttl": self.lease_ttl,
+            **self._log_params(jobs),
+        }
+
+    def _log_payloads(self, jobs: Sequence[_Checkpoint]) -> list[str]:
+        """``run_id:seq`` of every checkpoint with entries, in payloads under 8,000 bytes."""
+        if not self.notifications:
+            return []
+        payloads: list[str] = []
+        current: list[str] = []
+        size = 0
+        for job in jobs:
+            if not job.entries:
+                continue
+            item = f"{job.run.run_id}:{job.run.last_seq}"
+            if size + len(item) + 1 > _MAX_PAYLOAD and current:
+                payloads.append(",".join(current))
+                current, size = [], 0
+            current.append(item)
+            size += len(item) + 1
+        if current:
+            payloads.append(",".join(current))
+        return payloads
+
+    def _notify_sync(self, conn: psycopg.Connection[Any], kind: str, payload: str) -> None:
+        if self.notifications:
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channels[kind], payload))
+
+    # -- sessions and nodes --------------------------------------------------------
+
+    async def begin_session(self) -> bool:
+        """Join the nodes (each node's runs are accounted by lease, not by session).
+
+        Raises:
+            StoreError: a live node already uses this node id.
+        """
+        me, ttl = self.node_id, self.lease_ttl
+
+        def join(conn: psycopg.Connection[Any]) -> None:
+            row = conn.execute(
+                "SELECT left_at IS NULL AND heartbeat_at > now() - %s * interval '1 second' "
+                "FROM nodes WHERE node_id = %s FOR UPDATE",
+                (ttl, me),
+            ).fetchone()
+            if row is not None and row[0]:
+                raise StoreError(
+                    f"node id {me!r} is in use by a live node; give each node its own "
+                    "(trioflow serve --node-id NAME)",
+                    details={"node_id": me},
+                )
+            conn.execute(
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES (%s, now(), now()) "
+                "ON CONFLICT (node_id) DO UPDATE SET started_at = now(), heartbeat_at = now(), "
+                "left_at = NULL",
+                (me,),
+            )
+            # Forget nodes gone for a week (runs never depend on these rows).
+            conn.execute("DELETE FROM nodes WHERE heartbeat_at < now() - interval '7 days'")
+
+        await self._db(join, "join")
+        return True
+
+    async def end_session(self) -> None:
+        await self.leave()
+
+    async def leave(self) -> None:
+        me = self.node_id
+
+        def leave(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("UPDATE nodes SET left_at = now() WHERE node_id = %s", (me,))
+
+        await self._db(leave, "leave")
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        ttl = self.lease_ttl
+
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                "SELECT n.node_id, extract(epoch FROM n.started_at), "
+                "extract(epoch FROM n.heartbeat_at), "
+                "(SELECT count(*) FROM runs r WHERE r.owner = n.node_id "
+                f" AND r.status IN {_ACTIVE_SQL}) "
+                "FROM nodes n WHERE n.left_at IS NULL "
+                "AND n.heartbeat_at > now() - %s * interval '1 second' ORDER BY n.node_id",
+                (ttl,),
+            ).fetchall()
+
+        rows = await self._db(read, "nodes")
+        return [NodeInfo(r[0], float(r[1]), float(r[2]), int(r[3])) for r in rows]
+
+    async def probe(self) -> None:
+        def probe(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('probe', %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(time.time()),),
+            )
+
+        await self._db(probe, "probe")
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def claim_runs(self, limit: int) -> list[Claimed]:
+        if limit <= 0:
+            return []
+        params = {"me": self.node_id, "ttl": self.lease_ttl, "limit": int(limit)}
+
+        def claim(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(_CLAIM_SQL, params).fetchall()
+
+        rows = await self._db(claim, "claim")
+        return [Claimed(_run_from_row(r[:18]), bool(r[18]), bool(r[19]), bool(r[20])) for r in rows]
+
+    async def renew_leases(self, held: Mapping[str, int]) -> Renewal:
+        params = {
+            "me": self.node_id,
+            "ttl": self.lease_ttl,
+            "ids": list(held),
+            "epochs": list(held.values()),
+        }
+
+        def renew(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(_RENEW_SQL, params).fetchall()
+
+        rows = await self._db(renew, "heartbeat", abandon=True)
+        return Renewal(
+            held=frozenset(r[0] for r in rows),
+            cancel_requested=frozenset(r[0] for r in rows if r[1]),
+            signals_pending=frozenset(r[0] for r in rows if r[2]),
+        )
+
+    async def release_leases(self, held: Mapping[str, int]) -> int:
+        me = self.node_id
+
+        def release(conn: psycopg.Connection[Any]) -> int:
+            count = conn.execute(
+                "UPDATE runs SET owner = NULL, lease_until = NULL "
+                f"WHERE owner = %s AND status IN {_ACTIVE_SQL}",
+                (me,),
+            ).rowcount
+            if count:
+                self._notify_sync(conn, "work", "")
+            return count
+
+        return await self._db(release, "release")
+
+    async def request_cancel(self, run_id: str) -> None:
+        if not _storable_id(run_id):
+            raise UnknownRunError(run_id)
+
+        def request(conn: psycopg.Connection[Any]) -> None:
+            row = conn.execute(
+                f"UPDATE runs SET cancel_requested = true WHERE run_id = %s "
+                f"AND status IN {_ACTIVE_SQL} RETURNING run_id",
+                (run_id,),
+            ).fetchone()
+            if row is not None:
+                self._notify_sync(conn, "ctl", f"cancel:{run_id}")
+
+        await self._db(request, "cancel request")
+
+    # -- notifications ---------------------------------------------------------------
+
+    async def listen(
+        self, events: ClusterEvents, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        import psycopg
+
+        task_status.started()
+        delay = 0.1
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(self._open_listener, abandon_on_cancel=True)
+            except psycopg.Error as exc:
+                log.warning("listener: cannot connect (%s); again in %.1f s", exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            try:
+                events.reconnected()
+                await self._pump(conn, events)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("listener: connection lost (%s); reconnecting", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _open_listener(self) -> psycopg.Connection[Any]:
+        conn = self._connect("listener")
+        try:
+            for channel in self.channels.values():
+                conn.execute(f'LISTEN "{channel}"')
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _pump(self, conn: psycopg.Connection[Any], events: ClusterEvents) -> None:
+        import psycopg
+        from psycopg import pq
+
+        pgconn = conn.pgconn
+        fd = pgconn.socket
+        log_channel = self.channels["log"]
+        ctl_channel = self.channels["ctl"]
+        while True:
+            while (note := pgconn.notifies()) is not None:
+                channel = note.relname.decode()
+                payload = note.extra.decode()
+                if channel == log_channel:
+                    writer = self._writer
+                    if writer is not None and note.be_pid == writer.backend_pid:
+                        continue  # this node's own writes: its followers were told
+                    for item in payload.split(","):
+                        run_id = item.rpartition(":")[0]
+                        if run_id:
+                            events.log_written(run_id)
+                elif channel == ctl_channel:
+                    kind, _, run_id = payload.partition(":")
+                    if kind == "cancel":
+                        events.cancel_requested(run_id)
+                    elif kind == "signal":
+                        events.signal_sent(run_id)
+                else:
+                    events.work_available()
+            await trio.lowlevel.wait_readable(fd)
+            pgconn.consume_input()
+            if pgconn.status != pq.ConnStatus.OK:
+                raise psycopg.OperationalError("the listener connection is closed")
+
+    # -- graphs ------------------------------------------------------------------
+
+    async def put_graph(self, graph: StoredGraph) -> PutResult:
+        params = (graph.graph_id, _dumps(graph.document), graph.digest, graph.created_at)
+
+        def put(conn: psycopg.Connection[Any]) -> PutResult:
+            row = conn.execute(
+                "INSERT INTO graphs (graph_id, document, digest, created_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (graph_id) DO NOTHING RETURNING graph_id",
+                params,
+            ).fetchone()
+            if row is not None:
+                return "created"
+            stored = conn.execute(
+                "SELECT digest FROM graphs WHERE graph_id = %s", (graph.graph_id,)
+            ).fetchone()
+            return "exists" if stored is not None and stored[0] == graph.digest else "conflict"
+
+        if not _storable_id(graph.graph_id):
+            raise StoreError("a graph id cannot contain NUL")
+        return await self._db(put, "graph write")
+
+    async def get_graph(self, graph_id: str) -> StoredGraph | None:
+        if not _storable_id(graph_id):
+            return None
+
+        def get(conn: psycopg.Connection[Any]) -> Row | None:
+            return conn.execute(
+                "SELECT graph_id, document, digest, created_at FROM graphs WHERE graph_id = %s",
+                (graph_id,),
+            ).fetchone()
+
+        row = await self._db(get, "read")
+        return None if row is None else _graph_from_row(row)
+
+    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+        after = Cursor.decode(cursor)[1] if cursor is not None else None
+        if after is not None and not _storable_id(after):
+            after = after.replace("\x00", "")
+
+        def page(conn: psycopg.Connection[Any]) -> list[Row]:
+            sql = "SELECT graph_id, document, digest, created_at FROM graphs"
+            params: list[Any] = []
+            if after is not None:
+                sql += " WHERE graph_id > %s"
+                params.append(after)
+            sql += " ORDER BY graph_id LIMIT %s"
+            params.append(max(limit, 0) + 1)
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._db(page, "read")
+        items = [_graph_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit and bool(items)
+        return Page(items, Cursor.encode(0, items[-1].graph_id) if more else None)
+
+    # -- runs --------------------------------------------------------------------
+
+    async def create_run(self, run: RunRecord, entries: Sequence[LogEntry] = ()) -> None:
+        if not _storable_id(run.run_id) or not _storable_id(run.graph_id):
+            raise StoreError("run and graph ids cannot contain NUL")
+        await self._submit(self._checkpoint_job(run, entries, create=True, claim=False))
+
+    async def save_run(
+        self, run: RunRecord, entries: Sequence[LogEntry], *, claim: bool = False
+    ) -> None:
+        await self._submit(self._checkpoint_job(run, entries, create=False, claim=claim))
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        if not _storable_id(run_id):
+            return None
+
+        def get(conn: psycopg.Connection[Any]) -> Row | None:
+            return conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = %s",
+                (run_id,),
+            ).fetchone()
+
+        row = await self._db(get, "read")
+        return None if row is None else _run_from_row(row)
+
+    async def list_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        status: RunStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[RunRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if graph_id is not None:
+            if not _storable_id(graph_id):
+                return Page([], None)
+            where.append("graph_id = %s")
+            params.append(graph_id)
+        if status is not None:
+            where.append("status = %s")
+            params.append(RunStatus(status).value)
+        if cursor is not None:
+            key, ident = Cursor.decode(cursor)
+            where.append("(created_at, run_id) < (%s, %s)")
+            params.extend((key, ident.replace("\x00", "")))
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, run_id DESC LIMIT %s"
+        params.append(max(limit, 0) + 1)
+
+        def page(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._db(page, "read")
+        items = [_run_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit and bool(items)
+        last = items[-1] if more else None
+        return Page(items, Cursor.encode(last.created_at, last.run_id) if last else None)
+
+    async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
+        if not _storable_id(run_id):
+            return []
+
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                "SELECT seq, ts, level, event, node, message, data FROM logs "
+                "WHERE run_id = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (run_id, max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        return [_entry_from_row(r) for r in await self._db(read, "read")]
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN {_ACTIVE_SQL} "
+                "ORDER BY created_at, run_id"
+            ).fetchall()
+
+        return [_run_from_row(r) for r in await self._db(read, "read")]
+
+    async def next_deadline(self) -> float | None:
+        def read(conn: psycopg.Connection[Any]) -> Row | None:
+            return conn.execute(
+                "SELECT MIN(deadline) FROM runs WHERE deadline IS NOT NULL"
+            ).fetchone()
+
+        row = await self._db(read, "read")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def due_waits(self, now: float, *, limit: int = 100) -> list[RunRecord]:
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs "
+                "WHERE deadline IS NOT NULL AND deadline <= %s ORDER BY deadline, run_id LIMIT %s",
+                (now, max(limit, 0)),
+            ).fetchall()
+
+        return [_run_from_row(r) for r in await self._db(read, "read")]
+
+    async def add_signal(
+        self, run_id: str, name: str, updates: dict[str, Any], created_at: float
+    ) -> StoredSignal:
+        if not _storable_id(run_id):
+            raise UnknownRunError(run_id)
+        encoded = _dumps(updates)
+        stored_name = _text(name)
+
+        def add(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "UPDATE runs SET last_signal_id = last_signal_id + 1 "
+                f"WHERE run_id = %s AND status NOT IN {_TERMINAL_SQL} "
+                "RETURNING last_signal_id, owner",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                status = conn.execute(
+                    "SELECT status FROM runs WHERE run_id = %s", (run_id,)
+                ).fetchone()
+                if status is None:
+                    raise UnknownRunError(run_id)
+                raise RunStateError(run_id, status[0], "signal")
+            signal_id = int(row[0])
+            conn.execute(
+                "INSERT INTO signals (run_id, signal_id, name, updates, created_at) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (run_id, signal_id, stored_name, encoded, created_at),
+            )
+            if row[1] is not None:
+                self._notify_sync(conn, "ctl", f"signal:{run_id}")
+            return signal_id
+
+        signal_id = await self._db(add, "signal write")
+        return StoredSignal(run_id, signal_id, stored_name, updates, created_at)
+
+    async def signals_after(
+        self, run_id: str, after: int, *, limit: int = 100
+    ) -> list[StoredSignal]:
+        if not _storable_id(run_id):
+            return []
+
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                "SELECT signal_id, name, updates, created_at FROM signals "
+                "WHERE run_id = %s AND signal_id > %s ORDER BY signal_id LIMIT %s",
+                (run_id, max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        rows = await self._db(read, "read")
+        return [StoredSignal(run_id, r[0], r[1], _loads(r[2]), r[3]) for r in rows]
+
+    async def delete_runs(self, *, finished_before: float) -> int:
+        doomed = f"status IN {_TERMINAL_SQL} AND finished_at < %s"
+
+        def delete(conn: psycopg.Connection[Any]) -> int:
+            conn.execute(
+                f"DELETE FROM logs WHERE run_id IN (SELECT run_id FROM runs WHERE {doomed})",
+                (finished_before,),
+            )
+            conn.execute(
+                f"DELETE FROM signals WHERE run_id IN (SELECT run_id FROM runs WHERE {doomed})",
+                (finished_before,),
+            )
+            return conn.execute(
+                f"DELETE FROM runs WHERE {doomed}",
+                (finished_before,),
+            ).rowcount
+
+        return await self._db(delete, "delete")
+
+
+def parse_url(url: str) -> tuple[str, dict[str, Any]]:
+    """Split trioflow's own query parameters (``schema``) off a PostgreSQL URL.
+
+    Returns the URL for libpq and the store's keyword arguments.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    kept: list[tuple[str, str]] = []
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "schema":
+            options["schema"] = value
+        else:
+            kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
