@@ -456,10 +456,11 @@ class RunActor:
         node = record.current_node or self.graph.start_node
         if record.status is RunStatus.PENDING:
             step = 1
+            begun: dict[str, Any] = {"graph_id": self.graph.id}
+            if self.host.node_id is not None:
+                begun["node"] = self.host.node_id
             first = self._entry(
-                Event.RUN_STARTED,
-                f"run started on graph {self.graph.id}",
-                data={"graph_id": self.graph.id},
+                Event.RUN_STARTED, f"run started on graph {self.graph.id}", data=begun
             )
             status_changes: dict[str, Any] = {"started_at": time.time()}
         else:
@@ -467,6 +468,8 @@ class RunActor:
             data: dict[str, Any] = {"step": step, "attempt": record.attempt + 1}
             if record.crashes:
                 data["crashes"] = record.crashes
+            if self.host.node_id is not None:
+                data["node"] = self.host.node_id
             first = self._entry(
                 Event.RUN_RESUMED,
                 f"run resumed at node {node} from its last checkpoint",

@@ -3,7 +3,8 @@
 When the store is a :class:`~trioflow.stores.base.SharedStore`, the engine
 is one *node* of several, and runs this next to its actors:
 
-* a **heartbeat**, every third of a lease: one statement renews the leases
+* a **heartbeat**, every third of a lease (at most every second): one
+  statement renews the leases
   of every run this node executes, and tells it which were sent a cancel or
   a signal (the fallback for a lost notification). A run it thought it held
   and that was not renewed belongs to another node now: its actor is
@@ -39,6 +40,8 @@ log = logging.getLogger("trioflow.cluster")
 CLAIM_BATCH = 100
 #: Followers on a shared store read the log at least this often (a lost notification).
 FOLLOW_POLL_S = 2.0
+#: The longest pause between two heartbeats.
+HEARTBEAT_MAX_S = 1.0
 
 
 class Cluster:
@@ -64,7 +67,9 @@ class Cluster:
 
     @property
     def heartbeat_s(self) -> float:
-        return self._store.lease_ttl / 3
+        """A third of a lease, and at most a second (it is also how soon a lost
+        notification's cancel or signal is seen)."""
+        return min(self._store.lease_ttl / 3, HEARTBEAT_MAX_S)
 
     def wake(self) -> None:
         """Look for runs to claim now."""

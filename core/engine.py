@@ -46,6 +46,10 @@ from .waiting import Waiting
 
 log = logging.getLogger("trioflow.engine")
 
+#: How often a cancel sent to another node looks whether it has landed (its
+#: end's notification usually says so first).
+CANCEL_POLL_S = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
@@ -332,10 +336,24 @@ class Engine:
         if not isinstance(self.store, SharedStore):  # pragma: no cover - shared stores only
             raise RunStateError(run_id, record.status.value, "cancel")
         await self.store.request_cancel(run_id)
-        final = await self.wait(run_id)
+        final = await self._until_ended(run_id)
         if final.status is not RunStatus.CANCELLED:
             raise RunStateError(run_id, final.status.value, "cancel")
         return final
+
+    async def _until_ended(self, run_id: str, poll_s: float = CANCEL_POLL_S) -> RunRecord:
+        """The run's record once it is terminal: woken by its log, or reading every ``poll_s``."""
+        notifier = self.store.notifier
+        while True:
+            event = notifier.watch(run_id)
+            try:
+                record = await self.get_run(run_id)
+                if record.status.is_terminal:
+                    return record
+                with trio.move_on_after(poll_s):
+                    await event.wait()
+            finally:
+                notifier.release(run_id, event)
 
     async def _cancel_stored(self, record: RunRecord) -> RunRecord:
         for _ in range(3):

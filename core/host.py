@@ -58,6 +58,8 @@ class RunHost:
 
     def __init__(self, store: Store, limits: EngineLimits, nursery: trio.Nursery) -> None:
         self.store = store
+        #: This engine's node id on a shared store (logged where runs start and resume).
+        self.node_id: str | None = getattr(store, "node_id", None)
         self.limits = limits
         self.thread_limiter = trio.CapacityLimiter(limits.worker_threads)
         self.handles: dict[str, RunHandle] = {}
