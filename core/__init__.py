@@ -14,12 +14,15 @@ from .engine import open_engine as open_engine
 from .errors import CapacityError as CapacityError
 from .errors import ConditionError as ConditionError
 from .errors import EngineError as EngineError
+from .errors import EngineStoppingError as EngineStoppingError
 from .errors import ExpressionBudgetError as ExpressionBudgetError
 from .errors import ExpressionError as ExpressionError
 from .errors import ExpressionEvaluationError as ExpressionEvaluationError
 from .errors import GraphConflictError as GraphConflictError
 from .errors import GraphValidationError as GraphValidationError
 from .errors import InputValidationError as InputValidationError
+from .errors import LeaseHeldError as LeaseHeldError
+from .errors import LeaseLostError as LeaseLostError
 from .errors import LimitExceededError as LimitExceededError
 from .errors import Problem as Problem
 from .errors import RegistryError as RegistryError

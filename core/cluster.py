@@ -95,7 +95,15 @@ class Cluster:
                 with trio.fail_after(self.heartbeat_s):
                     renewal = await self._store.renew_leases(held)
             except (StoreError, trio.TooSlowError) as exc:
-                reason = exc.message if isinstance(exc, StoreError) else "no answer"
+                error = (
+                    exc
+                    if isinstance(exc, StoreError)
+                    else StoreError(
+                        f"the heartbeat got no answer in {self.heartbeat_s:g} s", transient=True
+                    )
+                )
+                reason = error.message
+                self._host.store_failed(error)  # /healthz says so
                 silent = trio.current_time() - self._renewed_at
                 log.warning("heartbeat failed (%s); no renewal for %.1f s", reason, silent)
                 if silent >= ttl and not self.cut_off:
@@ -106,6 +114,8 @@ class Cluster:
                     )
                 continue
             self._renewed_at = started
+            if self._host.store_failing:
+                self._host.store_recovered()
             if self.cut_off:
                 log.warning("heartbeat: the store answers again")
                 self.cut_off = False

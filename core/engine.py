@@ -40,7 +40,16 @@ from .host import RunHost, StoreHealth
 from .logs import Event, Level, LogEntry
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
-from .stores.base import Claimed, Page, SharedStore, Store, StoredGraph, StoredSignal
+from .stores.base import (
+    Claimed,
+    NodeInfo,
+    Page,
+    SharedStore,
+    Store,
+    StoredGraph,
+    StoredSignal,
+    default_node_id,
+)
 from .stores.memory import MemoryStore
 from .waiting import Waiting
 
@@ -133,10 +142,19 @@ class Engine:
             self.cluster = Cluster(self._host, store, self._start_claimed)
             self._follow_poll_s = FOLLOW_POLL_S
 
-    @property
-    def node_id(self) -> str | None:
-        """This engine's node id on a shared store (``None`` on one it has alone)."""
-        return self.store.node_id if isinstance(self.store, SharedStore) else None
+        #: This engine's name: its node id on a shared store; on a store it
+        #: has alone, host, pid and start time.
+        self.node_id: str = store.node_id if isinstance(store, SharedStore) else default_node_id()
+        self._started_at = time.time()
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live engines on this engine's store, with the runs each executes.
+
+        On a store it has alone: this engine only.
+        """
+        if isinstance(self.store, SharedStore):
+            return await self.store.live_nodes()
+        return [NodeInfo(self.node_id, self._started_at, time.time(), self.active_runs)]
 
     @property
     def evaluator(self) -> Evaluator:

@@ -37,6 +37,7 @@ EXPECTED = {
     "open_store_from_url",
     # errors
     "EngineError",
+    "EngineStoppingError",
     "CapacityError",
     "ConditionError",
     "ExpressionError",
@@ -45,6 +46,8 @@ EXPECTED = {
     "GraphConflictError",
     "InputValidationError",
     "GraphValidationError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "LimitExceededError",
     "Problem",
     "RegistryError",

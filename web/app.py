@@ -235,13 +235,14 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 app.state.startup_error = exc.message
                 raise
             try:
-                store = open_store_from_url(settings.store_url)
+                store = open_store_from_url(settings.store_url, **settings.shared_store_options())
                 owned = await stack.enter_async_context(
                     open_engine(
                         store=store,
                         registry=registry,
                         limits=settings.limits,
                         evaluator=settings.evaluator,
+                        drain_timeout=settings.drain_timeout_s,
                     )
                 )
             except EngineError as exc:
@@ -255,15 +256,19 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 graphs += f", {skipped} skipped"
             fields = {
                 "store": redact_url(settings.store_url),
+                "node": owned.node_id,
                 "evaluator": owned.evaluator,
                 "tools": len(registry.tools()),
                 "graphs_loaded": loaded,
                 "graphs_skipped": skipped,
                 "runs_resumed": owned.active_runs,
             }
+            # The node id matters where there are several (a PostgreSQL store).
+            node = f", node {owned.node_id}" if owned.cluster is not None else ""
             log.info(
-                "store %s, evaluator %s, %d tools, %s, %d run(s) resumed",
+                "store %s%s, evaluator %s, %d tools, %s, %d run(s) resumed",
                 fields["store"],
+                node,
                 owned.evaluator,
                 fields["tools"],
                 graphs,

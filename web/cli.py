@@ -347,6 +347,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not args.send_timeout > 0:
         return _fail("--send-timeout must be > 0")
+    for option, value in (
+        ("--lease-ttl", args.lease_ttl),
+        ("--claim-interval", args.claim_interval),
+    ):
+        if value is not None and not (0 < value <= 86400):
+            return _fail(f"{option} must be > 0 seconds (and at most a day)")
+    if not 0 <= args.drain_timeout <= 86400:
+        return _fail("--drain-timeout must be 0 to 86400 seconds")
+    if args.node_id is not None and not 1 <= len(args.node_id) <= 200:
+        return _fail("--node-id must be 1 to 200 characters")
     try:
         limits = engine_limits(args.limit)
         graphs = _graph_files(graph_paths)
@@ -368,6 +378,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         send_timeout_s=args.send_timeout,
         limits=limits,
         access_log=not args.quiet,
+        node_id=args.node_id,
+        lease_ttl=args.lease_ttl,
+        claim_interval=args.claim_interval,
+        drain_timeout_s=args.drain_timeout,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
@@ -834,8 +848,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--store",
         default=_default_store(),
-        help=f"store URL: sqlite:///PATH or memory:// (default: $TRIOFLOW_STORE, "
-        f"else {DEFAULT_STORE})",
+        help=f"store URL: sqlite:///PATH, memory://, or postgresql://USER@HOST/DB[?schema=NAME] "
+        f"for several servers on one database (default: $TRIOFLOW_STORE, else {DEFAULT_STORE})",
+    )
+    p.add_argument(
+        "--node-id",
+        default=None,
+        metavar="NAME",
+        help="this server's name among the nodes of a PostgreSQL store "
+        "(default: host, pid and start time); two live nodes may not share one",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="PostgreSQL: how long a run's lease lasts without a renewal; a dead node's "
+        "runs are taken over that long after it stopped renewing (default: 15)",
+    )
+    p.add_argument(
+        "--claim-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="PostgreSQL: seconds between two scans for runs to take over "
+        "(a notification wakes it sooner; default: 1)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=Settings().drain_timeout_s,
+        metavar="SECONDS",
+        help="on shutdown, seconds the nodes in flight get to finish before they are cut "
+        "off (they run again on resume; default: %(default)g)",
     )
     _add_tool_options(p)
     p.add_argument(

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from trioflow import (
     CapacityError,
     EngineError,
+    EngineStoppingError,
     ExpressionError,
     GraphConflictError,
     GraphValidationError,
@@ -59,6 +60,7 @@ ENGINE_STATUS: dict[type[EngineError], int] = {
     RegistryError: 500,
     StoreError: 503,
     RunStalledError: 503,
+    EngineStoppingError: 503,
 }
 """HTTP status of each core error class; subclasses inherit their base's status."""
 

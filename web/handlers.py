@@ -433,11 +433,26 @@ async def healthz(request: Request) -> Response:
         "version": trioflow.__version__,
         "active_runs": engine.active_runs,
         "evaluator": engine.evaluator,
+        "node": engine.node_id,
+        "store": {"ok": health.ok, "error": health.error, "since": health.since},
     }
-    if health.ok:
-        return JSON(body)
-    body["store"] = {"ok": False, "error": health.error, "since": health.since}
-    return JSON(body, status_code=503)
+    return JSON(body, status_code=200 if health.ok else 503)
+
+
+async def list_nodes(request: Request) -> Response:
+    """``GET /nodes``: the live nodes of the store, with the runs each executes."""
+    engine = services(request).engine
+    nodes = await engine.nodes()
+    items = [
+        {
+            "node_id": n.node_id,
+            "started_at": n.started_at,
+            "heartbeat_at": n.heartbeat_at,
+            "runs": n.runs,
+        }
+        for n in nodes
+    ]
+    return JSON({"node_id": engine.node_id, "items": items})
 
 
 async def openapi(request: Request) -> Response:

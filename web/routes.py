@@ -64,6 +64,7 @@ def _errors(*statuses: int) -> dict[int, tuple[str, Body]]:
         421: "The Host header names a host this server does not serve",
         422: "Request or document invalid (every problem listed)",
         429: "Too many active runs",
+        503: "The store cannot be reached or refuses writes (store_error)",
     }
     return {s: (text[s], schemas.ErrorResponse) for s in (*statuses, *GUARDED)}
 
@@ -151,7 +152,8 @@ OPERATIONS: tuple[Operation, ...] = (
             200: ("The finished run with the last ?logs= entries of its log", schemas.RunWithLogs),
             202: ("Started in the background", schemas.RunAccepted),
             503: (
-                "The store refuses writes (store_error), or the run stalled (run_stalled)",
+                "The store refuses writes (store_error), the run stalled (run_stalled), or "
+                "the server is stopping (engine_stopping)",
                 schemas.ErrorResponse,
             ),
             **_errors(400, 404, 413, 415, 422, 429),
@@ -301,9 +303,18 @@ OPERATIONS: tuple[Operation, ...] = (
         "Liveness and store health",
         {
             200: ("Serving", schemas.Health),
-            503: ("Serving, but the store refuses writes", schemas.Health),
+            503: ("Serving, but the store refuses writes or cannot be reached", schemas.Health),
             **_errors(),
         },
+        tag="service",
+    ),
+    Operation(
+        "GET",
+        "/nodes",
+        handlers.list_nodes,
+        "listNodes",
+        "The live nodes of the store and the runs each executes",
+        {200: ("Nodes", schemas.NodeList), **_errors(503)},
         tag="service",
     ),
     Operation(

@@ -305,19 +305,35 @@ class RunPage(BaseModel):
 
 
 class StoreHealthOut(BaseModel):
-    ok: bool
-    error: str | None = Field(description="The last write error.")
-    since: float | None = Field(description="When writes started failing.")
+    ok: bool = Field(description="The store takes writes (and, on PostgreSQL, heartbeats).")
+    error: str | None = Field(description="The last error, while failing.")
+    since: float | None = Field(description="When it started failing.")
 
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"] = Field(
-        description="degraded (with HTTP 503) while the store refuses writes."
+        description="degraded (with HTTP 503) while the store refuses writes or, on "
+        "PostgreSQL, cannot be reached."
     )
     version: str
     active_runs: int
     evaluator: Literal["compiled", "asteval"] = Field(description="The condition evaluator.")
-    store: StoreHealthOut | None = Field(default=None, description="Present when degraded.")
+    node: str = Field(description="This server's node id (see GET /nodes).")
+    store: StoreHealthOut
+
+
+class NodeOut(BaseModel):
+    node_id: str
+    started_at: float
+    heartbeat_at: float = Field(description="Its last heartbeat (epoch seconds).")
+    runs: int = Field(description="Runs it executes now.")
+
+
+class NodeList(BaseModel):
+    """The live nodes; on a store one server has alone, that server."""
+
+    node_id: str = Field(description="The node that answered.")
+    items: list[NodeOut]
 
 
 # -- stream messages (WebSocket text frames; SSE data lines) -------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import Any, get_args
 
 from trioflow import EngineLimits
 from trioflow.expressions import Evaluator
@@ -49,6 +49,13 @@ class Settings:
             reads) is closed and everything it held is freed.
         access_log: log one line per request (logger ``trioflow.access``,
             see :mod:`web.serverlog`); false leaves the middleware out.
+        node_id: this server's node id on a PostgreSQL store (default: host,
+            pid and start time); refused with any other store.
+        lease_ttl: seconds a run's lease lasts without a renewal (PostgreSQL).
+        claim_interval: seconds between scans for runs to claim (PostgreSQL).
+        drain_timeout_s: on shutdown, seconds the nodes in flight get to finish
+            (each run then stops at its step boundary; on PostgreSQL another
+            node takes it over at once).
     """
 
     store_url: str = "memory://"
@@ -63,6 +70,21 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     send_timeout_s: float = 30.0
     access_log: bool = True
+    node_id: str | None = None
+    lease_ttl: float | None = None
+    claim_interval: float | None = None
+    drain_timeout_s: float = 10.0
+
+    def shared_store_options(self) -> dict[str, Any]:
+        """The options given for a shared (PostgreSQL) store, for ``open_store_from_url``."""
+        options: dict[str, Any] = {}
+        if self.node_id is not None:
+            options["node_id"] = self.node_id
+        if self.lease_ttl is not None:
+            options["lease_ttl"] = self.lease_ttl
+        if self.claim_interval is not None:
+            options["claim_interval"] = self.claim_interval
+        return options
 
     def __post_init__(self) -> None:
         if self.evaluator not in EVALUATORS:

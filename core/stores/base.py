@@ -342,6 +342,15 @@ class Claimed:
     signals_pending: bool = False
 
 
+def default_node_id() -> str:
+    """A node id for this process: host, pid and start time."""
+    import os
+    import socket
+    import time
+
+    return f"{socket.gethostname()}-{os.getpid()}-{time.strftime('%Y%m%dT%H%M%S')}"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
     """A live engine of a shared store."""

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from collections import deque
@@ -71,6 +70,7 @@ from .base import (
     StoredSignal,
     checkpoint_conflict,
     deadline_of,
+    default_node_id,
     fencing_problem,
 )
 
@@ -574,8 +574,7 @@ class PostgresStore(SharedStore):
             raise StoreError("PostgresStore needs at least one reader connection")
         self.dsn = dsn
         self.schema = schema
-        started = time.strftime("%Y%m%dT%H%M%S")
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}-{started}"
+        self.node_id = node_id or default_node_id()
         if not 1 <= len(self.node_id) <= 200 or not _storable_id(self.node_id):
             raise StoreError("a node id is 1 to 200 characters, without NUL")
         self.lease_ttl = float(lease_ttl)
