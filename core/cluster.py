@@ -119,6 +119,13 @@ class Cluster:
             if self.cut_off:
                 log.warning("heartbeat: the store answers again")
                 self.cut_off = False
+                # The runs abandoned meanwhile are handed over, not counted as
+                # crashes (whoever claims them next, this node included).
+                live = {r: h.epoch for r, h in self._host.handles.items() if h.abandoned is None}
+                try:
+                    await self._store.release_leases(live)
+                except StoreError as exc:
+                    log.warning("could not release the abandoned runs: %s", exc.message)
                 self.wake()
             for run_id in held.keys() - renewal.held:
                 handle = self._host.handles.get(run_id)

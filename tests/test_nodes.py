@@ -3,7 +3,7 @@
 Each test gets its own schema. Leases are short (3 s) so that takeovers
 happen within the test; time is real (the lease clock is the database's).
 The same over HTTP with real ``trioflow serve`` processes is in
-tests/test_nodes_serve.py.
+tests/web/test_web_nodes.py.
 """
 
 from __future__ import annotations

@@ -408,7 +408,13 @@ class SharedStore(Store):
 
     @abstractmethod
     async def release_leases(self, held: Mapping[str, int]) -> int:
-        """Give up the leases of ``held`` (a node that stops), so others claim them at once."""
+        """Give up every lease this node has but those of ``held`` (run id -> epoch).
+
+        So other nodes claim those runs at once, as handed over rather than
+        taken from a dead node (no crash is counted): a node that stops
+        releases all; one whose actors were abandoned while it could not
+        reach the store releases theirs when it can again.
+        """
 
     @abstractmethod
     async def request_cancel(self, run_id: str) -> None:

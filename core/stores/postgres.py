@@ -978,12 +978,13 @@ class PostgresStore(SharedStore):
 
     async def release_leases(self, held: Mapping[str, int]) -> int:
         me = self.node_id
+        keep = list(held)
 
         def release(conn: psycopg.Connection[Any]) -> int:
             count = conn.execute(
                 "UPDATE runs SET owner = NULL, lease_until = NULL "
-                f"WHERE owner = %s AND status IN {_ACTIVE_SQL}",
-                (me,),
+                f"WHERE owner = %s AND status IN {_ACTIVE_SQL} AND NOT (run_id = ANY(%s))",
+                (me, keep),
             ).rowcount
             if count:
                 self._notify_sync(conn, "work", "")

@@ -471,3 +471,17 @@ async def test_create_run_wakes_a_follower_and_the_waiter_sees_the_entries(store
             await trio.testing.wait_all_tasks_blocked()
             await store.create_run(_run("r1"), _entries(1, 2))
     assert seen == [1, 2]
+
+
+async def test_ids_no_store_can_hold_are_simply_not_found(store: Store) -> None:
+    # PostgreSQL text cannot hold NUL: such an id was never stored, so it is
+    # unknown (not a server error), on every backend alike.
+    odd = "r\x001"
+    assert await store.get_run(odd) is None
+    assert await store.get_graph("g\x00") is None
+    assert await store.read_log(odd) == []
+    assert await store.signals_after(odd, 0) == []
+    with pytest.raises(UnknownRunError):
+        await store.add_signal(odd, "s", {}, 1.0)
+    page = await store.list_runs(graph_id="g\x00")
+    assert page.items == []
