@@ -24,6 +24,7 @@ BENCHMARKS = (
     "service",
     "concurrency",
     "waits",
+    "postgres",
     "streaming",
     "listing",
     "expressions",

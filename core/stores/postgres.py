@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -161,6 +162,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
 _loads = json.loads
+#: A str as a JSON string (the encoder's own C function, without its per-call set-up).
+_quote: Callable[[str], str] = json.encoder.encode_basestring
 
 _ACTIVE_SQL = "('pending', 'running')"
 _TERMINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL)) + ")"
@@ -171,28 +174,31 @@ _RUN_COLUMNS = (
     "signal_cursor, epoch"
 )
 
-# One checkpoint per row of the arrays; a row is written only on top of the
-# record it continues (last_seq, epoch) and, for a claim, only if no live node
-# holds the run; for any other write, only by the run's owner (or, for a
-# waiting run, which has none, by anyone).
-_CHECKPOINT_SQL = f"""
-WITH v AS (
-  SELECT * FROM unnest(
-    %(run_id)s::text[], %(status)s::text[], %(current_node)s::text[], %(state)s::text[],
-    %(step)s::int[], %(loop_counters)s::text[], %(error)s::text[], %(started_at)s::float8[],
-    %(finished_at)s::float8[], %(updated_at)s::float8[], %(last_seq)s::int[],
-    %(attempt)s::int[], %(crashes)s::int[], %(waiting)s::text[], %(signal_cursor)s::int[],
-    %(deadline)s::float8[], %(epoch)s::bigint[], %(expect_seq)s::int[],
-    %(expect_epoch)s::bigint[], %(claim)s::bool[], %(write_id)s::bigint[]
-  ) AS v(run_id, status, current_node, state, step, loop_counters, error, started_at,
-         finished_at, updated_at, last_seq, attempt, crashes, waiting, signal_cursor,
-         deadline, epoch, expect_seq, expect_epoch, claim, write_id)
+# One statement commits a whole batch: new runs (``n``: epoch > 0, held by this
+# node; epoch 0, queued for any node), checkpoints (``v``) and the log rows of
+# both. A checkpoint is written only on top of the record it continues
+# (last_seq, epoch) and, for a claim, only if no live node holds the run; any
+# other write, only by the run's owner (or, for a waiting run, which has
+# none, by anyone). Log rows go in only with their run's row. One statement
+# in autocommit is one round trip and one commit. The batch travels as three
+# JSON documents (json_to_recordset): one parameter each, parsed by the server
+# faster than the same data as arrays of text, with each state and log entry
+# in it as JSON (json columns keep their text as given), encoded once. (Three
+# variants: a batch of checkpoints only, the usual one, plans faster without
+# the empty parts.)
+_SAVE_CTES = f"""
+v AS (
+  SELECT * FROM json_to_recordset(%(v)s::json) AS v(
+    run_id text, status text, current_node text, state json, step int, loop_counters json,
+    error json, started_at float8, finished_at float8, updated_at float8, last_seq int,
+    attempt int, crashes int, waiting json, signal_cursor int, deadline float8, epoch bigint,
+    expect_seq int, expect_epoch bigint, claim bool, write_id bigint)
 ), u AS (
   UPDATE runs r SET
-    status = v.status, current_node = v.current_node, state = v.state, step = v.step,
-    loop_counters = v.loop_counters, error = v.error, started_at = v.started_at,
+    status = v.status, current_node = v.current_node, state = v.state::text, step = v.step,
+    loop_counters = v.loop_counters::text, error = v.error::text, started_at = v.started_at,
     finished_at = v.finished_at, updated_at = v.updated_at, last_seq = v.last_seq,
-    attempt = v.attempt, crashes = v.crashes, waiting = v.waiting,
+    attempt = v.attempt, crashes = v.crashes, waiting = v.waiting::text,
     signal_cursor = v.signal_cursor, deadline = v.deadline, epoch = v.epoch,
     write_id = v.write_id,
     owner = CASE WHEN v.status IN {_ACTIVE_SQL} THEN %(me)s END,
@@ -205,50 +211,48 @@ WITH v AS (
     AND CASE WHEN v.claim THEN r.lease_until IS NULL OR r.lease_until < now()
              ELSE r.owner = %(me)s OR (r.owner IS NULL AND r.status = 'waiting') END
   RETURNING r.run_id
-), i AS (
-  INSERT INTO logs (run_id, seq, ts, level, event, node, message, data)
-  SELECT l.run_id, l.seq, l.ts, l.level, l.event, l.node, l.message, l.data
-  FROM unnest(%(l_run)s::text[], %(l_seq)s::int[], %(l_ts)s::float8[], %(l_level)s::text[],
-              %(l_event)s::text[], %(l_node)s::text[], %(l_message)s::text[], %(l_data)s::text[])
-       AS l(run_id, seq, ts, level, event, node, message, data)
-  WHERE l.run_id IN (SELECT run_id FROM u)
-)
-SELECT run_id FROM u
-"""
+)"""
 
-# New runs; one with epoch > 0 is held by this node, one with epoch 0 is queued.
-_CREATE_SQL = f"""
-WITH v AS (
-  SELECT * FROM unnest(
-    %(run_id)s::text[], %(graph_id)s::text[], %(status)s::text[], %(current_node)s::text[],
-    %(state)s::text[], %(step)s::int[], %(loop_counters)s::text[], %(error)s::text[],
-    %(created_at)s::float8[], %(started_at)s::float8[], %(finished_at)s::float8[],
-    %(updated_at)s::float8[], %(last_seq)s::int[], %(attempt)s::int[], %(crashes)s::int[],
-    %(waiting)s::text[], %(signal_cursor)s::int[], %(deadline)s::float8[], %(epoch)s::bigint[]
-  ) AS v(run_id, graph_id, status, current_node, state, step, loop_counters, error,
-         created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes,
-         waiting, signal_cursor, deadline, epoch)
+_CREATE_CTES = f"""
+n AS (
+  SELECT * FROM json_to_recordset(%(n)s::json) AS n(
+    run_id text, graph_id text, status text, current_node text, state json, step int,
+    loop_counters json, error json, created_at float8, started_at float8, finished_at float8,
+    updated_at float8, last_seq int, attempt int, crashes int, waiting json, signal_cursor int,
+    deadline float8, epoch bigint)
 ), c AS (
   INSERT INTO runs ({_RUN_COLUMNS}, deadline, owner, lease_until)
-  SELECT v.run_id, v.graph_id, v.status, v.current_node, v.state, v.step, v.loop_counters,
-         v.error, v.created_at, v.started_at, v.finished_at, v.updated_at, v.last_seq,
-         v.attempt, v.crashes, v.waiting, v.signal_cursor, v.epoch, v.deadline,
-         CASE WHEN v.epoch > 0 AND v.status IN {_ACTIVE_SQL} THEN %(me)s END,
-         CASE WHEN v.epoch > 0 AND v.status IN {_ACTIVE_SQL}
+  SELECT n.run_id, n.graph_id, n.status, n.current_node, n.state::text, n.step,
+         n.loop_counters::text, n.error::text, n.created_at, n.started_at, n.finished_at,
+         n.updated_at, n.last_seq, n.attempt, n.crashes, n.waiting::text, n.signal_cursor,
+         n.epoch, n.deadline,
+         CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL} THEN %(me)s END,
+         CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL}
               THEN now() + %(ttl)s * interval '1 second' END
-  FROM v
+  FROM n
   ON CONFLICT (run_id) DO NOTHING
   RETURNING run_id
-), i AS (
+)"""
+
+
+def _logs_cte(written: str) -> str:
+    return f"""
+i AS (
   INSERT INTO logs (run_id, seq, ts, level, event, node, message, data)
-  SELECT l.run_id, l.seq, l.ts, l.level, l.event, l.node, l.message, l.data
-  FROM unnest(%(l_run)s::text[], %(l_seq)s::int[], %(l_ts)s::float8[], %(l_level)s::text[],
-              %(l_event)s::text[], %(l_node)s::text[], %(l_message)s::text[], %(l_data)s::text[])
-       AS l(run_id, seq, ts, level, event, node, message, data)
-  WHERE l.run_id IN (SELECT run_id FROM c)
+  SELECT l.run_id, l.seq, l.ts, l.level, l.event, l.node, l.message, l.data::text
+  FROM json_to_recordset(%(l)s::json) AS l(
+    run_id text, seq int, ts float8, level text, event text, node text, message text, data json)
+  WHERE l.run_id IN ({written})
+)"""
+
+
+_SAVE_SQL = f"WITH {_SAVE_CTES},{_logs_cte('SELECT run_id FROM u')}\nSELECT run_id FROM u"
+_CREATE_SQL = f"WITH {_CREATE_CTES},{_logs_cte('SELECT run_id FROM c')}\nSELECT run_id FROM c"
+_BATCH_SQL = (
+    f"WITH {_SAVE_CTES},{_CREATE_CTES},"
+    f"{_logs_cte('SELECT run_id FROM u UNION ALL SELECT run_id FROM c')}\n"
+    "SELECT run_id FROM u UNION ALL SELECT run_id FROM c"
 )
-SELECT run_id FROM c
-"""
 
 _CLAIM_SQL = f"""
 WITH c AS (
@@ -279,6 +283,8 @@ RETURNING r.run_id, r.cancel_requested, r.last_signal_id > r.signal_cursor
 
 #: Most checkpoints committed in one transaction.
 _MAX_BATCH = 512
+#: Notifications of commits are gathered this long into one NOTIFY.
+NOTIFY_WINDOW_S = 0.01
 #: Checkpoints of unknown outcome remembered for their retries (oldest forgotten first).
 _MAX_AMBIGUOUS = 10_000
 #: A NOTIFY payload is at most 8,000 bytes.
@@ -331,20 +337,18 @@ def _graph_from_row(row: Sequence[Any]) -> StoredGraph:
 
 @dataclass(slots=True, eq=False)
 class _Checkpoint:
-    """One create or checkpoint for the writer thread, serialised on the Trio thread."""
+    """One create or checkpoint for the writer thread, serialised on the Trio thread.
+
+    ``row`` is the run's row and ``entries`` its log rows, each a JSON object
+    (see ``_BATCH_SQL``), built when the checkpoint is taken: a snapshot of
+    this step, whatever the run does next.
+    """
 
     create: bool
     run: RunRecord
     claim: bool
-    # Columns of the run's row (see _CHECKPOINT_SQL / _CREATE_SQL).
-    state: str
-    loop_counters: str
-    error: str | None
-    waiting: str | None
-    deadline: float | None
-    entries: list[tuple[Any, ...]]
-    expect_seq: int
-    expect_epoch: int
+    row: str
+    entries: list[str]
     #: Stored with the checkpoint: tells "written by an earlier try whose
     #: answer was lost" from "written by someone else".
     write_id: int
@@ -355,6 +359,45 @@ class _Checkpoint:
     error_out: EngineError | None = None
     #: It failed with the connection: it may have been committed all the same.
     ambiguous: bool = False
+
+
+def _num(value: float | None) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _str(value: str | None) -> str:
+    return "null" if value is None else _quote(_text(value))
+
+
+def _row_json(run: RunRecord, *, create: bool, claim: bool, expect_seq: int, write_id: int) -> str:
+    """The run's row for ``_BATCH_SQL``: a JSON object, states and the like as JSON in it."""
+    error = "null" if run.error is None else _dumps(run.error)
+    waiting = "null" if run.waiting is None else _dumps(run.waiting)
+    head = (
+        f'{{"run_id":{_quote(run.run_id)},"status":"{run.status.value}",'
+        f'"current_node":{_str(run.current_node)},"state":{_dumps(run.state)},'
+        f'"step":{run.step},"loop_counters":{_dumps(run.loop_counters)},"error":{error},'
+        f'"started_at":{_num(run.started_at)},"finished_at":{_num(run.finished_at)},'
+        f'"updated_at":{_num(run.updated_at)},"last_seq":{run.last_seq},'
+        f'"attempt":{run.attempt},"crashes":{run.crashes},"waiting":{waiting},'
+        f'"signal_cursor":{run.signal_cursor},"deadline":{_num(deadline_of(run))},'
+        f'"epoch":{run.epoch}'
+    )
+    if create:
+        return f'{head},"graph_id":{_quote(run.graph_id)},"created_at":{_num(run.created_at)}}}'
+    expect_epoch = run.epoch - 1 if claim else run.epoch
+    return (
+        f'{head},"expect_seq":{expect_seq},"expect_epoch":{expect_epoch},'
+        f'"claim":{"true" if claim else "false"},"write_id":{write_id}}}'
+    )
+
+
+def _entry_json(run_id: str, e: LogEntry) -> str:
+    return (
+        f'{{"run_id":{_quote(run_id)},"seq":{e.seq},"ts":{_num(e.ts)},'
+        f'"level":"{e.level.value}","event":{_str(str(e.event))},"node":{_str(e.node)},'
+        f'"message":{_str(e.message)},"data":{_dumps(e.data)}}}'
+    )
 
 
 def _store_error(exc: Exception, what: str) -> EngineError:
@@ -388,8 +431,6 @@ class _Writer:
         self._cond = threading.Condition()
         self._stopping = False
         self._conn: psycopg.Connection[Any] | None = None
-        #: The backend pid of the write connection: its own notifications are not news.
-        self.backend_pid: int | None = None
         self._thread = threading.Thread(
             target=self._loop, name="trioflow-postgres-writer", daemon=True
         )
@@ -430,6 +471,7 @@ class _Writer:
                 pending.extendleft(reversed(deferred))
             self._run(batch)
             self._token.run_sync_soon(self._store._jobs_done, batch)
+            self._notify(batch)
         self._close()
 
     def _close(self) -> None:
@@ -443,7 +485,6 @@ class _Writer:
         if conn is None or conn.closed or conn.broken:
             self._close()
             conn = self._conn = self._store._connect("writer")
-            self.backend_pid = conn.info.backend_pid
         return conn
 
     def _run(self, checkpoints: list[_Checkpoint]) -> None:
@@ -471,31 +512,29 @@ class _Writer:
                                 self._close()
 
     def _write(self, jobs: list[_Checkpoint]) -> None:
-        """Commit ``jobs`` in one transaction; set each one's outcome."""
+        """Commit ``jobs`` in one statement (one round trip, one commit); set each outcome."""
         conn = self._connection()
-        store = self._store
-        creates = [j for j in jobs if j.create]
-        saves = [j for j in jobs if not j.create]
-        written: set[str] = set()
-        with conn.pipeline() as pipeline:
-            with conn.transaction():
-                cursors = []
-                if creates:
-                    cursors.append(conn.execute(_CREATE_SQL, store._create_params(creates)))
-                if saves:
-                    cursors.append(conn.execute(_CHECKPOINT_SQL, store._checkpoint_params(saves)))
-            payloads = store._log_payloads(jobs)
-            for payload in payloads:
-                conn.execute("SELECT pg_notify(%s, %s)", (store.channels["log"], payload))
-            queued = [j for j in creates if j.run.epoch == 0]
-            if queued and store.notifications:
-                conn.execute("SELECT pg_notify(%s, '')", (store.channels["work"],))
-            pipeline.sync()
-            for cursor in cursors:
-                written.update(row[0] for row in cursor.fetchall())
+        creates = any(j.create for j in jobs)
+        saves = not all(j.create for j in jobs)
+        sql = _BATCH_SQL if creates and saves else _CREATE_SQL if creates else _SAVE_SQL
+        rows = conn.execute(sql, self._store._batch_params(jobs)).fetchall()
+        written = {row[0] for row in rows}
         missing = [j for j in jobs if j.run.run_id not in written]
         if missing:
             self._explain(conn, missing)
+
+    def _notify(self, jobs: list[_Checkpoint]) -> None:
+        """Hand the notifications of a committed batch to the notifier thread."""
+        store = self._store
+        notifier = store._notifier
+        if notifier is None:
+            return
+        written = [j for j in jobs if j.error_out is None]
+        items = [(store.channels["log"], payload) for payload in store._log_payloads(written)]
+        if any(j.create and j.run.epoch == 0 for j in written):
+            items.append((store.channels["work"], ""))
+        if items:
+            notifier.submit(items)
 
     def _explain(self, conn: psycopg.Connection[Any], jobs: list[_Checkpoint]) -> None:
         """Why each of ``jobs`` was not written; or that it was, by an earlier try."""
@@ -530,6 +569,110 @@ class _Writer:
                     details={"run_id": run.run_id, "owner": owner},
                 )
             job.error_out = problem or checkpoint_conflict(run, entries, last_seq)
+
+
+def _merge(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The notifications of ``items`` with each run's newest seq only, in few payloads."""
+    latest: dict[str, dict[str, str]] = {}
+    for channel, payload in items:
+        runs = latest.setdefault(channel, {})
+        for item in payload.split(",") if payload else [""]:
+            run_id, _, seq = item.rpartition(":")
+            runs[run_id or item] = seq
+    out: list[tuple[str, str]] = []
+    for channel, runs in latest.items():
+        current: list[str] = []
+        size = 0
+        for run_id, seq in runs.items():
+            item = f"{run_id}:{seq}" if seq else run_id
+            if current and size + len(item) + 1 > _MAX_PAYLOAD:
+                out.append((channel, ",".join(current)))
+                current, size = [], 0
+            current.append(item)
+            size += len(item) + 1
+        out.append((channel, ",".join(current)))
+    return out
+
+
+class _Notifier:
+    """Sends NOTIFYs on a connection of its own, after the commits they announce.
+
+    Outside the write transactions (a NOTIFY in a transaction serializes the
+    commits of every notifying transaction in the database), without making
+    the writer wait (its own thread), batched (every notification queued
+    while one round trip is out goes in the next, as one statement), and
+    with ``synchronous_commit = off``: a NOTIFY gives its transaction an id,
+    and its commit need not wait for the disk. One that cannot be sent is
+    dropped with a warning: followers on other nodes read the table every
+    few seconds anyway.
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._pending: deque[tuple[str, str]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._conn: psycopg.Connection[Any] | None = None
+        #: The backend pid of its connection: this node's own notifications are not news.
+        self.backend_pid: int | None = None
+        self._thread = threading.Thread(
+            target=self._loop, name="trioflow-postgres-notifier", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, items: list[tuple[str, str]]) -> None:
+        with self._cond:
+            # Only the first item of a window wakes the thread (a wake-up
+            # costs the writer more than the append).
+            wake = not self._pending
+            self._pending.extend(items)
+            if wake:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Send what is queued, then close (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    break
+                # Gather for a moment: one NOTIFY for many commits, so a busy
+                # node's own listener (and every other node's) wakes up at most
+                # a hundred times a second, whatever the step rate.
+                until = time.monotonic() + NOTIFY_WINDOW_S
+                while not self._stopping and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                items = list(self._pending)
+                self._pending.clear()
+            self._send(_merge(items))
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+
+    def _send(self, items: list[tuple[str, str]]) -> None:
+        try:
+            conn = self._conn
+            if conn is None or conn.closed or conn.broken:
+                conn = self._conn = self._store._connect("notifier")
+                conn.execute("SET synchronous_commit = off")
+                self.backend_pid = conn.info.backend_pid
+            conn.execute(
+                "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS t(c, p)",
+                ([c for c, _ in items], [p for _, p in items]),
+            )
+        except Exception as exc:  # a worker thread: log, never die
+            log.warning("could not notify the other nodes (%d dropped): %s", len(items), exc)
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
 
 
 class PostgresStore(SharedStore):
@@ -584,10 +727,13 @@ class PostgresStore(SharedStore):
         self._readers = readers
         self._pool: psycopg_pool.ConnectionPool[Any] | None = None
         self._writer: _Writer | None = None
+        self._notifier: _Notifier | None = None
         self._limiter = trio.CapacityLimiter(readers)
         #: (run_id, last_seq, epoch) -> write_id of a checkpoint whose commit's
         #: outcome is unknown: its retry recognises it if it was written.
         self._ambiguous: dict[tuple[str, int, int], int] = {}
+        #: Unique per checkpoint: a random start for this store (nodes differ), then +1.
+        self._write_ids = itertools.count(int.from_bytes(os.urandom(6), "big") << 14)
         prefix = "tf_" + hashlib.sha1((schema or "").encode()).hexdigest()[:10]
         self.channels = {kind: f"{prefix}_{kind}" for kind in ("log", "ctl", "work")}
 
@@ -659,6 +805,8 @@ class PostgresStore(SharedStore):
                 f"cannot open the PostgreSQL store: {type(exc).__name__}: {exc}",
                 transient=True,
             ) from None
+        if self.notifications:
+            self._notifier = _Notifier(self)
         self._writer = _Writer(self, trio.lowlevel.current_trio_token())
 
     async def aclose(self) -> None:
@@ -666,6 +814,9 @@ class PostgresStore(SharedStore):
         writer, self._writer = self._writer, None
         if writer is not None:
             await trio.to_thread.run_sync(writer.stop)
+        notifier, self._notifier = self._notifier, None
+        if notifier is not None:
+            await trio.to_thread.run_sync(notifier.stop)
         pool, self._pool = self._pool, None
         if pool is not None:
             await trio.to_thread.run_sync(pool.close)
@@ -729,11 +880,19 @@ class PostgresStore(SharedStore):
         if writer is None:
             raise StoreError("the PostgreSQL store is not open")
         writer.submit(job)
-        # Shielded: a job handed to the writer will be written or fail; its
-        # outcome is the caller's. A cancel is delivered at the next checkpoint.
-        # (The writer's connection has TCP timeouts, so this wait is bounded.)
-        with trio.CancelScope(shield=True):
+        try:
             await job.done.wait()
+        except trio.Cancelled:
+            # A job handed to the writer will be written or fail: its outcome
+            # is the caller's, so wait for it (the writer's connection has TCP
+            # timeouts: this is bounded). Written, it returns as written: the
+            # caller's scope is still cancelled, and Trio raises Cancelled
+            # again at its next checkpoint. (A shielded scope around every
+            # wait would cost each step several microseconds.)
+            with trio.CancelScope(shield=True):
+                await job.done.wait()
+            if job.error_out is None:
+                return
         if job.error_out is not None:
             raise job.error_out
 
@@ -753,100 +912,38 @@ class PostgresStore(SharedStore):
         self, run: RunRecord, entries: Sequence[LogEntry], *, create: bool, claim: bool
     ) -> _Checkpoint:
         rid = run.run_id
-        key = (rid, run.last_seq, run.epoch)
-        earlier = self._ambiguous.pop(key, None) if self._ambiguous else None
-        rows = [
-            (
-                rid,
-                e.seq,
-                e.ts,
-                e.level.value,
-                _text(str(e.event)),
-                _text(e.node) if e.node else None,
-                _text(e.message),
-                _dumps(e.data),
-            )
-            for e in entries
-        ]
+        earlier = (
+            self._ambiguous.pop((rid, run.last_seq, run.epoch), None) if self._ambiguous else None
+        )
+        write_id = next(self._write_ids)
+        row = _row_json(
+            run,
+            create=create,
+            claim=claim,
+            expect_seq=run.last_seq - len(entries),
+            write_id=write_id,
+        )
         return _Checkpoint(
             create=create,
             run=run,
             claim=claim,
-            state=_dumps(run.state),
-            loop_counters=_dumps(run.loop_counters),
-            error=None if run.error is None else _dumps(run.error),
-            waiting=None if run.waiting is None else _dumps(run.waiting),
-            deadline=deadline_of(run),
-            entries=rows,
-            expect_seq=run.last_seq - len(entries),
-            expect_epoch=run.epoch - 1 if claim else run.epoch,
-            write_id=int.from_bytes(os.urandom(8), "big") >> 1,
+            row=row,
+            entries=[_entry_json(rid, e) for e in entries],
+            write_id=write_id,
             earlier=earlier,
         )
 
-    def _log_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, list[Any]]:
-        cols: list[list[Any]] = [[] for _ in range(8)]
-        for job in jobs:
-            for row in job.entries:
-                for i, value in enumerate(row):
-                    cols[i].append(value)
-        names = ("l_run", "l_seq", "l_ts", "l_level", "l_event", "l_node", "l_message", "l_data")
-        return dict(zip(names, cols, strict=True))
-
-    def _checkpoint_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
-        runs = [j.run for j in jobs]
+    def _batch_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
+        """The three JSON documents of ``_BATCH_SQL`` for ``jobs`` (creates and checkpoints)."""
+        saves = ",".join(j.row for j in jobs if not j.create)
+        creates = ",".join(j.row for j in jobs if j.create)
+        logs = ",".join(e for j in jobs for e in j.entries)
         return {
-            "run_id": [r.run_id for r in runs],
-            "status": [r.status.value for r in runs],
-            "current_node": [r.current_node for r in runs],
-            "state": [j.state for j in jobs],
-            "step": [r.step for r in runs],
-            "loop_counters": [j.loop_counters for j in jobs],
-            "error": [j.error for j in jobs],
-            "started_at": [r.started_at for r in runs],
-            "finished_at": [r.finished_at for r in runs],
-            "updated_at": [r.updated_at for r in runs],
-            "last_seq": [r.last_seq for r in runs],
-            "attempt": [r.attempt for r in runs],
-            "crashes": [r.crashes for r in runs],
-            "waiting": [j.waiting for j in jobs],
-            "signal_cursor": [r.signal_cursor for r in runs],
-            "deadline": [j.deadline for j in jobs],
-            "epoch": [r.epoch for r in runs],
-            "expect_seq": [j.expect_seq for j in jobs],
-            "expect_epoch": [j.expect_epoch for j in jobs],
-            "claim": [j.claim for j in jobs],
-            "write_id": [j.write_id for j in jobs],
+            "v": f"[{saves}]",
+            "n": f"[{creates}]",
+            "l": f"[{logs}]",
             "me": self.node_id,
             "ttl": self.lease_ttl,
-            **self._log_params(jobs),
-        }
-
-    def _create_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
-        runs = [j.run for j in jobs]
-        return {
-            "run_id": [r.run_id for r in runs],
-            "graph_id": [r.graph_id for r in runs],
-            "status": [r.status.value for r in runs],
-            "current_node": [r.current_node for r in runs],
-            "state": [j.state for j in jobs],
-            "step": [r.step for r in runs],
-            "loop_counters": [j.loop_counters for j in jobs],
-            "error": [j.error for j in jobs],
-            "created_at": [r.created_at for r in runs],
-            "started_at": [r.started_at for r in runs],
-            "finished_at": [r.finished_at for r in runs],
-            "updated_at": [r.updated_at for r in runs],
-            "last_seq": [r.last_seq for r in runs],
-            "attempt": [r.attempt for r in runs],
-            "crashes": [r.crashes for r in runs],
-            "waiting": [j.waiting for j in jobs],
-            "signal_cursor": [r.signal_cursor for r in runs],
-            "deadline": [j.deadline for j in jobs],
-            "epoch": [r.epoch for r in runs],
-            "me": self.node_id,
-            "ttl": self.lease_ttl,
-            **self._log_params(jobs),
         }
 
     def _log_payloads(self, jobs: Sequence[_Checkpoint]) -> list[str]:
@@ -1057,8 +1154,8 @@ class PostgresStore(SharedStore):
                 channel = note.relname.decode()
                 payload = note.extra.decode()
                 if channel == log_channel:
-                    writer = self._writer
-                    if writer is not None and note.be_pid == writer.backend_pid:
+                    notifier = self._notifier
+                    if notifier is not None and note.be_pid == notifier.backend_pid:
                         continue  # this node's own writes: its followers were told
                     for item in payload.split(","):
                         run_id = item.rpartition(":")[0]

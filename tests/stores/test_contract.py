@@ -485,3 +485,32 @@ async def test_ids_no_store_can_hold_are_simply_not_found(store: Store) -> None:
         await store.add_signal(odd, "s", {}, 1.0)
     page = await store.list_runs(graph_id="g\x00")
     assert page.items == []
+
+
+async def test_a_cancelled_checkpoint_returns_if_and_only_if_it_was_written(store: Store) -> None:
+    # An actor keeps its log's seqs only for checkpoints that returned: one
+    # that raised must have written nothing, one that was written must return
+    # (the cancel then comes at the caller's next checkpoint).
+    for i in range(30):
+        await store.create_run(_run(f"r{i:02d}", last_seq=1), _entries(1, 1))
+    returned: set[str] = set()
+
+    async def save(run_id: str) -> None:
+        await store.save_run(_run(run_id, step=2, last_seq=2), _entries(2, 2))
+        returned.add(run_id)
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(save, f"r{i:02d}")
+            # Let some reach the writer, then cancel them all mid-flight.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+    for i in range(30):
+        run = await store.get_run(f"r{i:02d}")
+        assert run is not None
+        written = run.step == 2
+        assert [e.seq for e in await store.read_log(run.run_id)] == ([1, 2] if written else [1])
+        assert written == (run.run_id in returned), run.run_id
