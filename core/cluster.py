@@ -9,8 +9,8 @@ is one *node* of several, and runs this next to its actors:
   a signal (the fallback for a lost notification). A run it thought it held
   and that was not renewed belongs to another node now: its actor is
   abandoned (it stops and writes nothing). A node that cannot renew for a
-  whole lease abandons every actor: by then another node may have claimed
-  them;
+  lease (less one heartbeat) abandons every actor: soon another node may
+  claim them;
 * a **claim scan**, every ``claim_interval`` or sooner when a notification
   says there is work (a node left, a run was queued) or a running slot
   frees up: it claims as many unheld runs as it has free slots and resumes
@@ -59,7 +59,7 @@ class Cluster:
         self._wake = trio.Event()
         #: Trio time of the start of the last heartbeat that renewed our leases.
         self._renewed_at = trio.current_time()
-        #: True once a whole lease passed without a renewal (until one succeeds).
+        #: True once (almost) a whole lease passed without a renewal (until one succeeds).
         self.cut_off = False
         #: Set when the engine stops: no more claims.
         self.draining = False
@@ -106,7 +106,9 @@ class Cluster:
                 self._host.store_failed(error)  # /healthz says so
                 silent = trio.current_time() - self._renewed_at
                 log.warning("heartbeat failed (%s); no renewal for %.1f s", reason, silent)
-                if silent >= ttl and not self.cut_off:
+                # Give the runs up a heartbeat before their leases can expire,
+                # so that no other node executes them while this one still does.
+                if silent >= ttl - self.heartbeat_s and not self.cut_off:
                     self.cut_off = True
                     self._abandon_all(
                         f"this node could not renew its leases for {silent:.1f} s "

@@ -53,7 +53,8 @@ class WaitSpec(_Strict):
 
 
 class NodeSpec(_Strict):
-    id: Annotated[str, Field(min_length=1, max_length=200)]
+    # Any printable text: ids are stored and logged, and no store keeps a NUL.
+    id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
     callable: Annotated[str | None, Field(min_length=1, max_length=200)] = None
     wait: WaitSpec | None = None
     timeout_s: Annotated[float | None, Field(gt=0, le=86_400)] = None

@@ -354,13 +354,18 @@ class Engine:
         if not isinstance(self.store, SharedStore):  # pragma: no cover - shared stores only
             raise RunStateError(run_id, record.status.value, "cancel")
         await self.store.request_cancel(run_id)
-        final = await self._until_ended(run_id)
+        final = await self._until_cancelled(run_id)
         if final.status is not RunStatus.CANCELLED:
             raise RunStateError(run_id, final.status.value, "cancel")
         return final
 
-    async def _until_ended(self, run_id: str, poll_s: float = CANCEL_POLL_S) -> RunRecord:
-        """The run's record once it is terminal: woken by its log, or reading every ``poll_s``."""
+    async def _until_cancelled(self, run_id: str, poll_s: float = CANCEL_POLL_S) -> RunRecord:
+        """The run's record once it ended, after a cancel request went to another node.
+
+        Woken by its log, or reading every ``poll_s``. A run that stopped at a
+        wait meanwhile belongs to no node any more (nobody will act on the
+        request): it is cancelled here.
+        """
         notifier = self.store.notifier
         while True:
             event = notifier.watch(run_id)
@@ -368,6 +373,9 @@ class Engine:
                 record = await self.get_run(run_id)
                 if record.status.is_terminal:
                     return record
+                if record.status is RunStatus.WAITING:
+                    with contextlib.suppress(LeaseHeldError):
+                        return await self._cancel_stored(record)
                 with trio.move_on_after(poll_s):
                     await event.wait()
             finally:
@@ -663,47 +671,62 @@ class Engine:
                 await handle.done.wait()
 
     async def _start_claimed(self, claimed: list[Claimed]) -> None:
-        """Execute runs this node has just claimed on a shared store (each at its new epoch)."""
+        """Execute runs this node has just claimed on a shared store (each at its new epoch).
+
+        A store error on one of them leaves it as claimed: its lease is not
+        renewed (no actor holds it), so it expires and the run is claimed
+        again, here or elsewhere.
+        """
         for item in claimed:
-            record = item.record
-            old = self._host.handles.get(record.run_id)
-            if old is not None:
-                # Its lease lapsed here while the actor lived (a heartbeat
-                # that could not get through): that actor is fenced off now.
-                old.send(Abandon("this node claimed the run again"))
-            if item.taken_over and record.crashes >= 2:
-                failure = RunFailure(
-                    "crash_loop",
-                    f"the node executing this run died (or lost the store) {record.crashes} times "
-                    f"in a row while it was at node {record.current_node} (step {record.step}); "
-                    "it is not resumed again",
-                    node=record.current_node,
-                    extra={"crashes": record.crashes},
-                )
-                await self._end_claimed(record, failure)
-                continue
             try:
-                graph = await self.get_graph(record.graph_id)
-            except (UnknownGraphError, GraphValidationError) as exc:
-                failure = RunFailure(
-                    "graph_unavailable",
-                    f"cannot resume run: {exc.message}",
-                    node=record.current_node,
-                )
-                await self._end_claimed(record, failure)
-                continue
-            first: list[Command] = []
-            if item.cancel_requested:
-                first.append(Cancel())
-            if item.signals_pending:
-                first.append(Signal("", {}))
-            if item.taken_over:
+                await self._start_one_claimed(item)
+            except StoreError as exc:
                 log.warning(
-                    "run %s: taken over from a node whose lease expired (at node %s)",
-                    record.run_id,
-                    record.current_node,
+                    "run %s: could not start it after claiming it: %s",
+                    item.record.run_id,
+                    exc.message,
                 )
-            self._host.spawn(graph, record, *first)
+
+    async def _start_one_claimed(self, item: Claimed) -> None:
+        record = item.record
+        old = self._host.handles.get(record.run_id)
+        if old is not None:
+            # Its lease lapsed here while the actor lived (a heartbeat
+            # that could not get through): that actor is fenced off now.
+            old.send(Abandon("this node claimed the run again"))
+        if item.taken_over and record.crashes >= 2:
+            failure = RunFailure(
+                "crash_loop",
+                f"the node executing this run died (or lost the store) {record.crashes} times "
+                f"in a row while it was at node {record.current_node} (step {record.step}); "
+                "it is not resumed again",
+                node=record.current_node,
+                extra={"crashes": record.crashes},
+            )
+            await self._end_claimed(record, failure)
+            return
+        try:
+            graph = await self.get_graph(record.graph_id)
+        except (UnknownGraphError, GraphValidationError) as exc:
+            failure = RunFailure(
+                "graph_unavailable",
+                f"cannot resume run: {exc.message}",
+                node=record.current_node,
+            )
+            await self._end_claimed(record, failure)
+            return
+        first: list[Command] = []
+        if item.cancel_requested:
+            first.append(Cancel())
+        if item.signals_pending:
+            first.append(Signal("", {}))
+        if item.taken_over:
+            log.warning(
+                "run %s: taken over from a node whose lease expired (at node %s)",
+                record.run_id,
+                record.current_node,
+            )
+        self._host.spawn(graph, record, *first)
 
     async def _end_claimed(self, record: RunRecord, failure: RunFailure) -> None:
         # A conflict: claimed by yet another node meanwhile, its business now.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -51,6 +52,8 @@ from .state import json_problem
 from .stores.base import StoredSignal
 
 log = logging.getLogger("trioflow.engine")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: Most due waits handled per pass of the deadline timer.
 DUE_BATCH = 100
@@ -272,9 +275,9 @@ class Waiting:
 
     async def signal(self, run_id: str, name: str, updates: Mapping[str, Any]) -> StoredSignal:
         """See :meth:`trioflow.Engine.signal`."""
-        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+        if not isinstance(name, str) or not 1 <= len(name) <= 200 or _CONTROL.search(name):
             raise StateValidationError(
-                "a signal's name is 1 to 200 characters",
+                "a signal's name is 1 to 200 characters, without control characters",
                 node=None,
                 errors=[
                     {"field": "name", "message": "1 to 200 characters", "type": "string_length"}

@@ -409,3 +409,68 @@ async def test_a_run_whose_node_dies_twice_at_one_step_fails_with_crash_loop(sch
             final = await a.wait(run.run_id)
             assert final.status is RunStatus.FAILED
             assert final.error is not None and final.error["code"] == "crash_loop"
+
+
+async def test_a_cancel_for_a_run_that_stops_at_a_wait_meanwhile_still_lands(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cancel goes to the row of a run that node a executes; before it gets
+    # there, the run parks at a wait and belongs to no node. The node that
+    # asked cancels it itself.
+    graph = {
+        "id": "park",
+        "start_node": "nap",
+        "nodes": [{"id": "nap", "callable": "tools.sleep"}, {"id": "ask", "wait": {}}],
+        "edges": [{"from": "nap", "to": "ask"}],
+    }
+    with trio.fail_after(30):
+        async with nodes(schema, default_registry(), "a", "b") as (a, b):
+            await a.register_graph(graph)
+            run = await a.start_run("park", {"sleep_s": 0.3})
+            await until_running(b, run.run_id, "nap")
+            assert isinstance(b.store, PostgresStore)
+            request = b.store.request_cancel
+
+            async def late_request(run_id: str) -> None:
+                await a.wait_stop(run_id)  # the run parks first
+                await request(run_id)
+
+            monkeypatch.setattr(b.store, "request_cancel", late_request)
+            final = await b.cancel(run.run_id)
+            assert final.status is RunStatus.CANCELLED
+            assert [e.event for e in await b.read_log(run.run_id)][-2:] == [
+                "run_waiting",
+                "run_cancelled",
+            ]
+
+
+async def test_a_store_error_while_starting_a_claimed_run_does_not_stop_the_node(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(60):
+        async with nodes(schema, default_registry(), "a") as (a,):
+            await a.register_graph(SLEEPY)
+        async with nodes(schema, default_registry(), "b") as (b,):
+            failures = [StoreError("the database blinked", transient=True)]
+            get_graph = b.get_graph
+
+            async def flaky(graph_id: str) -> Any:
+                if failures:
+                    raise failures.pop()
+                return await get_graph(graph_id)
+
+            monkeypatch.setattr(b, "get_graph", flaky)
+            # Queued for any node: b claims it, cannot start it, and claims it
+            # again once its lease has expired.
+            await sql(
+                schema,
+                "INSERT INTO runs (run_id, graph_id, status, current_node, state, step, "
+                "loop_counters, created_at, updated_at, last_seq, attempt) VALUES "
+                "('queued', 'sleepy', 'pending', 'nap', '{\"sleep_s\": 0.01}', 0, '{}', "
+                "1, 1, 0, 1)",
+            )
+            assert b.cluster is not None
+            b.cluster.wake()
+            final = await b.wait("queued")
+            assert final.status is RunStatus.COMPLETED
+            assert not failures

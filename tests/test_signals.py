@@ -134,6 +134,8 @@ async def test_a_signal_to_an_ended_or_unknown_run_is_refused(
     [
         ("", {"x": 1}, StateValidationError),
         ("n" * 201, {"x": 1}, StateValidationError),
+        ("a\x00b", {"x": 1}, StateValidationError),
+        ("line\nbreak", {"x": 1}, StateValidationError),
         ("ok", ["not", "an", "object"], StateValidationError),
         ("ok", {"x": math.nan}, StateValidationError),
         ("ok", {"x": {1, 2}}, StateValidationError),

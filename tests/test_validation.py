@@ -152,6 +152,13 @@ def test_duplicate_node_id(registry: Registry) -> None:
     assert problems(doc, registry) == [("duplicate_node_id", "$.nodes[2].id")]
 
 
+@pytest.mark.parametrize("node_id", ["a\x00b", "two\nlines", "tab\t", "del\x7f"])
+def test_a_node_id_is_printable_text(registry: Registry, node_id: str) -> None:
+    doc = base()
+    doc["nodes"][1]["id"] = node_id
+    assert ("invalid_value", "$.nodes[1].id") in problems(doc, registry)
+
+
 def test_unknown_start_node(registry: Registry) -> None:
     doc = base()
     doc["start_node"] = "nowhere"

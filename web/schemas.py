@@ -101,7 +101,7 @@ class ResumeRequest(_StrictInput):
 class SignalRequest(_StrictInput):
     """Body of ``POST /graph/signal/{run_id}``."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
     updates: dict[str, Any] = Field(
         default_factory=dict, description="State updates, applied between steps."
     )

@@ -78,7 +78,7 @@ class Cursor:
             if not isinstance(ident, str) or not isinstance(key, int | float):
                 raise ValueError("bad cursor fields")
             return float(key), ident
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
             raise InvalidCursorError(f"invalid cursor: {exc}") from None
 
 

@@ -219,13 +219,13 @@ n AS (
     run_id text, graph_id text, status text, current_node text, state json, step int,
     loop_counters json, error json, created_at float8, started_at float8, finished_at float8,
     updated_at float8, last_seq int, attempt int, crashes int, waiting json, signal_cursor int,
-    deadline float8, epoch bigint)
+    deadline float8, epoch bigint, write_id bigint)
 ), c AS (
-  INSERT INTO runs ({_RUN_COLUMNS}, deadline, owner, lease_until)
+  INSERT INTO runs ({_RUN_COLUMNS}, deadline, write_id, owner, lease_until)
   SELECT n.run_id, n.graph_id, n.status, n.current_node, n.state::text, n.step,
          n.loop_counters::text, n.error::text, n.created_at, n.started_at, n.finished_at,
          n.updated_at, n.last_seq, n.attempt, n.crashes, n.waiting::text, n.signal_cursor,
-         n.epoch, n.deadline,
+         n.epoch, n.deadline, n.write_id,
          CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL} THEN %(me)s END,
          CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL}
               THEN now() + %(ttl)s * interval '1 second' END
@@ -283,6 +283,11 @@ RETURNING r.run_id, r.cancel_requested, r.last_signal_id > r.signal_cursor
 
 #: Most checkpoints committed in one transaction.
 _MAX_BATCH = 512
+#: How long a statement waits for a row lock, runs at all, or a session may
+#: sit in a transaction without sending anything (milliseconds).
+LOCK_TIMEOUT_MS = 5_000
+STATEMENT_TIMEOUT_MS = 30_000
+IDLE_IN_TRANSACTION_MS = 30_000
 #: Notifications of commits are gathered this long into one NOTIFY.
 NOTIFY_WINDOW_S = 0.01
 #: Checkpoints of unknown outcome remembered for their retries (oldest forgotten first).
@@ -350,15 +355,18 @@ class _Checkpoint:
     row: str
     entries: list[str]
     #: Stored with the checkpoint: tells "written by an earlier try whose
-    #: answer was lost" from "written by someone else".
+    #: answer was lost" from "written by someone else" (a retry of the same
+    #: checkpoint has the same one).
     write_id: int
-    #: The write_id of an earlier try of this same checkpoint whose commit's
-    #: outcome is unknown (the connection broke), if there was one.
-    earlier: int | None = None
     done: trio.Event = field(default_factory=trio.Event)
     error_out: EngineError | None = None
     #: It failed with the connection: it may have been committed all the same.
     ambiguous: bool = False
+
+
+def _identity(run: RunRecord) -> tuple[str, int, int, float]:
+    """What tells one checkpoint of a run from another (a retry is the same record)."""
+    return (run.run_id, run.last_seq, run.epoch, run.updated_at)
 
 
 def _num(value: float | None) -> str:
@@ -384,7 +392,10 @@ def _row_json(run: RunRecord, *, create: bool, claim: bool, expect_seq: int, wri
         f'"epoch":{run.epoch}'
     )
     if create:
-        return f'{head},"graph_id":{_quote(run.graph_id)},"created_at":{_num(run.created_at)}}}'
+        return (
+            f'{head},"graph_id":{_quote(run.graph_id)},"created_at":{_num(run.created_at)},'
+            f'"write_id":{write_id}}}'
+        )
     expect_epoch = run.epoch - 1 if claim else run.epoch
     return (
         f'{head},"expect_seq":{expect_seq},"expect_epoch":{expect_epoch},'
@@ -488,28 +499,61 @@ class _Writer:
         return conn
 
     def _run(self, checkpoints: list[_Checkpoint]) -> None:
-        if checkpoints:
-            try:
-                self._write(checkpoints)
-            except Exception as exc:
-                import psycopg
+        import psycopg
 
-                if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-                    error = _store_error(exc, "commit failed")
-                    for job in checkpoints:
-                        job.error_out = error
-                        job.ambiguous = True
+        lost = (psycopg.OperationalError, psycopg.InterfaceError)
+        try:
+            self._connection()
+        except Exception as exc:
+            # Nothing was sent: nothing can have been written.
+            error = _store_error(exc, "cannot connect")
+            for job in checkpoints:
+                job.error_out = error
+            self._close()
+            return
+        try:
+            self._write(checkpoints)
+        except lost as exc:
+            # Sent, and no answer: the commit may or may not have happened.
+            self._close()
+            self._settle(checkpoints, _store_error(exc, "commit failed"))
+        except Exception:
+            # Something in the data: find which, one checkpoint at a time.
+            for job in checkpoints:
+                try:
+                    self._write([job])
+                except lost as one:
                     self._close()
-                else:
-                    # Something in the data: find which, one checkpoint at a time.
-                    for job in checkpoints:
-                        try:
-                            self._write([job])
-                        except Exception as one:
-                            job.error_out = _store_error(one, "checkpoint failed")
-                            if isinstance(one, psycopg.OperationalError | psycopg.InterfaceError):
-                                job.ambiguous = True
-                                self._close()
+                    self._settle([job], _store_error(one, "checkpoint failed"))
+                except Exception as one:
+                    job.error_out = _store_error(one, "checkpoint failed")
+
+    def _settle(self, jobs: list[_Checkpoint], error: EngineError) -> None:
+        """After a commit whose answer was lost: look whether each of ``jobs`` was written.
+
+        Each checkpoint's row carries its ``write_id``. If the database
+        answers again, each job is settled now: written (success) or not
+        (the error; a retry may write it). If not, the jobs stay ambiguous:
+        a retry of the same checkpoint reuses its write_id and recognises
+        the row if this try did write it.
+        """
+        try:
+            conn = self._connection()
+            rows = conn.execute(
+                "SELECT run_id, last_seq, epoch, write_id FROM runs WHERE run_id = ANY(%s)",
+                ([j.run.run_id for j in jobs],),
+            ).fetchall()
+        except Exception:  # the database does not answer: decide later
+            self._close()
+            for job in jobs:
+                job.error_out = error
+                job.ambiguous = True
+            return
+        stored = {r[0]: r[1:] for r in rows}
+        for job in jobs:
+            if stored.get(job.run.run_id) == (job.run.last_seq, job.run.epoch, job.write_id):
+                continue  # it was written
+            job.error_out = error
 
     def _write(self, jobs: list[_Checkpoint]) -> None:
         """Commit ``jobs`` in one statement (one round trip, one commit); set each outcome."""
@@ -556,8 +600,8 @@ class _Writer:
                 job.error_out = StoreError(f"run {run.run_id!r} does not exist")
                 continue
             _, last_seq, epoch, owner, write_id, lease_live = row
-            if job.earlier is not None and write_id == job.earlier:
-                continue  # an earlier try committed it (its answer was lost)
+            if (last_seq, epoch, write_id) == (run.last_seq, run.epoch, job.write_id):
+                continue  # an earlier try of this checkpoint committed it (its answer was lost)
             entries = len(job.entries)
             problem = fencing_problem(run, entries, last_seq, epoch, claim=job.claim)
             if problem is None and job.claim and owner is not None and lease_live:
@@ -669,6 +713,7 @@ class _Notifier:
             )
         except Exception as exc:  # a worker thread: log, never die
             log.warning("could not notify the other nodes (%d dropped): %s", len(items), exc)
+            self.backend_pid = None
             if self._conn is not None:
                 with contextlib.suppress(Exception):
                     self._conn.close()
@@ -729,9 +774,9 @@ class PostgresStore(SharedStore):
         self._writer: _Writer | None = None
         self._notifier: _Notifier | None = None
         self._limiter = trio.CapacityLimiter(readers)
-        #: (run_id, last_seq, epoch) -> write_id of a checkpoint whose commit's
-        #: outcome is unknown: its retry recognises it if it was written.
-        self._ambiguous: dict[tuple[str, int, int], int] = {}
+        #: A checkpoint whose commit's outcome is unknown -> its write_id: its
+        #: retries reuse it, and recognise the row if that try wrote it.
+        self._ambiguous: dict[tuple[str, int, int, float], int] = {}
         #: Unique per checkpoint: a random start for this store (nodes differ), then +1.
         self._write_ids = itertools.count(int.from_bytes(os.urandom(6), "big") << 14)
         prefix = "tf_" + hashlib.sha1((schema or "").encode()).hexdigest()[:10]
@@ -751,8 +796,17 @@ class PostgresStore(SharedStore):
             "keepalives_count": 3,
             "tcp_user_timeout": 10_000,
         }
+        # No statement waits for ever: a row another session keeps locked
+        # (a node frozen in a transaction) fails the write after a while, and
+        # the write is retried; such a session is ended by the server.
+        settings = [
+            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+        ]
         if self.schema is not None:
-            options["options"] = f"-c search_path={self.schema}"
+            settings.append(f"-c search_path={self.schema}")
+        options["options"] = " ".join(settings)
         return options
 
     def _connect(self, role: str) -> psycopg.Connection[Any]:
@@ -899,23 +953,25 @@ class PostgresStore(SharedStore):
     def _jobs_done(self, batch: list[_Checkpoint]) -> None:
         """On the Trio thread: report outcomes, wake followers of the runs written."""
         for job in batch:
+            key = _identity(job.run)
             if job.error_out is None:
                 self.notifier.notify(job.run.run_id)
-            elif job.ambiguous and not job.create:
-                run = job.run
-                self._ambiguous[(run.run_id, run.last_seq, run.epoch)] = job.write_id
+                self._ambiguous.pop(key, None)
+            elif job.ambiguous:
+                # Its retry (the same checkpoint) reuses this write_id.
+                self._ambiguous.setdefault(key, job.write_id)
                 if len(self._ambiguous) > _MAX_AMBIGUOUS:
                     del self._ambiguous[next(iter(self._ambiguous))]
+            else:
+                self._ambiguous.pop(key, None)
             job.done.set()
 
     def _checkpoint_job(
         self, run: RunRecord, entries: Sequence[LogEntry], *, create: bool, claim: bool
     ) -> _Checkpoint:
         rid = run.run_id
-        earlier = (
-            self._ambiguous.pop((rid, run.last_seq, run.epoch), None) if self._ambiguous else None
-        )
-        write_id = next(self._write_ids)
+        earlier = self._ambiguous.get(_identity(run)) if self._ambiguous else None
+        write_id = earlier if earlier is not None else next(self._write_ids)
         row = _row_json(
             run,
             create=create,
@@ -930,7 +986,6 @@ class PostgresStore(SharedStore):
             row=row,
             entries=[_entry_json(rid, e) for e in entries],
             write_id=write_id,
-            earlier=earlier,
         )
 
     def _batch_params(self, jobs: Sequence[_Checkpoint]) -> dict[str, Any]:
@@ -1063,7 +1118,12 @@ class PostgresStore(SharedStore):
             "epochs": list(held.values()),
         }
 
+        timeout_ms = max(100, int(min(self.lease_ttl / 3, 1.0) * 1000))
+
         def renew(conn: psycopg.Connection[Any]) -> list[Row]:
+            # A renewal that cannot finish within a heartbeat must not land
+            # later, after the node has given its runs up.
+            conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
             return conn.execute(_RENEW_SQL, params).fetchall()
 
         rows = await self._db(renew, "heartbeat", abandon=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -342,7 +344,12 @@ async def test_list_runs_cursor_from_a_deleted_run_still_continues(store: Store)
     assert [r.run_id for r in rest.items] == ["r3", "r2", "r1", "r0"]
 
 
-@pytest.mark.parametrize("cursor", ["garbage!", "", Cursor.encode(1.0, "x")[:-3] + "@@@"])
+_HUGE_KEY = base64.urlsafe_b64encode(json.dumps([10**400, "x"]).encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "cursor", ["garbage!", "", Cursor.encode(1.0, "x")[:-3] + "@@@", _HUGE_KEY]
+)
 async def test_list_runs_rejects_an_invalid_cursor(store: Store, cursor: str) -> None:
     await store.create_run(_run("r1"))
     with pytest.raises(InvalidCursorError):
