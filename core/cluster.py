@@ -3,7 +3,7 @@
 When the store is a :class:`~trioflow.stores.base.SharedStore`, the engine
 is one *node* of several, and runs this next to its actors:
 
-* a **heartbeat**, every third of a lease (at most every second): one
+* a **heartbeat**, every third of a lease (at most every 0.75 s): one
   statement renews the leases
   of every run this node executes, and tells it which were sent a cancel or
   a signal (the fallback for a lost notification). A run it thought it held
@@ -41,7 +41,7 @@ CLAIM_BATCH = 100
 #: Followers on a shared store read the log at least this often (a lost notification).
 FOLLOW_POLL_S = 2.0
 #: The longest pause between two heartbeats.
-HEARTBEAT_MAX_S = 1.0
+HEARTBEAT_MAX_S = 0.75
 
 
 class Cluster:
@@ -67,7 +67,7 @@ class Cluster:
 
     @property
     def heartbeat_s(self) -> float:
-        """A third of a lease, and at most a second (it is also how soon a lost
+        """A third of a lease, and at most 0.75 s (it is also how soon a lost
         notification's cancel or signal is seen)."""
         return min(self._store.lease_ttl / 3, HEARTBEAT_MAX_S)
 

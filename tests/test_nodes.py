@@ -181,7 +181,7 @@ async def until_running(engine: Engine, run_id: str, node: str) -> None:
 async def test_a_cancel_sent_to_another_node_lands_within_a_second(
     schema: str, notifications: bool
 ) -> None:
-    # Without notifications, the owner's heartbeat (every second) sees the flag.
+    # Without notifications, the owner's heartbeat (every 0.75 s at most) sees the flag.
     with trio.fail_after(30):
         async with nodes(schema, default_registry(), "a", "b", notifications=notifications) as (
             a,
@@ -194,7 +194,7 @@ async def test_a_cancel_sent_to_another_node_lands_within_a_second(
             final = await b.cancel(run.run_id)
             took = trio.current_time() - started
             assert final.status is RunStatus.CANCELLED
-            assert took < 1.5, took
+            assert took < 1.0, took
             log = await b.read_log(run.run_id)
             assert gapless(log) and log[-1].event == "run_cancelled"
             assert a.active_runs == 0

@@ -1118,7 +1118,7 @@ class PostgresStore(SharedStore):
             "epochs": list(held.values()),
         }
 
-        timeout_ms = max(100, int(min(self.lease_ttl / 3, 1.0) * 1000))
+        timeout_ms = max(100, int(min(self.lease_ttl / 3, 0.75) * 1000))
 
         def renew(conn: psycopg.Connection[Any]) -> list[Row]:
             # A renewal that cannot finish within a heartbeat must not land
@@ -1175,7 +1175,7 @@ class PostgresStore(SharedStore):
         delay = 0.1
         while True:
             try:
-                conn = await trio.to_thread.run_sync(self._open_listener, abandon_on_cancel=True)
+                conn = await self._open_listener()
             except psycopg.Error as exc:
                 log.warning("listener: cannot connect (%s); again in %.1f s", exc, delay)
                 await trio.sleep(delay)
@@ -1191,15 +1191,37 @@ class PostgresStore(SharedStore):
                 with contextlib.suppress(Exception):
                     conn.close()
 
-    def _open_listener(self) -> psycopg.Connection[Any]:
-        conn = self._connect("listener")
+    async def _open_listener(self) -> psycopg.Connection[Any]:
+        # Connecting can take as long as the network does, so a stopping
+        # engine does not wait for it: the thread is abandoned, and whichever
+        # of the two comes second (the connection or the abandon) closes it.
+        lock = threading.Lock()
+        opened: list[psycopg.Connection[Any]] = []
+        abandoned = False
+
+        def open_() -> psycopg.Connection[Any]:
+            conn = self._connect("listener")
+            try:
+                for channel in self.channels.values():
+                    conn.execute(f'LISTEN "{channel}"')
+            except BaseException:
+                conn.close()
+                raise
+            with lock:
+                if abandoned:
+                    conn.close()
+                else:
+                    opened.append(conn)
+            return conn
+
         try:
-            for channel in self.channels.values():
-                conn.execute(f'LISTEN "{channel}"')
-        except BaseException:
-            conn.close()
+            return await trio.to_thread.run_sync(open_, abandon_on_cancel=True)
+        except trio.Cancelled:
+            with lock:
+                abandoned = True
+                for conn in opened:
+                    conn.close()
             raise
-        return conn
 
     async def _pump(self, conn: psycopg.Connection[Any], events: ClusterEvents) -> None:
         import psycopg
