@@ -4,9 +4,11 @@ When the store is a :class:`~trioflow.stores.base.SharedStore`, the engine
 is one *node* of several, and runs this next to its actors:
 
 * a **heartbeat**, every third of a lease (at most every 0.75 s): one
-  statement renews the leases
-  of every run this node executes, and tells it which were sent a cancel or
-  a signal (the fallback for a lost notification). A run it thought it held
+  statement renews the leases of every run this node executes, and tells it
+  which were sent a cancel or a signal (the fallback for a lost
+  notification). A renewal may take up to a third of a lease, as long as it
+  answers before the node must give its runs up; the database drops it
+  after that, so a late renewal never lands. A run it thought it held
   and that was not renewed belongs to another node now: its actor is
   abandoned (it stops and writes nothing). A node that cannot renew for a
   lease (less one heartbeat) abandons every actor: soon another node may
@@ -91,15 +93,24 @@ class Cluster:
             await trio.sleep(self.heartbeat_s)
             started = trio.current_time()
             held = {rid: h.epoch for rid, h in self._host.handles.items() if h.abandoned is None}
+            # A renewal may take up to a third of a lease (a busy database is
+            # not a dead one), but never past the point where this node must
+            # give its runs up: a heartbeat before their leases can expire.
+            # (Once they are given up, it only tells when the store is back.)
+            timeout = ttl / 3
+            if not self.cut_off:
+                timeout = min(timeout, self._renewed_at + ttl - self.heartbeat_s - started)
             try:
-                with trio.fail_after(self.heartbeat_s):
-                    renewal = await self._store.renew_leases(held)
+                if timeout <= 0:
+                    raise trio.TooSlowError
+                with trio.fail_after(timeout):
+                    renewal = await self._store.renew_leases(held, timeout_s=timeout)
             except (StoreError, trio.TooSlowError) as exc:
                 error = (
                     exc
                     if isinstance(exc, StoreError)
                     else StoreError(
-                        f"the heartbeat got no answer in {self.heartbeat_s:g} s", transient=True
+                        f"the heartbeat got no answer in {max(timeout, 0):.2g} s", transient=True
                     )
                 )
                 reason = error.message

@@ -474,3 +474,31 @@ async def test_a_store_error_while_starting_a_claimed_run_does_not_stop_the_node
             final = await b.wait("queued")
             assert final.status is RunStatus.COMPLETED
             assert not failures
+
+
+async def test_a_slow_heartbeat_is_not_a_lost_one(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # lease 6 s: heartbeats every 0.75 s, and each may take up to 2 s.
+    with trio.fail_after(60):
+        async with nodes(schema, default_registry(), "a", lease_ttl=6.0) as (a,):
+            assert a.cluster is not None
+            assert isinstance(a.store, PostgresStore)
+            renew = a.store.renew_leases
+            slow: list[float] = []
+
+            async def sluggish(held: Any, *, timeout_s: float) -> Any:
+                slow.append(timeout_s)
+                await trio.sleep(1.2)  # longer than a heartbeat, well within the timeout
+                return await renew(held, timeout_s=timeout_s)
+
+            monkeypatch.setattr(a.store, "renew_leases", sluggish)
+            await a.register_graph(SLEEPY)
+            run = await a.start_run("sleepy", {"sleep_s": 8.0})  # more than a lease
+            final = await a.wait(run.run_id)
+            assert final.status is RunStatus.COMPLETED
+            assert len(slow) >= 3 and all(t == 2.0 for t in slow), slow
+            assert not a.cluster.cut_off
+            events = [e.event for e in await a.read_log(run.run_id)]
+            assert "run_resumed" not in events  # never given up, never taken over
+            assert a.store_health().ok

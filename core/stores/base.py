@@ -403,8 +403,12 @@ class SharedStore(Store):
         """Claim up to ``limit`` runs no live node holds, oldest first."""
 
     @abstractmethod
-    async def renew_leases(self, held: Mapping[str, int]) -> Renewal:
-        """Renew the leases of ``held`` (run id -> epoch) in one statement."""
+    async def renew_leases(self, held: Mapping[str, int], *, timeout_s: float) -> Renewal:
+        """Renew the leases of ``held`` (run id -> epoch) in one statement.
+
+        The database gives the statement up after ``timeout_s``: a renewal
+        must not land after the node has stopped waiting for it (and has
+        perhaps given its runs up)."""
 
     @abstractmethod
     async def release_leases(self, held: Mapping[str, int]) -> int:

@@ -1110,7 +1110,7 @@ class PostgresStore(SharedStore):
         rows = await self._db(claim, "claim")
         return [Claimed(_run_from_row(r[:18]), bool(r[18]), bool(r[19]), bool(r[20])) for r in rows]
 
-    async def renew_leases(self, held: Mapping[str, int]) -> Renewal:
+    async def renew_leases(self, held: Mapping[str, int], *, timeout_s: float) -> Renewal:
         params = {
             "me": self.node_id,
             "ttl": self.lease_ttl,
@@ -1118,11 +1118,9 @@ class PostgresStore(SharedStore):
             "epochs": list(held.values()),
         }
 
-        timeout_ms = max(100, int(min(self.lease_ttl / 3, 0.75) * 1000))
+        timeout_ms = max(1, int(timeout_s * 1000))
 
         def renew(conn: psycopg.Connection[Any]) -> list[Row]:
-            # A renewal that cannot finish within a heartbeat must not land
-            # later, after the node has given its runs up.
             conn.execute(f"SET LOCAL statement_timeout = {timeout_ms}")
             return conn.execute(_RENEW_SQL, params).fetchall()
 

@@ -175,9 +175,9 @@ async def test_claims_take_unheld_runs_once_and_count_a_takeover_as_a_crash(sche
         [taken] = await b.claim_runs(10)
         assert taken.record.run_id == "held" and taken.taken_over
         assert (taken.record.epoch, taken.record.crashes) == (2, 1)
-        renewal = await b.renew_leases({"held": 2})
+        renewal = await b.renew_leases({"held": 2}, timeout_s=5)
         assert renewal.held == {"held"}
-        assert (await a.renew_leases({"held": 1})).held == frozenset()  # a lost it
+        assert (await a.renew_leases({"held": 1}, timeout_s=5)).held == frozenset()  # a lost it
     finally:
         await a.aclose()
         await b.aclose()
