@@ -185,7 +185,9 @@ _RUN_COLUMNS = (
 # faster than the same data as arrays of text, with each state and log entry
 # in it as JSON (json columns keep their text as given), encoded once. (Three
 # variants: a batch of checkpoints only, the usual one, plans faster without
-# the empty parts.)
+# the empty parts.) Rows are locked in run id order before they are written,
+# as the heartbeat's renewal locks them: two statements that write the same
+# runs never wait for each other in a cycle (a deadlock).
 _SAVE_CTES = f"""
 v AS (
   SELECT * FROM json_to_recordset(%(v)s::json) AS v(
@@ -193,6 +195,9 @@ v AS (
     error json, started_at float8, finished_at float8, updated_at float8, last_seq int,
     attempt int, crashes int, waiting json, signal_cursor int, deadline float8, epoch bigint,
     expect_seq int, expect_epoch bigint, claim bool, write_id bigint)
+), k AS MATERIALIZED (
+  SELECT r.run_id FROM runs r WHERE r.run_id IN (SELECT run_id FROM v)
+  ORDER BY r.run_id FOR UPDATE OF r
 ), u AS (
   UPDATE runs r SET
     status = v.status, current_node = v.current_node, state = v.state::text, step = v.step,
@@ -206,7 +211,7 @@ v AS (
                        WHEN v.claim THEN now() + %(ttl)s * interval '1 second'
                        ELSE r.lease_until END,
     cancel_requested = r.cancel_requested AND v.status IN {_ACTIVE_SQL}
-  FROM v
+  FROM v JOIN k ON k.run_id = v.run_id
   WHERE r.run_id = v.run_id AND r.last_seq = v.expect_seq AND r.epoch = v.expect_epoch
     AND CASE WHEN v.claim THEN r.lease_until IS NULL OR r.lease_until < now()
              ELSE r.owner = %(me)s OR (r.owner IS NULL AND r.status = 'waiting') END
@@ -273,11 +278,16 @@ RETURNING {", ".join("r." + c.strip() for c in _RUN_COLUMNS.split(","))},
 _RENEW_SQL = f"""
 WITH n AS (
   UPDATE nodes SET heartbeat_at = now() WHERE node_id = %(me)s
+), k AS MATERIALIZED (
+  SELECT r.run_id FROM runs r
+  JOIN unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS h(run_id, epoch)
+    ON r.run_id = h.run_id AND r.epoch = h.epoch
+  WHERE r.owner = %(me)s AND r.status IN {_ACTIVE_SQL}
+  ORDER BY r.run_id FOR UPDATE OF r
 )
 UPDATE runs r SET lease_until = now() + %(ttl)s * interval '1 second'
-FROM unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS h(run_id, epoch)
-WHERE r.run_id = h.run_id AND r.epoch = h.epoch AND r.owner = %(me)s
-  AND r.status IN {_ACTIVE_SQL}
+FROM k
+WHERE r.run_id = k.run_id AND r.owner = %(me)s AND r.status IN {_ACTIVE_SQL}
 RETURNING r.run_id, r.cancel_requested, r.last_signal_id > r.signal_cursor
 """
 

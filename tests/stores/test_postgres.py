@@ -6,6 +6,7 @@ on one database in tests/test_nodes.py.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -200,3 +201,41 @@ async def test_a_schema_from_a_newer_trioflow_is_refused_untouched(schema: str) 
         conn.execute("UPDATE trioflow_schema SET version = 99")
     with pytest.raises(StoreError, match="version 99"):
         await opened(schema)
+
+
+async def test_heartbeats_and_checkpoints_of_many_runs_never_deadlock(schema: str) -> None:
+    """A renewal and a batch of checkpoints lock the same rows: both in run id order."""
+    store = await opened(schema, "a", lease_ttl=60.0)
+    rng = random.Random(7)
+    ids = [f"run-{i:03d}" for i in range(80)]
+    try:
+        records = {i: run(i, last_seq=0) for i in ids}
+        for record in records.values():
+            await store.create_run(record, [])
+
+        async def checkpoint(run_id: str) -> None:
+            record = records[run_id]
+            seq = record.last_seq + 1
+            records[run_id] = saved = record.evolve(last_seq=seq, step=seq)
+            await store.save_run(saved, [entry(seq)])
+
+        for _ in range(40):
+            order = ids[:]
+            rng.shuffle(order)
+            held = {i: 1 for i in reversed(order)}
+            renewals: list[Any] = []
+            async with trio.open_nursery() as nursery:
+                for run_id in order:
+                    nursery.start_soon(checkpoint, run_id)
+
+                async def renew(
+                    held: dict[str, int] = held, renewals: list[Any] = renewals
+                ) -> None:
+                    renewals.append(await store.renew_leases(held, timeout_s=10))
+
+                for _ in range(3):
+                    nursery.start_soon(renew)
+            assert all(r.held == frozenset(ids) for r in renewals)
+        assert (await store.get_run(ids[0])).last_seq == 40  # type: ignore[union-attr]
+    finally:
+        await store.aclose()
