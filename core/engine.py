@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -218,8 +218,14 @@ class Engine:
             raise UnknownGraphError(graph_id)
         return stored
 
-    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
-        return await self.store.list_graphs(cursor=cursor, limit=limit)
+    async def list_graphs(
+        self, *, cursor: str | None = None, limit: int = 50, graphs: Sequence[str] | None = None
+    ) -> Page[StoredGraph]:
+        """Graphs in id order; ``graphs``: only ids matching one of these patterns
+        (``*`` any run of characters, ``?`` one)."""
+        if graphs is None:
+            return await self.store.list_graphs(cursor=cursor, limit=limit)
+        return await self.store.list_graphs(cursor=cursor, limit=limit, graphs=graphs)
 
     # -- runs --------------------------------------------------------------------
 
@@ -306,10 +312,19 @@ class Engine:
         status: RunStatus | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
-        """Runs, newest first, filtered; pass ``next_cursor`` back for the next page."""
+        """Runs, newest first, filtered; pass ``next_cursor`` back for the next page.
+
+        ``graphs``: only runs of graphs whose id matches one of these patterns
+        (``*`` any run of characters, ``?`` one), filtered in the store's query.
+        """
+        if graphs is None:
+            return await self.store.list_runs(
+                graph_id=graph_id, status=status, cursor=cursor, limit=limit
+            )
         return await self.store.list_runs(
-            graph_id=graph_id, status=status, cursor=cursor, limit=limit
+            graph_id=graph_id, status=status, cursor=cursor, limit=limit, graphs=graphs
         )
 
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:

@@ -28,6 +28,7 @@ from trioflow import (
 )
 from trioflow.registry import ENTRY_POINT_GROUP
 
+from .auth import Authority
 from .errors import EXCEPTION_HANDLERS
 from .guard import RequestGuard
 from .openapi import openapi_bytes
@@ -205,6 +206,23 @@ async def _register_files(engine: Engine, paths: tuple[str, ...]) -> tuple[int, 
     return loaded, skipped
 
 
+async def _authority(app: Starlette, engine: Engine, settings: Settings) -> Authority:
+    """The app's access control; refuses to start where it would leave the server open."""
+    authority = Authority(engine.store, settings.auth, loopback=settings.loopback_bind)
+    try:
+        problem = await authority.startup_problem()
+    except EngineError as exc:
+        problem = f"cannot read the API tokens: {exc.message}"
+    if problem is not None:
+        app.state.startup_error = problem
+        raise AuthStartupError(problem)
+    return authority
+
+
+class AuthStartupError(Exception):
+    """The server would be open to everyone who reaches it (see :mod:`web.auth`)."""
+
+
 def create_app(engine: Engine | None = None, settings: Settings | None = None) -> Starlette:
     """Build the trioflow ASGI app.
 
@@ -226,7 +244,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
     async def lifespan(app: Starlette) -> AsyncIterator[Mapping[str, Any]]:
         lifecycle.reset()
         if engine is not None:
-            yield {"services": Services(engine, settings, lifecycle)}
+            authority = await _authority(app, engine, settings)
+            yield {"services": Services(engine, settings, lifecycle, authority)}
             return
         async with AsyncExitStack() as stack:
             try:
@@ -275,7 +294,8 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 owned.active_runs,
                 extra={"fields": fields},
             )
-            yield {"services": Services(owned, settings, lifecycle)}
+            authority = await _authority(app, owned, settings)
+            yield {"services": Services(owned, settings, lifecycle, authority)}
 
     # The access log is outermost: it sees the guard's refusals too.
     middleware = [Middleware(RequestGuard, settings=settings)]

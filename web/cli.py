@@ -29,6 +29,7 @@ import datetime
 import errno
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -56,6 +57,7 @@ from trioflow import (
 )
 
 from .app import build_registry, create_app, load_tool_module
+from .auth import AUTH_MODES, AuthSettings, auth_pepper
 from .handlers import tool_kind
 from .serve import SHUTDOWN_SIGNALS, StartupError, serve
 from .serverlog import LOG_FORMATS, configure
@@ -360,6 +362,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         limits = engine_limits(args.limit)
         graphs = _graph_files(graph_paths)
+        auth = AuthSettings(
+            mode=args.auth,
+            pepper=auth_pepper(),
+            rate=args.token_rate,
+            burst=max(1, math.ceil(args.token_rate * 2)),
+            run_rate=args.run_rate,
+            run_burst=max(1, math.ceil(args.run_rate * 2)),
+            max_streams=args.max_streams,
+        )
     except ValueError as exc:
         return _fail(str(exc))
     try:
@@ -382,6 +393,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease_ttl=args.lease_ttl,
         claim_interval=args.claim_interval,
         drain_timeout_s=args.drain_timeout,
+        auth=auth,
+        bind_host=args.host,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
@@ -566,7 +579,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- logs --------------------------------------------------------------------------
 
 
-async def _logs(url: str, run_id: str, after: int, follow: bool, as_json: bool) -> int:
+async def _logs(
+    url: str, run_id: str, after: int, follow: bool, as_json: bool, token: str | None = None
+) -> int:
     import httpx
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
@@ -575,7 +590,9 @@ async def _logs(url: str, run_id: str, after: int, follow: bool, as_json: bool) 
     if not follow:
         # "What exists": everything up to the run's current checkpoint.
         try:
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            async with httpx.AsyncClient(
+                base_url=base, timeout=30, headers=auth_headers(token)
+            ) as client:
                 response = await client.get(f"/graph/state/{run_id}")
         except httpx.HTTPError as exc:
             return _fail(f"cannot reach {base}: {exc}")
@@ -588,7 +605,8 @@ async def _logs(url: str, run_id: str, after: int, follow: bool, as_json: bool) 
     ws_url = f"{ws_url}/ws/logs/{run_id}?after={after}"
     status: str | None = None
     try:
-        async with open_websocket_url(ws_url) as ws:
+        headers = [(k.encode(), v.encode()) for k, v in auth_headers(token).items()]
+        async with open_websocket_url(ws_url, extra_headers=headers) as ws:
             try:
                 while True:
                     message = json.loads(await ws.get_message())
@@ -630,7 +648,7 @@ def _error_text(body: str) -> str:
 def cmd_logs(args: argparse.Namespace) -> int:
     if args.after < 0:
         return _fail("--after must be >= 0")
-    return trio.run(_logs, args.url, args.run_id, args.after, args.follow, args.json)
+    return trio.run(_logs, args.url, args.run_id, args.after, args.follow, args.json, args.token)
 
 
 # -- resume, signal ----------------------------------------------------------------
@@ -647,13 +665,17 @@ def _json_object(text: str, option: str) -> dict[str, Any] | str:
     return value
 
 
-async def _post(url: str, path: str, body: dict[str, Any], wait: bool) -> tuple[int, Any] | str:
+async def _post(
+    url: str, path: str, body: dict[str, Any], wait: bool, token: str | None = None
+) -> tuple[int, Any] | str:
     """POST ``body`` to the server; the status and the parsed answer, or why it failed."""
     import httpx
 
     base = url.rstrip("/")
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=None if wait else 30) as client:
+        async with httpx.AsyncClient(
+            base_url=base, timeout=None if wait else 30, headers=auth_headers(token)
+        ) as client:
             response = await client.post(path, json=body)
     except httpx.HTTPError as exc:
         return f"cannot reach {base}: {exc}"
@@ -682,7 +704,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"input": value, "background": not args.wait}
     if args.request_id is not None:
         body["request_id"] = args.request_id
-    result = trio.run(_post, args.url, f"/graph/resume/{args.run_id}", body, args.wait)
+    result = trio.run(_post, args.url, f"/graph/resume/{args.run_id}", body, args.wait, args.token)
     if isinstance(result, str):
         return _fail(result)
     status, answer = result
@@ -700,7 +722,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
     if isinstance(value, str):
         return _fail(value)
     body = {"name": args.name, "updates": value}
-    result = trio.run(_post, args.url, f"/graph/signal/{args.run_id}", body, False)
+    result = trio.run(_post, args.url, f"/graph/signal/{args.run_id}", body, False, args.token)
     if isinstance(result, str):
         return _fail(result)
     status, answer = result
@@ -881,6 +903,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on shutdown, seconds the nodes in flight get to finish before they are cut "
         "off (they run again on resume; default: %(default)g)",
+    )
+    p.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="auto",
+        help="API tokens: auto (the default) requires them once any token exists, and "
+        "always when --host is not loopback; on: always; off: never (refused beyond "
+        "loopback). Token hashes are keyed with $TRIOFLOW_AUTH_SECRET when it is set",
+    )
+    p.add_argument(
+        "--token-rate",
+        type=float,
+        default=AuthSettings().rate,
+        metavar="PER_S",
+        help="requests per second one token may make on average (default: %(default)g; "
+        "bursts of twice that)",
+    )
+    p.add_argument(
+        "--run-rate",
+        type=float,
+        default=AuthSettings().run_rate,
+        metavar="PER_S",
+        help="runs per second one token may start on average (default: %(default)g; "
+        "bursts of twice that)",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=AuthSettings().max_streams,
+        metavar="N",
+        help="WebSocket and SSE log followers one token may hold at once (default: %(default)s)",
     )
     _add_tool_options(p)
     p.add_argument(
@@ -1096,6 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--updates", default="{}", metavar="JSON", help="state updates, a JSON object")
     _add_url_option(p)
     p.set_defaults(func=cmd_signal)
+    from .token_cli import add_token_parser
+
+    add_token_parser(sub, _add_url_option)
     return parser
 
 
@@ -1105,6 +1161,18 @@ def _add_url_option(p: argparse.ArgumentParser) -> None:
         default="http://127.0.0.1:8000",
         help="the server's base URL (default: %(default)s)",
     )
+    p.add_argument(
+        "--token",
+        default=None,
+        metavar="TOKEN",
+        help="an API token for a server that requires one (default: $TRIOFLOW_TOKEN)",
+    )
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The Authorization header for ``--token`` (or ``$TRIOFLOW_TOKEN``), if any."""
+    token = token or os.environ.get("TRIOFLOW_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -84,13 +84,19 @@ class RequestError(Exception):
     """Raised by handlers for a request the HTTP layer rejects before core sees it."""
 
     def __init__(
-        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details or {}
+        self.headers = headers
 
 
 def request_invalid(exc: ValidationError, where: str) -> RequestError:
@@ -155,7 +161,7 @@ async def _on_engine_error(request: Request, exc: Exception) -> Response:
 async def _on_request_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, RequestError):  # pragma: no cover - registered for RequestError only
         raise exc
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> Response:

@@ -28,6 +28,7 @@ from trioflow import (
     RunStatus,
     Tool,
     UnknownGraphError,
+    UnknownRunError,
 )
 from trioflow.stores.base import Cursor
 
@@ -43,6 +44,28 @@ from .schemas import (
     SignalRequest,
 )
 from .services import services
+
+
+def _principal(request: Request) -> Any:
+    """The principal the route's guard admitted (see :mod:`web.auth`)."""
+    from .auth import ANONYMOUS
+
+    return getattr(request.state, "principal", None) or ANONYMOUS
+
+
+async def visible_run(request: Request, engine: Engine, run_id: str) -> RunRecord:
+    """The run, if the request's token may see its graph; else 404 as for an unknown run."""
+    record = await engine.get_run(run_id)
+    if not _principal(request).sees(record.graph_id):
+        raise UnknownRunError(run_id)
+    return record
+
+
+async def check_run_visible(request: Request, engine: Engine, run_id: str) -> None:
+    """:func:`visible_run` without the read when the token sees every graph."""
+    if _principal(request).graphs is not None:
+        await visible_run(request, engine, run_id)
+
 
 Q = TypeVar("Q", bound=BaseModel)
 
@@ -161,6 +184,15 @@ async def create_graph(request: Request) -> Response:
         raise GraphValidationError([Problem("invalid_value", "$", "a graph must be a JSON object")])
     existed = False
     graph_id = document.get("id")
+    principal = _principal(request)
+    if isinstance(graph_id, str) and not principal.sees(graph_id):
+        raise RequestError(
+            403,
+            "out_of_scope",
+            f"this token may not register the graph {graph_id[:200]!r}: it is outside "
+            f"the token's graph scopes",
+            {"graphs": list(principal.graphs or ())},
+        )
     if isinstance(graph_id, str):
         try:
             await engine.get_graph_document(graph_id)
@@ -242,6 +274,8 @@ async def get_graph(request: Request) -> Response:
             f"{request.method} is not allowed on /graph/{graph_id}; use {allow}",
             headers={"Allow": allow},
         )
+    if not _principal(request).sees(graph_id):
+        raise UnknownGraphError(graph_id)
     stored = await services(request).engine.get_graph_document(graph_id)
     etag = f'"{stored.digest}"'
     conditions = request.headers.getlist("if-none-match")
@@ -253,7 +287,9 @@ async def get_graph(request: Request) -> Response:
 async def list_graphs(request: Request) -> Response:
     """``GET /graphs``: graphs in id order, one page."""
     query = parse_query(PageQuery, request)
-    page = await services(request).engine.list_graphs(cursor=query.cursor, limit=query.limit)
+    page = await services(request).engine.list_graphs(
+        cursor=query.cursor, limit=query.limit, graphs=_principal(request).graphs
+    )
     items = [
         {
             "graph_id": g.graph_id,
@@ -310,6 +346,10 @@ async def run_graph(request: Request) -> Response:
     except ValidationError as exc:
         raise request_invalid(exc, "body") from None
     query = parse_query(RunLogsQuery, request)
+    principal = _principal(request)
+    if not principal.sees(body.graph_id):
+        raise UnknownGraphError(body.graph_id)
+    services(request).authority.limit(principal, run_start=True)
     record = await engine.start_run(body.graph_id, body.initial_state)
     # Every answer about a started run names it, errors included (a run that
     # stalls answers 503): a client can always come back to it.
@@ -335,7 +375,7 @@ async def run_state(request: Request) -> Response:
     """``GET /graph/state/{run_id}``: the run record and the last ``?logs=`` entries of its log."""
     query = parse_query(RunLogsQuery, request)
     engine = services(request).engine
-    record = await engine.get_run(request.path_params["run_id"])
+    record = await visible_run(request, engine, request.path_params["run_id"])
     return JSON(await run_with_logs(engine, record, query.logs))
 
 
@@ -343,7 +383,7 @@ async def run_logs(request: Request) -> Response:
     """``GET /runs/{run_id}/logs``: one page of the log after ``?after=``, with the next cursor."""
     query = parse_query(LogPageQuery, request)
     engine = services(request).engine
-    record = await engine.get_run(request.path_params["run_id"])
+    record = await visible_run(request, engine, request.path_params["run_id"])
     last = record.last_seq
     entries: list[dict[str, Any]] = []
     if query.after < last:
@@ -365,7 +405,10 @@ async def run_logs(request: Request) -> Response:
 
 async def cancel_run(request: Request) -> Response:
     """``POST /graph/cancel/{run_id}``: the cancelled run; 409 if it already ended otherwise."""
-    record = await services(request).engine.cancel(request.path_params["run_id"])
+    engine = services(request).engine
+    run_id = request.path_params["run_id"]
+    await check_run_visible(request, engine, run_id)
+    record = await engine.cancel(run_id)
     return JSON(record.as_dict())
 
 
@@ -379,6 +422,7 @@ async def resume_run(request: Request) -> Response:
     except ValidationError as exc:
         raise request_invalid(exc, "body") from None
     query = parse_query(RunLogsQuery, request)
+    await check_run_visible(request, engine, run_id)
     resumed = await engine.resume(run_id, body.input, request_id=body.request_id)
     headers = {"X-Run-Id": run_id, "Location": f"/graph/state/{run_id}"}
     if body.background:
@@ -402,6 +446,7 @@ async def signal_run(request: Request) -> Response:
         body = SignalRequest.model_validate(raw)
     except ValidationError as exc:
         raise request_invalid(exc, "body") from None
+    await check_run_visible(request, engine, run_id)
     stored = await engine.signal(run_id, body.name, body.updates)
     accepted = {"run_id": run_id, "signal_id": stored.signal_id, "name": stored.name}
     return JSON(accepted, status_code=202, headers={"Location": f"/graph/state/{run_id}"})
@@ -412,7 +457,11 @@ async def list_runs(request: Request) -> Response:
     query = parse_query(RunsQuery, request)
     status = RunStatus(query.status) if query.status is not None else None
     page = await services(request).engine.list_runs(
-        graph_id=query.graph_id, status=status, cursor=query.cursor, limit=query.limit
+        graph_id=query.graph_id,
+        status=status,
+        cursor=query.cursor,
+        limit=query.limit,
+        graphs=_principal(request).graphs,
     )
     return JSON({"items": [r.as_dict() for r in page.items], "next_cursor": page.next_cursor})
 

@@ -12,7 +12,7 @@ from pydantic.json_schema import JsonSchemaValue, models_json_schema
 import trioflow
 
 from . import schemas
-from .routes import OPERATIONS, WEBSOCKET_PATH, Body, Operation
+from .routes import ALL_OPERATIONS, WEBSOCKET_PATH, Body, Operation
 
 _REF = "#/components/schemas/{model}"
 
@@ -31,7 +31,7 @@ Mode = Literal["validation", "serialization"]
 
 def _models() -> list[tuple[type[BaseModel], Mode]]:
     pairs: list[tuple[type[BaseModel], Mode]] = []
-    for op in OPERATIONS:
+    for op in ALL_OPERATIONS:
         if op.body is not None:
             pairs.append((op.body, "validation"))
         for _, body in op.responses.values():
@@ -105,12 +105,17 @@ def _parameters(op: Operation) -> list[dict[str, Any]]:
 
 
 def build_openapi() -> dict[str, Any]:
-    """The OpenAPI document of every operation in :data:`web.routes.OPERATIONS`."""
+    """The OpenAPI document of every operation in :data:`web.routes.ALL_OPERATIONS`."""
     refs, top = models_json_schema(_models(), ref_template=_REF)
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in ALL_OPERATIONS:
         responses: dict[str, Any] = {}
-        for status, (description, body) in sorted(op.responses.items()):
+        declared = dict(op.responses)
+        if op.access != "public":
+            error = schemas.ErrorResponse
+            declared.setdefault(401, ("No API token, or an unknown, revoked or expired one", error))
+            declared.setdefault(429, ("This token is over its rate (Retry-After)", error))
+        for status, (description, body) in sorted(declared.items()):
             media = op.media_type if status < 300 else "application/json"
             responses[str(status)] = {"description": description}
             if body is not None:  # 204 and 304 carry no content at all
@@ -120,6 +125,10 @@ def build_openapi() -> dict[str, Any]:
             "summary": op.summary,
             "tags": [op.tag],
             "responses": responses,
+            # {} too: a server on loopback with access control off (or in
+            # auto mode, before a token exists) takes requests without one.
+            "security": [] if op.access == "public" else [{"bearer": []}, {}],
+            "x-trioflow-access": op.access,
         }
         params = _parameters(op)
         if params:
@@ -137,7 +146,16 @@ def build_openapi() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "trioflow", "version": trioflow.__version__, "description": _DESCRIPTION},
         "paths": paths,
-        "components": {"schemas": top.get("$defs", {})},
+        "components": {
+            "schemas": top.get("$defs", {}),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token, tf_<id>_<secret> (trioflow token create)",
+                }
+            },
+        },
     }
 
 

@@ -11,14 +11,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
-from trioflow import GraphDocument
+from trioflow import EngineError, GraphDocument
 
-from . import docs_page, handlers, schemas, streaming
+from . import auth_handlers, docs_page, handlers, schemas, streaming
+from .auth import Access
+from .errors import RequestError, engine_status
+from .services import services
 
 Body = type[BaseModel] | dict[str, Any] | None
 """A response body: a wire model, a raw JSON schema (``{}`` = any JSON), or nothing."""
@@ -37,6 +41,11 @@ class Operation:
         query: the query string model.
         headers: request headers read: name -> (description, JSON schema).
         media_type: of the success responses.
+        access: what a caller needs (``public``, or the least token role:
+            ``viewer``, ``runner``, ``admin``); required, so no endpoint
+            ships without a decision.
+        tickets: a stream ticket (``?ticket=``) is accepted instead of the
+            ``Authorization`` header (EventSource cannot send headers).
     """
 
     method: str
@@ -46,11 +55,13 @@ class Operation:
     summary: str
     responses: Mapping[int, tuple[str, Body]]
     tag: str
+    access: Access
     body: type[BaseModel] | None = None
     body_example: Any = None
     query: type[BaseModel] | None = None
     headers: Mapping[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     media_type: str = "application/json"
+    tickets: bool = False
 
 
 def _errors(*statuses: int) -> dict[int, tuple[str, Body]]:
@@ -58,12 +69,13 @@ def _errors(*statuses: int) -> dict[int, tuple[str, Body]]:
         400: "Malformed JSON, bad cursor or bad header",
         404: "Not found",
         409: "Conflicts with the current state",
-        403: "The request's Origin is not allowed",
+        403: "The token's role is too low, or the request's Origin is not allowed",
         413: "Body or state over the configured limit",
         415: "A body without Content-Type: application/json",
         421: "The Host header names a host this server does not serve",
         422: "Request or document invalid (every problem listed)",
-        429: "Too many active runs",
+        401: "No API token, or one that is unknown, revoked or expired (WWW-Authenticate)",
+        429: "Too many active runs, or this token is over its rate (Retry-After)",
         503: "The store cannot be reached or refuses writes (store_error)",
     }
     return {s: (text[s], schemas.ErrorResponse) for s in (*statuses, *GUARDED)}
@@ -119,6 +131,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(400, 409, 413, 415, 422),
         },
         tag="graphs",
+        access="admin",
         body=GraphDocument,
         body_example=_SPEC_GRAPH,
     ),
@@ -130,6 +143,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Graphs in id order, paginated",
         {200: ("One page", schemas.GraphPage), **_errors(400, 422)},
         tag="graphs",
+        access="viewer",
         query=schemas.PageQuery,
     ),
     Operation(
@@ -140,6 +154,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Registered tools in name order (what a graph may name), paginated",
         {200: ("One page", schemas.ToolPage), **_errors(400, 422)},
         tag="graphs",
+        access="viewer",
         query=schemas.PageQuery,
     ),
     Operation(
@@ -159,6 +174,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(400, 404, 413, 415, 422, 429),
         },
         tag="runs",
+        access="runner",
         body=schemas.RunRequest,
         query=schemas.RunLogsQuery,
         body_example={
@@ -175,6 +191,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "A run's record and the last ?logs= entries of its log (1,000 by default)",
         {200: ("The run", schemas.RunWithLogs), **_errors(404, 422)},
         tag="runs",
+        access="viewer",
         query=schemas.RunLogsQuery,
     ),
     Operation(
@@ -185,6 +202,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Cancel a pending or running run (idempotent once cancelled)",
         {200: ("The cancelled run", schemas.RunOut), **_errors(404, 409, 413, 415)},
         tag="runs",
+        access="runner",
     ),
     Operation(
         "POST",
@@ -210,6 +228,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(400, 404, 413, 415, 429),
         },
         tag="runs",
+        access="runner",
         body=schemas.ResumeRequest,
         body_example={"input": {"approved": True, "comment": "looks good"}},
         query=schemas.RunLogsQuery,
@@ -226,6 +245,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(400, 404, 413, 415, 422),
         },
         tag="runs",
+        access="runner",
         body=schemas.SignalRequest,
         body_example={"name": "priority", "updates": {"priority": "high"}},
     ),
@@ -246,6 +266,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(404),
         },
         tag="graphs",
+        access="viewer",
         headers={
             "If-None-Match": (
                 "ETags the client holds (RFC 9110, weak comparison; *)",
@@ -261,6 +282,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "Runs newest first, filtered, paginated",
         {200: ("One page", schemas.RunPage), **_errors(400, 422)},
         tag="runs",
+        access="viewer",
         query=schemas.RunsQuery,
     ),
     Operation(
@@ -271,6 +293,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "One page of a run's log after ?after=, in seq order; next_after is the next cursor",
         {200: ("One page", schemas.LogPage), **_errors(404, 422)},
         tag="runs",
+        access="viewer",
         query=schemas.LogPageQuery,
     ),
     Operation(
@@ -289,8 +312,10 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(400, 404, 422),
         },
         tag="runs",
+        access="viewer",
         query=schemas.FollowQuery,
         media_type=EVENT_STREAM,
+        tickets=True,
         headers={
             "Last-Event-ID": ("Resume after this seq (wins over ?after=)", {"type": "string"})
         },
@@ -307,6 +332,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(),
         },
         tag="service",
+        access="public",
     ),
     Operation(
         "GET",
@@ -316,6 +342,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "The live nodes of the store and the runs each executes",
         {200: ("Nodes", schemas.NodeList), **_errors(503)},
         tag="service",
+        access="viewer",
     ),
     Operation(
         "GET",
@@ -325,6 +352,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "This document",
         {200: ("OpenAPI 3.1", {"type": "object"}), **_errors()},
         tag="service",
+        access="public",
     ),
     Operation(
         "GET",
@@ -337,20 +365,156 @@ OPERATIONS: tuple[Operation, ...] = (
             **_errors(),
         },
         tag="service",
+        access="public",
         media_type="text/html",
     ),
 )
 
+AUTH_OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "GET",
+        "/auth/whoami",
+        auth_handlers.whoami,
+        "whoAmI",
+        "The token this request carries, as the server sees it",
+        {200: ("The principal", schemas.WhoAmI), **_errors(401)},
+        tag="auth",
+        access="viewer",
+    ),
+    Operation(
+        "POST",
+        "/auth/ticket",
+        auth_handlers.issue_ticket,
+        "issueTicket",
+        "A single-use ticket (30 s) for /sse/logs/{run_id}?ticket= (EventSource sends no headers)",
+        {201: ("The ticket", schemas.Ticket), **_errors(400, 401, 429)},
+        tag="auth",
+        access="viewer",
+    ),
+    Operation(
+        "GET",
+        "/auth/tokens",
+        auth_handlers.list_tokens,
+        "listTokens",
+        "Every API token, without secrets (an admin token for every graph)",
+        {200: ("Tokens", schemas.TokenList), **_errors(401, 429)},
+        tag="auth",
+        access="admin",
+    ),
+    Operation(
+        "POST",
+        "/auth/tokens",
+        auth_handlers.create_token,
+        "createToken",
+        "Create an API token; its text is in this answer only",
+        {201: ("Created", schemas.TokenCreated), **_errors(400, 401, 413, 415, 422, 429)},
+        tag="auth",
+        access="admin",
+        body=schemas.TokenCreate,
+        body_example={"name": "ci", "role": "runner", "graphs": ["team-a.*"]},
+    ),
+    Operation(
+        "POST",
+        "/auth/tokens/{token_id}/revoke",
+        auth_handlers.revoke_token,
+        "revokeToken",
+        "Revoke a token (every node refuses it within 2 s)",
+        {200: ("The revoked token", schemas.TokenOut), **_errors(401, 404, 413, 415, 429)},
+        tag="auth",
+        access="admin",
+    ),
+    Operation(
+        "GET",
+        "/auth/audit",
+        auth_handlers.read_audit,
+        "readAudit",
+        "The audit log: every admin action and every refusal for a role too low",
+        {200: ("One page", schemas.AuditPage), **_errors(401, 422, 429)},
+        tag="auth",
+        access="admin",
+        query=schemas.AuditQuery,
+    ),
+    Operation(
+        "POST",
+        "/runs/prune",
+        auth_handlers.prune_runs,
+        "pruneRuns",
+        "Delete terminal runs finished more than older_than_s ago, with their logs",
+        {200: ("Deleted", schemas.PruneResult), **_errors(400, 401, 413, 415, 422, 429)},
+        tag="runs",
+        access="admin",
+        body=schemas.PruneRequest,
+        body_example={"older_than_s": 2592000},
+    ),
+)
+
+ALL_OPERATIONS: tuple[Operation, ...] = OPERATIONS[:-3] + AUTH_OPERATIONS + OPERATIONS[-3:]
+"""Every HTTP operation, in matching order (the service ones, public, last)."""
+
 WEBSOCKET_PATH = "/ws/logs/{run_id}"
+WEBSOCKET_ACCESS: Access = "viewer"
+"""What the WebSocket log stream needs (checked in :func:`web.streaming.ws_logs`)."""
 
 STATIC_PATH = "/static/{path:path}"
 """The /docs page's scripts and styles; not an API operation, so not in /openapi.json."""
 
 
+def guarded(op: Operation) -> Callable[[Request], Awaitable[Response]]:
+    """``op``'s endpoint behind its access check, rate limit and audit.
+
+    A public operation is served as is. Any other: the caller's token must
+    have at least ``op.access``; the request then counts against the
+    token's rate. A refusal for a role too low, and every admin operation,
+    whatever its outcome, go to the audit log.
+    """
+    endpoint = op.endpoint
+    needed = op.access
+    if needed == "public":
+        return endpoint
+    admin = needed == "admin"
+    action = f"{op.method} {op.path}"
+
+    async def guard(request: Request) -> Response:
+        authority = services(request).authority
+        ticket = request.query_params.get("ticket") if op.tickets else None
+        if ticket is not None and "authorization" not in request.headers:
+            principal = (
+                await authority.redeem_ticket(ticket)
+                if await authority.required()
+                else await authority.principal(request, needed, action)
+            )
+        else:
+            principal = await authority.principal(request, needed, action)
+        authority.limit(principal)
+        request.state.principal = principal
+        if not admin:
+            return await endpoint(request)
+        status = 500
+        try:
+            response = await endpoint(request)
+            status = response.status_code
+            return response
+        except RequestError as exc:
+            status = exc.status
+            raise
+        except EngineError as exc:
+            status = engine_status(exc)
+            raise
+        finally:
+            target = getattr(request.state, "audit_target", None) or request.url.path
+            with trio.CancelScope(shield=True):
+                await authority.audit(principal, action, target, status)
+
+    guard.__name__ = getattr(endpoint, "__name__", op.operation_id)
+    guard.__doc__ = endpoint.__doc__
+    return guard
+
+
 def starlette_routes() -> list[BaseRoute]:
     """The Starlette routes of every operation, the WebSocket log stream and the static files."""
     routes: list[BaseRoute] = [
-        Route(op.path, op.endpoint, methods=[op.method], name=op.operation_id) for op in OPERATIONS
+        Route(op.path, guarded(op), methods=[op.method], name=op.operation_id)
+        for op in ALL_OPERATIONS
     ]
     routes.append(WebSocketRoute(WEBSOCKET_PATH, streaming.ws_logs, name="followRunLog"))
     routes.append(Route(STATIC_PATH, docs_page.static_file, methods=["GET"], name="static"))

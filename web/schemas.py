@@ -129,6 +129,18 @@ class FollowQuery(_Input):
     after: Seq = Field(default=0, description="Send only entries with seq > after.")
 
 
+class SSEFollowQuery(FollowQuery):
+    """Query of ``/sse/logs/{run_id}``."""
+
+    ticket: Annotated[str, Field(max_length=100)] | None = Field(
+        default=None,
+        description=(
+            "A single-use stream ticket from POST /auth/ticket, for clients that cannot "
+            "send an Authorization header (a browser's EventSource). Good for 30 s, once."
+        ),
+    )
+
+
 class WebSocketFollowQuery(FollowQuery):
     """Query of ``/ws/logs/{run_id}``."""
 
@@ -352,3 +364,86 @@ class StatusMessage(BaseModel):
 class ErrorMessage(BaseModel):
     type: Literal["error"]
     error: ErrorBody
+
+
+# -- access control ------------------------------------------------------------------
+
+TokenRole = Literal["viewer", "runner", "admin"]
+
+
+class TokenCreate(_StrictInput):
+    """Body of ``POST /auth/tokens``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    role: TokenRole
+    graphs: Annotated[list[Annotated[str, Field(max_length=200)]], Field(max_length=100)] = Field(
+        default_factory=lambda: ["*"],
+        description="Glob patterns over graph ids (* and ?); default: every graph.",
+    )
+    expires_in_s: Annotated[float, Field(gt=0, le=10 * 365 * 86400)] | None = Field(
+        default=None, description="Seconds until the token expires; default: never."
+    )
+
+
+class TokenOut(BaseModel):
+    token_id: str
+    name: str
+    role: TokenRole
+    graphs: list[str]
+    state: Literal["active", "revoked", "expired"]
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="tf_<id>_<secret>: shown this once, stored nowhere.")
+
+
+class TokenList(BaseModel):
+    items: list[TokenOut]
+
+
+class Ticket(BaseModel):
+    ticket: str
+    expires_at: float
+
+
+class WhoAmI(BaseModel):
+    auth_required: bool
+    token_id: str | None
+    name: str
+    role: TokenRole
+    graphs: list[str]
+
+
+class AuditQuery(_Input):
+    after: Seq = Field(default=0, description="Entries with seq > after.")
+    limit: Annotated[int, BeforeValidator(_decimal), Field(ge=1, le=MAX_PAGE)] = 100
+
+
+class AuditOut(BaseModel):
+    seq: int
+    ts: float
+    actor: str
+    action: str
+    target: str
+    status: int
+    detail: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditOut]
+    next_after: int | None
+
+
+class PruneRequest(_StrictInput):
+    older_than_s: Annotated[float, Field(ge=0, le=100 * 365 * 86400)] = Field(
+        description="Delete terminal runs (and their logs) finished more than this long ago."
+    )
+
+
+class PruneResult(BaseModel):
+    deleted: int
+    finished_before: float

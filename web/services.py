@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 
 from trioflow import Engine
 
+from .auth import Authority
 from .settings import Settings
 
 
@@ -43,6 +44,7 @@ class Services:
     engine: Engine
     settings: Settings
     lifecycle: Lifecycle
+    authority: Authority
 
 
 def services(conn: HTTPConnection) -> Services:

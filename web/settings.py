@@ -8,6 +8,8 @@ from typing import Any, get_args
 from trioflow import EngineLimits
 from trioflow.expressions import Evaluator
 
+from .auth import AuthSettings
+
 EVALUATORS: tuple[str, ...] = get_args(Evaluator)
 """The condition evaluators an engine can use."""
 
@@ -56,6 +58,9 @@ class Settings:
         drain_timeout_s: on shutdown, seconds the nodes in flight get to finish
             (each run then stops at its step boundary; on PostgreSQL another
             node takes it over at once).
+        auth: access control (API tokens; see :class:`web.auth.AuthSettings`).
+        bind_host: the address the server listens on: access control is
+            always required when it is not a loopback address.
     """
 
     store_url: str = "memory://"
@@ -74,6 +79,21 @@ class Settings:
     lease_ttl: float | None = None
     claim_interval: float | None = None
     drain_timeout_s: float = 10.0
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    bind_host: str = "127.0.0.1"
+
+    @property
+    def loopback_bind(self) -> bool:
+        """Whether ``bind_host`` is a loopback address (only this machine can connect)."""
+        import ipaddress
+
+        host = self.bind_host.strip("[]")
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False  # a name: whatever it resolves to, assume the network
 
     def shared_store_options(self) -> dict[str, Any]:
         """The options given for a shared (PostgreSQL) store, for ``open_store_from_url``."""

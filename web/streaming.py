@@ -30,11 +30,12 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from trioflow import TERMINAL, Engine, EngineError, LogEntry, RunStatus
+from trioflow import TERMINAL, Engine, EngineError, LogEntry, RunStatus, UnknownRunError
 
+from .auth import ANONYMOUS, WS_PROTOCOL, Principal
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps
-from .schemas import MAX_SEQ, FollowQuery, WebSocketFollowQuery
+from .schemas import MAX_SEQ, SSEFollowQuery, WebSocketFollowQuery
 from .services import Lifecycle, services
 
 log = logging.getLogger("trioflow.web")
@@ -145,19 +146,40 @@ async def _error_close(websocket: WebSocket, status: int, body: dict[str, Any]) 
 
 
 async def ws_logs(websocket: WebSocket) -> None:
-    """``WS /ws/logs/{run_id}?after=SEQ``: log messages, one status message, close 1000."""
-    await websocket.accept()
+    """``WS /ws/logs/{run_id}?after=SEQ``: log messages, one status message, close 1000.
+
+    The token comes in ``Authorization: Bearer`` or, from a browser, as the
+    subprotocol ``trioflow.bearer.<token>`` next to ``trioflow.v1``; the
+    server answers with ``trioflow.v1`` only. A refused token closes with
+    4401 (none, unknown, revoked, expired), 4403 or 4429.
+    """
+    from .routes import WEBSOCKET_ACCESS
+
+    offered = websocket.scope.get("subprotocols") or ()
+    await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
+    svc = services(websocket)
     # A client may hang up at any moment; a send that then fails means it is gone.
     with contextlib.suppress(*CLIENT_GONE):
-        await _follow(websocket)
+        try:
+            principal = await svc.authority.principal(
+                websocket, WEBSOCKET_ACCESS, "WS /ws/logs/{run_id}"
+            )
+            svc.authority.limit(principal)
+            with svc.authority.stream(principal):
+                await _follow(websocket, principal)
+        except RequestError as exc:
+            body = error_body(exc.code, exc.message, exc.details)
+            await _error_close(websocket, exc.status, body)
 
 
-async def _follow(websocket: WebSocket) -> None:
+async def _follow(websocket: WebSocket, principal: Principal) -> None:
     svc = services(websocket)
     run_id = websocket.path_params["run_id"]
     try:
         query = WebSocketFollowQuery.model_validate(dict(websocket.query_params))
-        await svc.engine.get_run(run_id)
+        record = await svc.engine.get_run(run_id)
+        if not principal.sees(record.graph_id):
+            raise UnknownRunError(run_id)
     except ValidationError as exc:
         err = request_invalid(exc, "query")
         await _error_close(websocket, err.status, error_body(err.code, err.message, err.details))
@@ -235,7 +257,13 @@ class EventStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, engine: Engine, lifecycle: Lifecycle, run_id: str, after: int, heartbeat_s: float
+        self,
+        engine: Engine,
+        lifecycle: Lifecycle,
+        run_id: str,
+        after: int,
+        heartbeat_s: float,
+        on_end: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         super().__init__(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -246,8 +274,16 @@ class EventStream(Response):
         self.run_id = run_id
         self.after = after
         self.heartbeat_s = heartbeat_s
+        self.on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._stream(receive, send)
+        finally:
+            if self.on_end is not None:
+                self.on_end.__exit__(None, None, None)
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
         # Response.__init__ set a zero content-length for the empty body; a stream has none.
         headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -317,13 +353,24 @@ async def sse_logs(request: Request) -> Response:
     svc = services(request)
     run_id = request.path_params["run_id"]
     try:
-        query = FollowQuery.model_validate(dict(request.query_params))
+        query = SSEFollowQuery.model_validate(dict(request.query_params))
     except ValidationError as exc:
         raise request_invalid(exc, "query") from None
     resume = _last_event_id(request)
     record = await svc.engine.get_run(run_id)  # 404 before the stream starts
+    principal = getattr(request.state, "principal", None) or ANONYMOUS
+    if not principal.sees(record.graph_id):
+        raise UnknownRunError(run_id)
     after = resume if resume is not None else query.after
     if record.status in TERMINAL and after >= record.last_seq:
         # The terminal record and the last entry are one checkpoint: nothing follows.
         return Response(status_code=204, headers={"Cache-Control": "no-cache"})
-    return EventStream(svc.engine, svc.lifecycle, run_id, after, svc.settings.heartbeat_s)
+    hold = svc.authority.stream(principal)
+    hold.__enter__()  # 429 now, before the stream starts; left when the stream ends
+    try:
+        return EventStream(
+            svc.engine, svc.lifecycle, run_id, after, svc.settings.heartbeat_s, on_end=hold
+        )
+    except BaseException:
+        hold.__exit__(None, None, None)
+        raise

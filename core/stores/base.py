@@ -11,7 +11,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import trio
 
-from ..errors import EngineError, LeaseLostError, StoreConflictError
+from ..errors import EngineError, LeaseLostError, StoreConflictError, StoreError
 from ..logs import LogEntry
 from ..runs import RunRecord, RunStatus
 
@@ -26,6 +26,79 @@ class StoredGraph:
     document: dict[str, Any]
     digest: str
     created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    """An API token as stored: never its secret, only a hash of it.
+
+    ``graphs`` are glob patterns over graph ids (``*`` any run of
+    characters, ``?`` one); ``role`` is ``viewer``, ``runner`` or ``admin``.
+    ``peppered``: the hash is an HMAC keyed with the server's secret.
+    Times are seconds since the Unix epoch.
+    """
+
+    token_id: str
+    name: str
+    role: str
+    graphs: tuple[str, ...]
+    secret_hash: str
+    peppered: bool
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+
+    def active(self, now: float) -> bool:
+        """Neither revoked nor expired at ``now``."""
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit log: who did what to which resource, and the answer.
+
+    ``seq`` is 1, 2, 3, ... in the store (0 for an entry not stored yet);
+    ``actor`` a token id, or ``local`` for the command line on the store.
+    """
+
+    seq: int
+    ts: float
+    actor: str
+    action: str
+    target: str
+    status: int
+    detail: str = ""
+
+
+GRAPH_GLOB_CHARS = frozenset("*?")
+"""The wildcards of a graph scope pattern; every other character is literal."""
+
+
+def glob_like(pattern: str) -> str:
+    """A graph scope pattern as a SQL ``LIKE`` pattern with ``\\`` as the escape character."""
+    out = []
+    for char in pattern:
+        if char == "*":
+            out.append("%")
+        elif char == "?":
+            out.append("_")
+        elif char in "%_\\":
+            out.append("\\" + char)
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def glob_regex(patterns: Sequence[str]) -> str:
+    """Graph scope patterns as one anchored regular expression."""
+    import re
+
+    parts = [
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p)
+        for p in patterns
+    ]
+    return "^(?:" + "|".join(parts) + ")$" if parts else "^(?!)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +290,19 @@ class Store(ABC):
     async def get_graph(self, graph_id: str) -> StoredGraph | None: ...
 
     @abstractmethod
-    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
-        """Graphs in id order."""
+    async def list_graphs(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        graphs: Sequence[str] | None = None,
+    ) -> Page[StoredGraph]:
+        """Graphs in id order.
+
+        ``graphs``: only those whose id matches one of these scope patterns
+        (``*`` any run of characters, ``?`` one; ``None``: all). The filter
+        is part of the query, so pages are full and cursors stay valid.
+        """
 
     # -- runs ------------------------------------------------------------------
     @abstractmethod
@@ -268,8 +352,13 @@ class Store(ABC):
         status: RunStatus | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
-        """Runs, newest first (by ``created_at`` then ``run_id``)."""
+        """Runs, newest first (by ``created_at`` then ``run_id``).
+
+        ``graphs``: only runs of graphs matching one of these scope patterns
+        (as in :meth:`list_graphs`).
+        """
 
     @abstractmethod
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
@@ -309,6 +398,51 @@ class Store(ABC):
     @abstractmethod
     async def delete_runs(self, *, finished_before: float) -> int:
         """Delete terminal runs finished before the given time, and their logs."""
+
+    # -- API tokens and the audit log (used by the web service, not the engine) ------
+
+    async def put_token(self, token: StoredToken) -> None:
+        """Store a new token. Raises :class:`StoreError` if its id exists."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def get_token(self, token_id: str) -> StoredToken | None:
+        """The token with this id, revoked and expired ones included."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def list_tokens(self) -> list[StoredToken]:
+        """Every token, oldest first."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def count_active_tokens(self, now: float) -> int:
+        """Tokens neither revoked nor expired at ``now``."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
+        """Mark the token revoked (once: a second revoke keeps the first time)."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def touch_tokens(self, used: Mapping[str, float]) -> None:
+        """Record when tokens were last used (token id -> time; never moves back)."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+        """Store a single-use stream ticket (its hash) for a token."""
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
+        """Consume a ticket: the token id it was issued to, if it exists and is unexpired.
+
+        A ticket is taken once: it is deleted (expired ones too, in passing).
+        """
+        raise StoreError(f"{type(self).__name__} keeps no API tokens")
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append audit entries (their ``seq`` is assigned by the store)."""
+        raise StoreError(f"{type(self).__name__} keeps no audit log")
+
+    async def read_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        """Audit entries with ``seq > after``, oldest first."""
+        raise StoreError(f"{type(self).__name__} keeps no audit log")
 
 
 # -- stores shared by several engines -----------------------------------------------

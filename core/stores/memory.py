@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import RunStateError, StoreError, UnknownRunError
 from ..logs import LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
 from .base import (
+    AuditEntry,
     Cursor,
     Page,
     PutResult,
     Store,
     StoredGraph,
     StoredSignal,
+    StoredToken,
     deadline_of,
     fencing_problem,
+    glob_regex,
 )
 
 _UNFINISHED = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+
+
+#: The memory store keeps this many audit entries (the newest).
+MAX_AUDIT_ENTRIES = 100_000
 
 
 class MemoryStore(Store):
@@ -29,6 +39,10 @@ class MemoryStore(Store):
         self._runs: dict[str, RunRecord] = {}
         self._logs: dict[str, list[LogEntry]] = {}
         self._signals: dict[str, list[StoredSignal]] = {}
+        self._tokens: dict[str, StoredToken] = {}
+        self._tickets: dict[str, tuple[str, float]] = {}
+        self._audit: list[AuditEntry] = []
+        self._audit_seq = 0
 
     async def put_graph(self, graph: StoredGraph) -> PutResult:
         existing = self._graphs.get(graph.graph_id)
@@ -40,8 +54,17 @@ class MemoryStore(Store):
     async def get_graph(self, graph_id: str) -> StoredGraph | None:
         return self._graphs.get(graph_id)
 
-    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+    async def list_graphs(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        graphs: Sequence[str] | None = None,
+    ) -> Page[StoredGraph]:
         ids = sorted(self._graphs)
+        if graphs is not None:
+            match = re.compile(glob_regex(graphs)).match
+            ids = [i for i in ids if match(i)]
         if cursor is not None:
             _, after = Cursor.decode(cursor)
             ids = [i for i in ids if i > after]
@@ -81,8 +104,10 @@ class MemoryStore(Store):
         status: RunStatus | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
         bound = Cursor.decode(cursor) if cursor is not None else None
+        match = re.compile(glob_regex(graphs)).match if graphs is not None else None
         runs = sorted(self._runs.values(), key=lambda r: (r.created_at, r.run_id), reverse=True)
         out: list[RunRecord] = []
         more = False
@@ -92,6 +117,8 @@ class MemoryStore(Store):
             if graph_id is not None and run.graph_id != graph_id:
                 continue
             if status is not None and run.status != status:
+                continue
+            if match is not None and not match(run.graph_id):
                 continue
             if len(out) == limit:
                 more = True
@@ -153,3 +180,57 @@ class MemoryStore(Store):
             del self._logs[run_id]
             self._signals.pop(run_id, None)
         return len(doomed)
+
+    # -- API tokens and the audit log -------------------------------------------------
+
+    async def put_token(self, token: StoredToken) -> None:
+        tokens = self._tokens
+        if token.token_id in tokens:
+            raise StoreError(f"token {token.token_id!r} already exists")
+        tokens[token.token_id] = token
+
+    async def get_token(self, token_id: str) -> StoredToken | None:
+        return self._tokens.get(token_id)
+
+    async def list_tokens(self) -> list[StoredToken]:
+        tokens = self._tokens
+        return sorted(tokens.values(), key=lambda t: (t.created_at, t.token_id))
+
+    async def count_active_tokens(self, now: float) -> int:
+        return sum(t.active(now) for t in self._tokens.values())
+
+    async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
+        tokens = self._tokens
+        token = tokens.get(token_id)
+        if token is not None and token.revoked_at is None:
+            token = tokens[token_id] = dataclasses.replace(token, revoked_at=at)
+        return token
+
+    async def touch_tokens(self, used: Mapping[str, float]) -> None:
+        tokens = self._tokens
+        for token_id, at in used.items():
+            token = tokens.get(token_id)
+            if token is not None and (token.last_used_at or 0.0) < at:
+                tokens[token_id] = dataclasses.replace(token, last_used_at=at)
+
+    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+        self._tickets[ticket_hash] = (token_id, expires_at)
+
+    async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
+        tickets = self._tickets
+        for key in [k for k, (_, until) in tickets.items() if until <= now]:
+            del tickets[key]
+        found = tickets.pop(ticket_hash, None)
+        return found[0] if found is not None else None
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        for entry in entries:
+            self._audit_seq += 1
+            self._audit.append(dataclasses.replace(entry, seq=self._audit_seq))
+        if len(self._audit) > MAX_AUDIT_ENTRIES:
+            # A process-local store: the oldest entries go first.
+            del self._audit[: len(self._audit) - MAX_AUDIT_ENTRIES]
+
+    async def read_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        start = bisect.bisect_right([e.seq for e in self._audit], after)
+        return self._audit[start : start + max(limit, 0)]

@@ -59,6 +59,7 @@ from ..errors import (
 from ..logs import Level, LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
 from .base import (
+    AuditEntry,
     Claimed,
     ClusterEvents,
     Cursor,
@@ -69,10 +70,12 @@ from .base import (
     SharedStore,
     StoredGraph,
     StoredSignal,
+    StoredToken,
     checkpoint_conflict,
     deadline_of,
     default_node_id,
     fencing_problem,
+    glob_like,
 )
 
 if TYPE_CHECKING:
@@ -83,8 +86,6 @@ log = logging.getLogger("trioflow.store.postgres")
 
 T = TypeVar("T")
 
-#: The schema version this code writes and reads.
-SCHEMA_VERSION = 1
 
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -158,7 +159,41 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
     ),
+    (
+        # API tokens of the web service (a hash of each secret, never the
+        # secret), single-use stream tickets, and the audit log.
+        """CREATE TABLE tokens (
+            token_id     text PRIMARY KEY,
+            name         text NOT NULL,
+            role         text NOT NULL,
+            graphs       text NOT NULL,
+            secret_hash  text NOT NULL,
+            peppered     boolean NOT NULL,
+            created_at   double precision NOT NULL,
+            expires_at   double precision,
+            revoked_at   double precision,
+            last_used_at double precision
+        )""",
+        """CREATE TABLE tickets (
+            ticket_hash text PRIMARY KEY,
+            token_id    text NOT NULL,
+            expires_at  double precision NOT NULL
+        )""",
+        """CREATE TABLE audit (
+            seq    bigserial PRIMARY KEY,
+            ts     double precision NOT NULL,
+            actor  text NOT NULL,
+            action text NOT NULL,
+            target text NOT NULL,
+            status int NOT NULL,
+            detail text NOT NULL
+        )""",
+        "CREATE INDEX audit_by_ts ON audit (ts)",
+    ),
 )
+
+#: The schema version this code writes and reads.
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
 _loads = json.loads
@@ -1299,7 +1334,13 @@ class PostgresStore(SharedStore):
         row = await self._db(get, "read")
         return None if row is None else _graph_from_row(row)
 
-    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+    async def list_graphs(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        graphs: Sequence[str] | None = None,
+    ) -> Page[StoredGraph]:
         after = Cursor.decode(cursor)[1] if cursor is not None else None
         if after is not None and not _storable_id(after):
             after = after.replace("\x00", "")
@@ -1307,9 +1348,15 @@ class PostgresStore(SharedStore):
         def page(conn: psycopg.Connection[Any]) -> list[Row]:
             sql = "SELECT graph_id, document, digest, created_at FROM graphs"
             params: list[Any] = []
+            where: list[str] = []
             if after is not None:
-                sql += " WHERE graph_id > %s"
+                where.append("graph_id > %s")
                 params.append(after)
+            if graphs is not None:
+                where.append("graph_id LIKE ANY(%s)")
+                params.append([glob_like(g) for g in graphs])
+            if where:
+                sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY graph_id LIMIT %s"
             params.append(max(limit, 0) + 1)
             return conn.execute(sql, params).fetchall()
@@ -1351,6 +1398,7 @@ class PostgresStore(SharedStore):
         status: RunStatus | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
         where: list[str] = []
         params: list[Any] = []
@@ -1362,6 +1410,9 @@ class PostgresStore(SharedStore):
         if status is not None:
             where.append("status = %s")
             params.append(RunStatus(status).value)
+        if graphs is not None:
+            where.append("graph_id LIKE ANY(%s)")
+            params.append([glob_like(g) for g in graphs])
         if cursor is not None:
             key, ident = Cursor.decode(cursor)
             where.append("(created_at, run_id) < (%s, %s)")
@@ -1492,6 +1543,142 @@ class PostgresStore(SharedStore):
 
         return await self._db(delete, "delete")
 
+    # -- API tokens and the audit log -------------------------------------------------
+
+    async def put_token(self, token: StoredToken) -> None:
+        params = (
+            token.token_id,
+            _text(token.name),
+            token.role,
+            _dumps(list(token.graphs)),
+            token.secret_hash,
+            token.peppered,
+            token.created_at,
+            token.expires_at,
+            token.revoked_at,
+            token.last_used_at,
+        )
+
+        def put(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({', '.join(['%s'] * 10)})",
+                params,
+            )
+
+        await self._db(put, "token write")
+
+    async def get_token(self, token_id: str) -> StoredToken | None:
+        if not _storable_id(token_id):
+            return None
+
+        def get(conn: psycopg.Connection[Any]) -> Row | None:
+            return conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = %s", (token_id,)
+            ).fetchone()
+
+        row = await self._db(get, "token read")
+        return None if row is None else _token_from_row(row)
+
+    async def list_tokens(self) -> list[StoredToken]:
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id"
+            ).fetchall()
+
+        return [_token_from_row(r) for r in await self._db(read, "token read")]
+
+    async def count_active_tokens(self, now: float) -> int:
+        def count(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM tokens WHERE revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > %s)",
+                (now,),
+            ).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return await self._db(count, "token read")
+
+    async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
+        if not _storable_id(token_id):
+            return None
+
+        def revoke(conn: psycopg.Connection[Any]) -> Row | None:
+            conn.execute(
+                "UPDATE tokens SET revoked_at = %s WHERE token_id = %s AND revoked_at IS NULL",
+                (at, token_id),
+            )
+            return conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = %s", (token_id,)
+            ).fetchone()
+
+        row = await self._db(revoke, "token write")
+        return None if row is None else _token_from_row(row)
+
+    async def touch_tokens(self, used: Mapping[str, float]) -> None:
+        ids = [i for i in used if _storable_id(i)]
+        times = [used[i] for i in ids]
+
+        def touch(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "UPDATE tokens t SET last_used_at = u.at "
+                "FROM unnest(%s::text[], %s::float8[]) AS u(token_id, at) "
+                "WHERE t.token_id = u.token_id "
+                "AND (t.last_used_at IS NULL OR t.last_used_at < u.at)",
+                (ids, times),
+            )
+
+        if ids:
+            await self._db(touch, "token write")
+
+    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+        def put(conn: psycopg.Connection[Any]) -> None:
+            conn.execute(
+                "INSERT INTO tickets (ticket_hash, token_id, expires_at) VALUES (%s, %s, %s)",
+                (ticket_hash, token_id, expires_at),
+            )
+
+        await self._db(put, "ticket write")
+
+    async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
+        if not _storable_id(ticket_hash):
+            return None
+
+        def take(conn: psycopg.Connection[Any]) -> str | None:
+            conn.execute("DELETE FROM tickets WHERE expires_at <= %s", (now,))
+            row = conn.execute(
+                "DELETE FROM tickets WHERE ticket_hash = %s RETURNING token_id", (ticket_hash,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._db(take, "ticket write")
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        rows = [
+            (e.ts, _text(e.actor), _text(e.action), _text(e.target), e.status, _text(e.detail))
+            for e in entries
+        ]
+
+        def add(conn: psycopg.Connection[Any]) -> None:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO audit (ts, actor, action, target, status, detail) "
+                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    rows,
+                )
+
+        if rows:
+            await self._db(add, "audit write")
+
+    async def read_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        def read(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(
+                "SELECT seq, ts, actor, action, target, status, detail FROM audit "
+                "WHERE seq > %s ORDER BY seq LIMIT %s",
+                (max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        return [AuditEntry(*r) for r in await self._db(read, "audit read")]
+
 
 def parse_url(url: str) -> tuple[str, dict[str, Any]]:
     """Split trioflow's own query parameters (``schema``) off a PostgreSQL URL.
@@ -1509,3 +1696,13 @@ def parse_url(url: str) -> tuple[str, dict[str, Any]]:
         else:
             kept.append((key, value))
     return urlunsplit(parts._replace(query=urlencode(kept))), options
+
+
+_TOKEN_COLUMNS = (
+    "token_id, name, role, graphs, secret_hash, peppered, created_at, expires_at, "
+    "revoked_at, last_used_at"
+)
+
+
+def _token_from_row(row: Row) -> StoredToken:
+    return StoredToken(row[0], row[1], row[2], tuple(_loads(row[3])), row[4], *row[5:10])

@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -55,12 +55,14 @@ from ..errors import EngineError, RunStateError, StoreError, UnknownRunError
 from ..logs import Level, LogEntry
 from ..runs import TERMINAL, RunRecord, RunStatus
 from .base import (
+    AuditEntry,
     Cursor,
     Page,
     PutResult,
     Store,
     StoredGraph,
     StoredSignal,
+    StoredToken,
     checkpoint_conflict,
     deadline_of,
     fencing_problem,
@@ -144,10 +146,49 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # The run's fencing token: raised by every claim (see Store.save_run).
         "ALTER TABLE runs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # API tokens of the web service (a hash of each secret, never the
+        # secret), single-use stream tickets, and the audit log.
+        """CREATE TABLE tokens (
+            token_id     TEXT PRIMARY KEY,
+            name         TEXT NOT NULL,
+            role         TEXT NOT NULL,
+            graphs       TEXT NOT NULL,
+            secret_hash  TEXT NOT NULL,
+            peppered     INTEGER NOT NULL,
+            created_at   REAL NOT NULL,
+            expires_at   REAL,
+            revoked_at   REAL,
+            last_used_at REAL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE tickets (
+            ticket_hash TEXT PRIMARY KEY,
+            token_id    TEXT NOT NULL,
+            expires_at  REAL NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE audit (
+            seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts     REAL NOT NULL,
+            actor  TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_by_ts ON audit (ts)",
+    ),
 )
 
 #: The schema version this code writes and reads.
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _glob_filter(patterns: Sequence[str], params: list[Any]) -> str:
+    """``graph_id`` matches one of the scope patterns (their alphabet has no ``[``, so
+    SQLite's GLOB means what a scope pattern means)."""
+    params.extend(patterns)
+    return "(" + " OR ".join(["graph_id GLOB ?"] * len(patterns)) + ")" if patterns else "0"
+
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False).encode
 _loads = json.loads
@@ -660,15 +701,26 @@ class SQLiteStore(Store):
         row = await self._read(get)
         return None if row is None else _graph_from_row(row)
 
-    async def list_graphs(self, *, cursor: str | None = None, limit: int = 50) -> Page[StoredGraph]:
+    async def list_graphs(
+        self,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        graphs: Sequence[str] | None = None,
+    ) -> Page[StoredGraph]:
         after = Cursor.decode(cursor)[1] if cursor is not None else None
 
         def page(conn: sqlite3.Connection) -> list[Row]:
             sql = "SELECT graph_id, document, digest, created_at FROM graphs"
+            where: list[str] = []
             params: list[Any] = []
             if after is not None:
-                sql += " WHERE graph_id > ?"
+                where.append("graph_id > ?")
                 params.append(after)
+            if graphs is not None:
+                where.append(_glob_filter(graphs, params))
+            if where:
+                sql += " WHERE " + " AND ".join(where)
             sql += " ORDER BY graph_id LIMIT ?"
             params.append(max(limit, 0) + 1)
             return conn.execute(sql, params).fetchall()
@@ -741,6 +793,7 @@ class SQLiteStore(Store):
         status: RunStatus | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
         where: list[str] = []
         params: list[Any] = []
@@ -750,6 +803,8 @@ class SQLiteStore(Store):
         if status is not None:
             where.append("status = ?")
             params.append(RunStatus(status).value)
+        if graphs is not None:
+            where.append(_glob_filter(graphs, params))
         if cursor is not None:
             # Keyset pagination: strictly after the last item of the previous
             # page in (created_at DESC, run_id DESC) order; served by an index.
@@ -860,6 +915,141 @@ class SQLiteStore(Store):
             return conn.execute(f"DELETE FROM runs WHERE {doomed}", (finished_before,)).rowcount
 
         return await self._write(delete)
+
+    # -- API tokens and the audit log -------------------------------------------------
+
+    async def put_token(self, token: StoredToken) -> None:
+        params = _token_params(token)
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(f"INSERT INTO tokens ({_TOKEN_COLUMNS}) VALUES ({_TOKEN_MARKS})", params)
+
+        await self._write(put)
+
+    async def get_token(self, token_id: str) -> StoredToken | None:
+        def get(conn: sqlite3.Connection) -> Row | None:
+            return conn.execute(  # type: ignore[no-any-return]
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+            ).fetchone()
+
+        row = await self._read(get)
+        return None if row is None else _token_from_row(row)
+
+    async def list_tokens(self) -> list[StoredToken]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id"
+            ).fetchall()
+
+        return [_token_from_row(r) for r in await self._read(read)]
+
+    async def count_active_tokens(self, now: float) -> int:
+        def count(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM tokens WHERE revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (now,),
+                ).fetchone()[0]
+            )
+
+        return await self._read(count)
+
+    async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
+        def revoke(conn: sqlite3.Connection) -> Row | None:
+            conn.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL",
+                (at, token_id),
+            )
+            return conn.execute(  # type: ignore[no-any-return]
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,)
+            ).fetchone()
+
+        row = await self._write(revoke)
+        return None if row is None else _token_from_row(row)
+
+    async def touch_tokens(self, used: Mapping[str, float]) -> None:
+        rows = [(at, token_id, at) for token_id, at in used.items()]
+
+        def touch(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE tokens SET last_used_at = ? WHERE token_id = ? "
+                "AND (last_used_at IS NULL OR last_used_at < ?)",
+                rows,
+            )
+
+        if rows:
+            await self._write(touch)
+
+    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+        def put(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO tickets (ticket_hash, token_id, expires_at) VALUES (?, ?, ?)",
+                (ticket_hash, token_id, expires_at),
+            )
+
+        await self._write(put)
+
+    async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
+        def take(conn: sqlite3.Connection) -> str | None:
+            conn.execute("DELETE FROM tickets WHERE expires_at <= ?", (now,))
+            row = conn.execute(
+                "DELETE FROM tickets WHERE ticket_hash = ? RETURNING token_id", (ticket_hash,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._write(take)
+
+    async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        rows = [(e.ts, e.actor, e.action, e.target, e.status, e.detail) for e in entries]
+
+        def add(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO audit (ts, actor, action, target, status, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        if rows:
+            await self._write(add)
+
+    async def read_audit(self, *, after: int = 0, limit: int = 100) -> list[AuditEntry]:
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                "SELECT seq, ts, actor, action, target, status, detail FROM audit "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (max(after, 0), max(limit, 0)),
+            ).fetchall()
+
+        return [AuditEntry(*r) for r in await self._read(read)]
+
+
+_TOKEN_COLUMNS = (
+    "token_id, name, role, graphs, secret_hash, peppered, created_at, expires_at, "
+    "revoked_at, last_used_at"
+)
+_TOKEN_MARKS = ", ".join("?" * 10)
+
+
+def _token_params(token: StoredToken) -> tuple[Any, ...]:
+    return (
+        token.token_id,
+        token.name,
+        token.role,
+        _dumps(list(token.graphs)),
+        token.secret_hash,
+        int(token.peppered),
+        token.created_at,
+        token.expires_at,
+        token.revoked_at,
+        token.last_used_at,
+    )
+
+
+def _token_from_row(row: Row) -> StoredToken:
+    return StoredToken(
+        row[0], row[1], row[2], tuple(_loads(row[3])), row[4], bool(row[5]), *row[6:10]
+    )
 
 
 def _close_writer(writer: sqlite3.Connection) -> None:

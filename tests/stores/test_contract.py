@@ -521,3 +521,78 @@ async def test_a_cancelled_checkpoint_returns_if_and_only_if_it_was_written(stor
         written = run.step == 2
         assert [e.seq for e in await store.read_log(run.run_id)] == ([1, 2] if written else [1])
         assert written == (run.run_id in returned), run.run_id
+
+
+# -- graph scopes in listings ----------------------------------------------------------
+
+
+async def test_listings_filter_by_graph_scope_patterns_inside_the_query(store: Store) -> None:
+    ids = ["team-a.x", "team-a.y", "team_a.z", "team-b.x", "teamXa.q", "other"]
+    for i, graph_id in enumerate(ids):
+        await store.put_graph(_graph(graph_id))
+        await store.create_run(_run(f"r{i}", graph_id=graph_id, created_at=100.0 + i))
+    # "_" and "." are literal: team_a.z and teamXa.q do not match team-a.*
+    runs, pages = await _all_pages(store, graphs=["team-a.*", "oth?r"], limit=1)
+    assert sorted(r.graph_id for r in runs) == ["other", "team-a.x", "team-a.y"]
+    assert pages == 3  # every page full: the filter is in the query
+    runs, _ = await _all_pages(store, graphs=["team_a.*"])
+    assert [r.graph_id for r in runs] == ["team_a.z"]
+    runs, _ = await _all_pages(store, graphs=[])
+    assert runs == []
+    runs, _ = await _all_pages(store, graphs=["team-a.*"], graph_id="team-b.x")
+    assert runs == []
+    page = await store.list_graphs(graphs=["team-?.x"], limit=1)
+    assert [g.graph_id for g in page.items] == ["team-a.x"]
+    page = await store.list_graphs(graphs=["team-?.x"], cursor=page.next_cursor, limit=1)
+    assert [g.graph_id for g in page.items] == ["team-b.x"] and page.next_cursor is None
+
+
+# -- API tokens, tickets and the audit log -------------------------------------------------
+
+
+async def test_tokens_tickets_and_audit(store: Store) -> None:
+    from trioflow.stores.base import AuditEntry, StoredToken
+
+    token = StoredToken("0123456789abcdef", "ops", "admin", ("*",), "h" * 64, False, 10.0)
+    await store.put_token(token)
+    with pytest.raises(StoreError):
+        await store.put_token(token)
+    assert await store.get_token("0123456789abcdef") == token
+    assert await store.get_token("nope") is None
+    short = StoredToken(
+        "fedcba9876543210", "ci", "runner", ("a.*", "b"), "k" * 64, True, 20.0, 50.0
+    )
+    await store.put_token(short)
+    assert [t.token_id for t in await store.list_tokens()] == [token.token_id, short.token_id]
+    assert await store.count_active_tokens(40.0) == 2
+    assert await store.count_active_tokens(50.0) == 1  # expired at 50
+    revoked = await store.revoke_token(token.token_id, 60.0)
+    assert revoked is not None and revoked.revoked_at == 60.0
+    again = await store.revoke_token(token.token_id, 70.0)
+    assert again is not None and again.revoked_at == 60.0  # the first revocation stands
+    assert await store.revoke_token("nope", 70.0) is None
+    assert await store.count_active_tokens(40.0) == 1
+    await store.touch_tokens({short.token_id: 30.0})
+    await store.touch_tokens({short.token_id: 25.0})  # never moves back
+    got = await store.get_token(short.token_id)
+    assert got is not None and got.last_used_at == 30.0 and got.graphs == ("a.*", "b")
+    assert got.peppered and got.expires_at == 50.0
+    # Tickets: taken once, and not after they expire.
+    await store.put_ticket("t1", short.token_id, 100.0)
+    await store.put_ticket("t2", short.token_id, 100.0)
+    assert await store.take_ticket("t1", 99.0) == short.token_id
+    assert await store.take_ticket("t1", 99.0) is None
+    assert await store.take_ticket("t2", 100.0) is None
+    # The audit log: seqs from 1, read after a seq.
+    await store.add_audit(
+        [AuditEntry(0, 1.0, "a", "x", "t", 200), AuditEntry(0, 2.0, "b", "y", "u", 403, "no")]
+    )
+    await store.add_audit([AuditEntry(0, 3.0, "c", "z", "v", 201)])
+    entries = await store.read_audit()
+    assert [(e.seq, e.actor, e.status) for e in entries] == [
+        (1, "a", 200),
+        (2, "b", 403),
+        (3, "c", 201),
+    ]
+    assert [e.seq for e in await store.read_audit(after=1, limit=1)] == [2]
+    assert entries[1].detail == "no"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,6 +35,21 @@ schema = schemathesis.openapi.from_dict(DOCUMENT)
 @pytest.fixture(scope="module")
 def live_url() -> Iterator[str]:
     """A real Hypercorn server in a background thread, for the module."""
+    yield from _live(auth=False)
+
+
+ADMIN: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def live_auth_url() -> Iterator[str]:
+    """The same with access control on, and an admin token in ``ADMIN``."""
+    yield from _live(auth=True)
+
+
+def _live(auth: bool) -> Iterator[str]:
+    from trioflow.web.auth import AuthSettings, make_token
+
     bound: queue.Queue[str | BaseException] = queue.Queue()
     tokens: list[trio.lowlevel.TrioToken] = []
     stop: list[trio.Event] = []
@@ -42,7 +58,15 @@ def live_url() -> Iterator[str]:
         stop.append(trio.Event())
         tokens.append(trio.lowlevel.current_trio_token())
         async with open_engine() as engine, trio.open_nursery() as nursery:
-            app = create_app(engine, Settings(max_body_bytes=256 * 1024))
+            settings = Settings(max_body_bytes=256 * 1024)
+            if auth:
+                record, text = make_token("fuzz", "admin", None, pepper=None, now=time.time())
+                await engine.store.put_token(record)
+                ADMIN[:] = [text]
+                # A fuzzer is a fast client: no rate limit in the way.
+                limits = AuthSettings(mode="on", rate=1e6, burst=10**6, run_rate=1e6)
+                settings = Settings(max_body_bytes=256 * 1024, auth=limits)
+            app = create_app(engine, settings)
             binds = await nursery.start(
                 lambda task_status: serve(
                     app,
@@ -97,6 +121,24 @@ def test_fuzz_finds_no_500_and_no_schema_break(case: Any, live_url: str) -> None
     assert response.status_code < 500, (case.method, case.path, response.status_code)
 
 
+@schema.parametrize()
+@settings(
+    max_examples=15,
+    derandomize=True,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+def test_fuzz_with_an_admin_token_finds_no_500(case: Any, live_auth_url: str) -> None:
+    response = case.call_and_validate(
+        base_url=live_auth_url,
+        checks=CHECKS,
+        timeout=10,
+        headers={"Authorization": f"Bearer {ADMIN[0]}"},
+    )
+    assert response.status_code < 500, (case.method, case.path, response.status_code)
+
+
 def test_openapi_covers_every_route() -> None:
     from trioflow.web.routes import STATIC_PATH, starlette_routes
 
@@ -115,7 +157,8 @@ def test_openapi_covers_every_route() -> None:
     for path, operations in paths.items():
         for method, operation in operations.items():
             assert operation["responses"], (method, path)
-            if method == "post" and path != "/graph/cancel/{run_id}":
+            bodiless = ("/graph/cancel/{run_id}", "/auth/ticket", "/auth/tokens/{token_id}/revoke")
+            if method == "post" and path not in bodiless:
                 assert "requestBody" in operation
     assert DOCUMENT["openapi"].startswith("3.1")
     for name in ("LogMessage", "StatusMessage", "ErrorMessage", "ErrorResponse", "RunWithLogs"):
