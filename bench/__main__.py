@@ -22,6 +22,7 @@ from ._common import Row, fmt
 BENCHMARKS = (
     "per_step",
     "service",
+    "auth",
     "concurrency",
     "waits",
     "postgres",

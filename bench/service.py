@@ -80,9 +80,12 @@ class Server:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.url = ""
+        #: What the child printed before it listened.
+        self.preamble: list[str] = []
         assert self.proc.stdout is not None
         deadline = time.monotonic() + 60
         for line in self.proc.stdout:
+            self.preamble.append(line)
             if line.startswith("LISTENING "):
                 self.url = line.split(None, 1)[1].strip()
                 break

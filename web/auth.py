@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -41,9 +42,12 @@ from typing import Literal
 import trio
 from starlette.requests import HTTPConnection
 
+from trioflow import EngineError
 from trioflow.stores.base import AuditEntry, Store, StoredToken, glob_regex
 
 from .errors import RequestError
+
+log = logging.getLogger("trioflow.web")
 
 Role = Literal["viewer", "runner", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "runner", "admin")
@@ -289,9 +293,20 @@ class Authority:
 
     # -- mode ----------------------------------------------------------------------
 
+    @property
+    def store_keeps_tokens(self) -> bool:
+        """False for a store class of an embedder's that has no token methods."""
+        return type(self.store).count_active_tokens is not Store.count_active_tokens
+
     async def startup_problem(self) -> str | None:
         """Why the server must not start with these settings, or None."""
         mode = self.settings.mode
+        if mode != "off" and not self.store_keeps_tokens:
+            if mode == "on" or not self.loopback:
+                return (
+                    f"{type(self.store).__name__} keeps no API tokens: use --auth off on loopback"
+                )
+            return None
         if mode == "off":
             if not self.loopback:
                 return (
@@ -317,6 +332,8 @@ class Authority:
             return False
         if mode == "on" or not self.loopback:
             return True
+        if not self.store_keeps_tokens:
+            return False  # startup_problem refused this store everywhere but here
         now = self.settings.clock()
         known = self._active_tokens
         if known is None or now - known[1] >= CACHE_S:
@@ -474,10 +491,19 @@ class Authority:
     async def audit(
         self, principal: Principal, action: str, target: str, status: int, detail: str = ""
     ) -> None:
+        """Append an audit entry. Never fails the request it describes: an entry the
+        store cannot take (it is down, or keeps no audit log) goes to the server log."""
         entry = AuditEntry(
             0, self.settings.clock(), principal.actor, action, target[:300], status, detail[:500]
         )
-        await self.store.add_audit([entry])
+        if self.store_keeps_tokens:
+            try:
+                await self.store.add_audit([entry])
+                return
+            except EngineError as exc:
+                log.warning("audit entry not stored (%s): %s", exc.message, entry)
+                return
+        log.info("audit: %s", entry)
 
 
 def _ticket_hash(ticket: str) -> str:
