@@ -117,7 +117,7 @@ def hash_secret(secret: str, pepper: bytes | None) -> str:
     """The stored form of a secret (hex)."""
     data = secret.encode()
     if pepper:
-        return hmac.new(pepper, data, hashlib.sha256).hexdigest()
+        return hmac.digest(pepper, data, "sha256").hex()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -286,6 +286,7 @@ class Authority:
         self.settings = settings
         self.loopback = loopback
         self._cache: dict[str, tuple[StoredToken | None, float]] = {}
+        self._principals: dict[str, Principal] = {}
         self._used: dict[str, float] = {}
         self._active_tokens: tuple[int, float] | None = None
         self._buckets: dict[tuple[str, bool], _Bucket] = {}
@@ -388,7 +389,12 @@ class Authority:
         if token.expires_at is not None and now >= token.expires_at:
             raise unauthorized("the token has expired")
         self._used[token_id] = now
-        return Principal.of(token)
+        principal = self._principals.get(token_id)
+        if principal is None or principal.role != token.role:
+            if len(self._principals) >= CACHE_MAX:
+                self._principals.clear()
+            principal = self._principals[token_id] = Principal.of(token)
+        return principal
 
     # -- requests ----------------------------------------------------------------------
 
