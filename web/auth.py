@@ -36,14 +36,14 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import trio
 from starlette.requests import HTTPConnection
 
 from trioflow import EngineError
-from trioflow.stores.base import AuditEntry, Store, StoredToken, glob_regex
+from trioflow.stores.base import AuditEntry, Store, StoredToken, glob_any
 
 from .errors import RequestError
 
@@ -67,9 +67,10 @@ TICKET_TTL_S = 30.0
 WS_PROTOCOL = "trioflow.v1"
 WS_BEARER_PREFIX = "trioflow.bearer."
 
-TOKEN_RE = re.compile(r"^tf_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
-SCOPE_RE = re.compile(r"^[A-Za-z0-9_.:*?-]{1,200}$")
-NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,100}$")
+TOKEN_RE = re.compile(r"tf_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
+SCOPE_RE = re.compile(r"[A-Za-z0-9_.:*?-]{1,200}\Z")
+GRAPH_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
+NAME_RE = re.compile(r"[^\x00-\x1f\x7f]{1,100}\Z")
 
 _RANK = {"public": 0, "viewer": 1, "runner": 2, "admin": 3}
 
@@ -148,7 +149,7 @@ def make_token(
         raise ValueError("a token name is 1 to 100 characters, without control characters")
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
-    scopes = check_scopes(graphs if graphs else ("*",))
+    scopes = check_scopes(graphs if graphs is not None else ("*",))
     if expires_in is not None and not (0 < expires_in < 1e10):
         raise ValueError("a token's lifetime must be positive")
     token_id, secret = new_secret()
@@ -195,17 +196,22 @@ class Principal:
     name: str
     role: str
     graphs: tuple[str, ...] | None
-    _match: Callable[[str], object] | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def of(token: StoredToken) -> Principal:
         graphs = None if "*" in token.graphs else token.graphs
-        match = re.compile(glob_regex(graphs)).match if graphs is not None else None
-        return Principal(token.token_id, token.name, token.role, graphs, match)
+        return Principal(token.token_id, token.name, token.role, graphs)
 
     def sees(self, graph_id: str) -> bool:
-        """Whether the graph (and its runs) is inside this principal's scopes."""
-        return self._match is None or self._match(graph_id) is not None
+        """Whether the graph (and its runs) is inside this principal's scopes.
+
+        An id outside the graph id alphabet (any id a client makes up) names
+        no graph: it is checked first, and the match is linear in its length.
+        """
+        graphs = self.graphs
+        if graphs is None:
+            return True
+        return GRAPH_ID_RE.match(graph_id) is not None and glob_any(graphs, graph_id)
 
     @property
     def actor(self) -> str:
@@ -285,7 +291,12 @@ class Authority:
         self.store = store
         self.settings = settings
         self.loopback = loopback
-        self._cache: dict[str, tuple[StoredToken | None, float]] = {}
+        #: Token records by id, with the Trio time they were read (never the wall clock:
+        #: a clock stepped back must not keep a revoked token alive).
+        self._cache: dict[str, tuple[StoredToken, float]] = {}
+        #: Ids the store does not know (any client can make these up): apart,
+        #: so that filling this never pushes out a real token's record.
+        self._unknown: dict[str, float] = {}
         self._principals: dict[str, Principal] = {}
         self._used: dict[str, float] = {}
         self._active_tokens: tuple[int, float] | None = None
@@ -297,7 +308,7 @@ class Authority:
     @property
     def store_keeps_tokens(self) -> bool:
         """False for a store class of an embedder's that has no token methods."""
-        return type(self.store).count_active_tokens is not Store.count_active_tokens
+        return type(self.store).count_tokens is not Store.count_tokens
 
     async def startup_problem(self) -> str | None:
         """Why the server must not start with these settings, or None."""
@@ -315,8 +326,8 @@ class Authority:
                     "can reach the port could do everything"
                 )
             return None
-        if (mode == "on" or not self.loopback) and await self.store.count_active_tokens(
-            self.settings.clock()
+        if (mode == "on" or not self.loopback) and await self.store.count_tokens(
+            active_at=self.settings.clock()
         ) == 0:
             why = "--auth on" if mode == "on" else "the server listens beyond loopback"
             return (
@@ -326,19 +337,28 @@ class Authority:
             )
         return None
 
-    async def required(self) -> bool:
-        """Whether requests need a token now."""
+    async def required(self, conn: HTTPConnection | None = None) -> bool:
+        """Whether requests (``conn``'s) need a token now.
+
+        In ``auto`` mode: always for a connection that arrived on an address
+        that is not loopback (whatever the server was told it binds), and
+        otherwise once any token has ever been created in the store, revoked
+        and expired ones included: revoking the last token must not open the
+        server again.
+        """
         mode = self.settings.mode
         if mode == "off":
             return False
         if mode == "on" or not self.loopback:
             return True
+        if conn is not None and not _arrived_on_loopback(conn):
+            return True
         if not self.store_keeps_tokens:
             return False  # startup_problem refused this store everywhere but here
-        now = self.settings.clock()
+        now = trio.current_time()
         known = self._active_tokens
-        if known is None or now - known[1] >= CACHE_S:
-            count = await self.store.count_active_tokens(now)
+        if known is None or (known[0] == 0 and now - known[1] >= CACHE_S):
+            count = await self.store.count_tokens()
             self._active_tokens = known = (count, now)
         return known[0] > 0
 
@@ -349,16 +369,25 @@ class Authority:
     # -- tokens ----------------------------------------------------------------------
 
     async def _record(self, token_id: str) -> StoredToken | None:
-        now = self.settings.clock()
+        now = trio.current_time()
         cached = self._cache.get(token_id)
         if cached is not None and now - cached[1] < CACHE_S:
             return cached[0]
+        unknown = self._unknown.get(token_id)
+        if unknown is not None and now - unknown < CACHE_S:
+            return None
         token = await self.store.get_token(token_id)
-        if len(self._cache) >= CACHE_MAX:
+        if token is None:
+            if len(self._unknown) >= CACHE_MAX:
+                self._unknown.clear()
+            self._unknown[token_id] = now
+            self._cache.pop(token_id, None)
+            return None
+        self._unknown.pop(token_id, None)
+        if len(self._cache) >= CACHE_MAX and token_id not in self._cache:
+            # More real tokens in use than the cache holds: drop the stale ones.
             for key in [k for k, (_, at) in self._cache.items() if now - at >= CACHE_S]:
                 del self._cache[key]
-            if len(self._cache) >= CACHE_MAX:
-                self._cache.clear()
         self._cache[token_id] = (token, now)
         used = self._used.pop(token_id, None)
         if used is not None and token is not None:
@@ -368,6 +397,19 @@ class Authority:
     def forget(self, token_id: str) -> None:
         self._cache.pop(token_id, None)
 
+    async def still_valid(self, principal: Principal) -> None:
+        """Return once the principal's token is revoked, expires or is gone (checked
+        every :data:`CACHE_S`); never for anonymous access. Open streams watch this."""
+        token_id = principal.token_id
+        if token_id is None:
+            await trio.sleep_forever()
+            return
+        while True:
+            await trio.sleep(CACHE_S)
+            token = await self._record(token_id)
+            if token is None or not token.active(self.settings.clock()):
+                return
+
     async def authenticate(self, text: str) -> Principal:
         """The principal of a token's text. Raises a 401 :class:`RequestError`."""
         parsed = parse_token(text)
@@ -376,13 +418,13 @@ class Authority:
         token_id, secret = parsed
         token = await self._record(token_id)
         pepper = self.settings.pepper
+        if token is not None and token.peppered and pepper is None:
+            raise unauthorized("the token was made with a server secret this server lacks")
         # The hash is computed whether or not the id exists: the answer's time
         # does not tell which ids exist.
         given = hash_secret(secret, pepper if token is None or token.peppered else None)
         if token is None or not hmac.compare_digest(given, token.secret_hash):
             raise unauthorized("unknown token or wrong secret")
-        if token.peppered and pepper is None:
-            raise unauthorized("the token was made with a server secret this server lacks")
         now = self.settings.clock()
         if token.revoked_at is not None:
             raise unauthorized("the token was revoked")
@@ -403,12 +445,14 @@ class Authority:
 
         A refusal for a role too low goes to the audit log (``action``: what was asked).
         """
-        if needed == "public" or not await self.required():
+        if needed == "public" or not await self.required(conn):
             return ANONYMOUS
         text = bearer(conn)
         if text is None:
             raise unauthorized("this server requires an API token (Authorization: Bearer ...)")
         principal = await self.authenticate(text)
+        # The rate first: refusals (and their audit entries) count against it too.
+        self.limit(principal)
         if not role_allows(principal.role, needed):
             message = f"this needs the role {needed}; the token's role is {principal.role}"
             await self.audit(principal, action, conn.url.path, 403, message)
@@ -476,8 +520,9 @@ class Authority:
                 400, "auth_off", "access control is off: streams need no ticket on this server"
             )
         ticket = "tft_" + secrets.token_urlsafe(32)
-        expires = self.settings.clock() + TICKET_TTL_S
-        await self.store.put_ticket(_ticket_hash(ticket), principal.token_id, expires)
+        now = self.settings.clock()
+        expires = now + TICKET_TTL_S
+        await self.store.put_ticket(_ticket_hash(ticket), principal.token_id, expires, now=now)
         return ticket, expires
 
     async def redeem_ticket(self, ticket: str) -> Principal:
@@ -490,7 +535,9 @@ class Authority:
         token = await self._record(token_id)
         if token is None or not token.active(self.settings.clock()):
             raise unauthorized("the ticket's token was revoked or has expired")
-        return Principal.of(token)
+        principal = Principal.of(token)
+        self.limit(principal)
+        return principal
 
     # -- audit -------------------------------------------------------------------------
 
@@ -510,6 +557,19 @@ class Authority:
                 log.warning("audit entry not stored (%s): %s", exc.message, entry)
                 return
         log.info("audit: %s", entry)
+
+
+def _arrived_on_loopback(conn: HTTPConnection) -> bool:
+    """Whether the connection came in on a loopback address of this machine."""
+    import ipaddress
+
+    server = conn.scope.get("server")
+    if not server or not server[0]:
+        return True  # a Unix socket, or a test transport: no network address
+    try:
+        return ipaddress.ip_address(str(server[0]).strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _ticket_hash(ticket: str) -> str:

@@ -485,7 +485,6 @@ def guarded(op: Operation) -> Callable[[Request], Awaitable[Response]]:
             )
         else:
             principal = await authority.principal(request, needed, action)
-        authority.limit(principal)
         request.state.principal = principal
         if not admin:
             return await endpoint(request)

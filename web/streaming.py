@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import trio
@@ -103,8 +104,10 @@ async def _race(
     lifecycle: Lifecycle,
     wait_gone: Callable[[], Awaitable[None]],
     work: Callable[[], Awaitable[None]],
+    revoked: Callable[[], Awaitable[None]] | None = None,
 ) -> str:
-    """Run ``work`` until it ends, the client goes, or the server drains. Returns which."""
+    """Run ``work`` until it ends, the client goes, the server drains, or the
+    follower's token stops being valid (``revoked``). Returns which."""
     outcome = "done"
     async with trio.open_nursery() as nursery:
 
@@ -116,6 +119,8 @@ async def _race(
 
         nursery.start_soon(watch, "gone", wait_gone)
         nursery.start_soon(watch, "draining", lifecycle.draining.wait)
+        if revoked is not None:
+            nursery.start_soon(watch, "revoked", revoked)
         await work()
         nursery.cancel_scope.cancel()
     return outcome
@@ -164,7 +169,6 @@ async def ws_logs(websocket: WebSocket) -> None:
             principal = await svc.authority.principal(
                 websocket, WEBSOCKET_ACCESS, "WS /ws/logs/{run_id}"
             )
-            svc.authority.limit(principal)
             with svc.authority.stream(principal):
                 await _follow(websocket, principal)
         except RequestError as exc:
@@ -215,10 +219,15 @@ async def _follow(websocket: WebSocket, principal: Principal) -> None:
         except CLIENT_GONE:
             gone = True
 
-    outcome = await _race(svc.lifecycle, wait_gone, work)
+    outcome = await _race(
+        svc.lifecycle, wait_gone, work, partial(svc.authority.still_valid, principal)
+    )
     if gone or outcome == "gone" or websocket.application_state is not WebSocketState.CONNECTED:
         return
-    if outcome == "draining":
+    if outcome == "revoked":
+        body = error_body("unauthorized", "the token was revoked or has expired")
+        await _error_close(websocket, 401, body)
+    elif outcome == "draining":
         await _close(websocket, GOING_AWAY, "server shutting down")
     elif error is not None:
         body = error_body(error.code, error.message, error.details)
@@ -264,6 +273,7 @@ class EventStream(Response):
         after: int,
         heartbeat_s: float,
         on_end: contextlib.AbstractContextManager[Any] | None = None,
+        revoked: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -275,6 +285,7 @@ class EventStream(Response):
         self.after = after
         self.heartbeat_s = heartbeat_s
         self.on_end = on_end
+        self.revoked = revoked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -337,7 +348,10 @@ class EventStream(Response):
                     await emit(f"event: status\ndata: {dumps({'status': status.value})}\n\n")
                 nursery.cancel_scope.cancel()
 
-        outcome = await _race(self.lifecycle, wait_gone, work)
+        outcome = await _race(self.lifecycle, wait_gone, work, self.revoked)
+        if outcome == "revoked":
+            body = dumps(error_body("unauthorized", "the token was revoked or has expired"))
+            await emit(f"event: error\ndata: {body}\n\n")
         if outcome != "gone" and not gone.is_set():
             with contextlib.suppress(*CLIENT_GONE):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -369,7 +383,13 @@ async def sse_logs(request: Request) -> Response:
     hold.__enter__()  # 429 now, before the stream starts; left when the stream ends
     try:
         return EventStream(
-            svc.engine, svc.lifecycle, run_id, after, svc.settings.heartbeat_s, on_end=hold
+            svc.engine,
+            svc.lifecycle,
+            run_id,
+            after,
+            svc.settings.heartbeat_s,
+            on_end=hold,
+            revoked=partial(svc.authority.still_valid, principal),
         )
     except BaseException:
         hold.__exit__(None, None, None)

@@ -90,15 +90,36 @@ def glob_like(pattern: str) -> str:
     return "".join(out)
 
 
-def glob_regex(patterns: Sequence[str]) -> str:
-    """Graph scope patterns as one anchored regular expression."""
-    import re
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches a graph scope pattern, in time linear in their lengths.
 
-    parts = [
-        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in p)
-        for p in patterns
-    ]
-    return "^(?:" + "|".join(parts) + ")$" if parts else "^(?!)"
+    (A regular expression with several ``.*`` backtracks: cubic on a long
+    hostile id.) Backtracks only to the last ``*`` seen.
+    """
+    p = t = 0
+    star = -1
+    mark = 0
+    while t < len(text):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == text[t]):
+            p += 1
+            t += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
+
+
+def glob_any(patterns: Sequence[str], text: str) -> bool:
+    """Whether ``text`` matches one of the patterns."""
+    return any(glob_match(p, text) for p in patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,8 +434,8 @@ class Store(ABC):
         """Every token, oldest first."""
         raise StoreError(f"{type(self).__name__} keeps no API tokens")
 
-    async def count_active_tokens(self, now: float) -> int:
-        """Tokens neither revoked nor expired at ``now``."""
+    async def count_tokens(self, *, active_at: float | None = None) -> int:
+        """Every token ever created; with ``active_at``, those neither revoked nor expired then."""
         raise StoreError(f"{type(self).__name__} keeps no API tokens")
 
     async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
@@ -425,8 +446,10 @@ class Store(ABC):
         """Record when tokens were last used (token id -> time; never moves back)."""
         raise StoreError(f"{type(self).__name__} keeps no API tokens")
 
-    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
-        """Store a single-use stream ticket (its hash) for a token."""
+    async def put_ticket(
+        self, ticket_hash: str, token_id: str, expires_at: float, *, now: float
+    ) -> None:
+        """Store a single-use stream ticket (its hash) for a token; expired ones go."""
         raise StoreError(f"{type(self).__name__} keeps no API tokens")
 
     async def take_ticket(self, ticket_hash: str, now: float) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ from .base import (
     StoredToken,
     deadline_of,
     fencing_problem,
-    glob_regex,
+    glob_any,
 )
 
 _UNFINISHED = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
@@ -63,8 +62,7 @@ class MemoryStore(Store):
     ) -> Page[StoredGraph]:
         ids = sorted(self._graphs)
         if graphs is not None:
-            match = re.compile(glob_regex(graphs)).match
-            ids = [i for i in ids if match(i)]
+            ids = [i for i in ids if glob_any(graphs, i)]
         if cursor is not None:
             _, after = Cursor.decode(cursor)
             ids = [i for i in ids if i > after]
@@ -107,7 +105,6 @@ class MemoryStore(Store):
         graphs: Sequence[str] | None = None,
     ) -> Page[RunRecord]:
         bound = Cursor.decode(cursor) if cursor is not None else None
-        match = re.compile(glob_regex(graphs)).match if graphs is not None else None
         runs = sorted(self._runs.values(), key=lambda r: (r.created_at, r.run_id), reverse=True)
         out: list[RunRecord] = []
         more = False
@@ -118,7 +115,7 @@ class MemoryStore(Store):
                 continue
             if status is not None and run.status != status:
                 continue
-            if match is not None and not match(run.graph_id):
+            if graphs is not None and not glob_any(graphs, run.graph_id):
                 continue
             if len(out) == limit:
                 more = True
@@ -196,8 +193,10 @@ class MemoryStore(Store):
         tokens = self._tokens
         return sorted(tokens.values(), key=lambda t: (t.created_at, t.token_id))
 
-    async def count_active_tokens(self, now: float) -> int:
-        return sum(t.active(now) for t in self._tokens.values())
+    async def count_tokens(self, *, active_at: float | None = None) -> int:
+        if active_at is None:
+            return len(self._tokens)
+        return sum(t.active(active_at) for t in self._tokens.values())
 
     async def revoke_token(self, token_id: str, at: float) -> StoredToken | None:
         tokens = self._tokens
@@ -213,15 +212,21 @@ class MemoryStore(Store):
             if token is not None and (token.last_used_at or 0.0) < at:
                 tokens[token_id] = dataclasses.replace(token, last_used_at=at)
 
-    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
-        self._tickets[ticket_hash] = (token_id, expires_at)
+    async def put_ticket(
+        self, ticket_hash: str, token_id: str, expires_at: float, *, now: float
+    ) -> None:
+        tickets = self._tickets
+        # Oldest first (insertion order): the expired ones are at the front.
+        while tickets:
+            key, (_, until) = next(iter(tickets.items()))
+            if until > now:
+                break
+            del tickets[key]
+        tickets[ticket_hash] = (token_id, expires_at)
 
     async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
-        tickets = self._tickets
-        for key in [k for k, (_, until) in tickets.items() if until <= now]:
-            del tickets[key]
-        found = tickets.pop(ticket_hash, None)
-        return found[0] if found is not None else None
+        found = self._tickets.pop(ticket_hash, None)
+        return found[0] if found is not None and found[1] > now else None
 
     async def add_audit(self, entries: Sequence[AuditEntry]) -> None:
         for entry in entries:

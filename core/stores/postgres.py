@@ -179,6 +179,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             token_id    text NOT NULL,
             expires_at  double precision NOT NULL
         )""",
+        "CREATE INDEX tickets_by_expiry ON tickets (expires_at)",
         """CREATE TABLE audit (
             seq    bigserial PRIMARY KEY,
             ts     double precision NOT NULL,
@@ -1587,13 +1588,16 @@ class PostgresStore(SharedStore):
 
         return [_token_from_row(r) for r in await self._db(read, "token read")]
 
-    async def count_active_tokens(self, now: float) -> int:
+    async def count_tokens(self, *, active_at: float | None = None) -> int:
         def count(conn: psycopg.Connection[Any]) -> int:
-            row = conn.execute(
-                "SELECT count(*) FROM tokens WHERE revoked_at IS NULL "
-                "AND (expires_at IS NULL OR expires_at > %s)",
-                (now,),
-            ).fetchone()
+            if active_at is None:
+                row = conn.execute("SELECT count(*) FROM tokens").fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT count(*) FROM tokens WHERE revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > %s)",
+                    (active_at,),
+                ).fetchone()
             return int(row[0]) if row is not None else 0
 
         return await self._db(count, "token read")
@@ -1630,8 +1634,11 @@ class PostgresStore(SharedStore):
         if ids:
             await self._db(touch, "token write")
 
-    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+    async def put_ticket(
+        self, ticket_hash: str, token_id: str, expires_at: float, *, now: float
+    ) -> None:
         def put(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("DELETE FROM tickets WHERE expires_at <= %s", (now,))
             conn.execute(
                 "INSERT INTO tickets (ticket_hash, token_id, expires_at) VALUES (%s, %s, %s)",
                 (ticket_hash, token_id, expires_at),
@@ -1644,10 +1651,12 @@ class PostgresStore(SharedStore):
             return None
 
         def take(conn: psycopg.Connection[Any]) -> str | None:
-            conn.execute("DELETE FROM tickets WHERE expires_at <= %s", (now,))
             row = conn.execute(
-                "DELETE FROM tickets WHERE ticket_hash = %s RETURNING token_id", (ticket_hash,)
+                "DELETE FROM tickets WHERE ticket_hash = %s RETURNING token_id, expires_at",
+                (ticket_hash,),
             ).fetchone()
+            if row is not None and row[1] <= now:
+                return None
             return None if row is None else str(row[0])
 
         return await self._db(take, "ticket write")

@@ -166,6 +166,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             token_id    TEXT NOT NULL,
             expires_at  REAL NOT NULL
         ) WITHOUT ROWID""",
+        "CREATE INDEX tickets_by_expiry ON tickets (expires_at)",
         """CREATE TABLE audit (
             seq    INTEGER PRIMARY KEY AUTOINCREMENT,
             ts     REAL NOT NULL,
@@ -943,13 +944,15 @@ class SQLiteStore(Store):
 
         return [_token_from_row(r) for r in await self._read(read)]
 
-    async def count_active_tokens(self, now: float) -> int:
+    async def count_tokens(self, *, active_at: float | None = None) -> int:
         def count(conn: sqlite3.Connection) -> int:
+            if active_at is None:
+                return int(conn.execute("SELECT count(*) FROM tokens").fetchone()[0])
             return int(
                 conn.execute(
                     "SELECT count(*) FROM tokens WHERE revoked_at IS NULL "
                     "AND (expires_at IS NULL OR expires_at > ?)",
-                    (now,),
+                    (active_at,),
                 ).fetchone()[0]
             )
 
@@ -981,8 +984,11 @@ class SQLiteStore(Store):
         if rows:
             await self._write(touch)
 
-    async def put_ticket(self, ticket_hash: str, token_id: str, expires_at: float) -> None:
+    async def put_ticket(
+        self, ticket_hash: str, token_id: str, expires_at: float, *, now: float
+    ) -> None:
         def put(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM tickets WHERE expires_at <= ?", (now,))
             conn.execute(
                 "INSERT INTO tickets (ticket_hash, token_id, expires_at) VALUES (?, ?, ?)",
                 (ticket_hash, token_id, expires_at),
@@ -992,10 +998,12 @@ class SQLiteStore(Store):
 
     async def take_ticket(self, ticket_hash: str, now: float) -> str | None:
         def take(conn: sqlite3.Connection) -> str | None:
-            conn.execute("DELETE FROM tickets WHERE expires_at <= ?", (now,))
             row = conn.execute(
-                "DELETE FROM tickets WHERE ticket_hash = ? RETURNING token_id", (ticket_hash,)
+                "DELETE FROM tickets WHERE ticket_hash = ? RETURNING token_id, expires_at",
+                (ticket_hash,),
             ).fetchone()
+            if row is not None and row[1] <= now:
+                return None
             return None if row is None else str(row[0])
 
         return await self._write(take)

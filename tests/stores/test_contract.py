@@ -564,25 +564,31 @@ async def test_tokens_tickets_and_audit(store: Store) -> None:
     )
     await store.put_token(short)
     assert [t.token_id for t in await store.list_tokens()] == [token.token_id, short.token_id]
-    assert await store.count_active_tokens(40.0) == 2
-    assert await store.count_active_tokens(50.0) == 1  # expired at 50
+    assert await store.count_tokens(active_at=40.0) == 2
+    assert await store.count_tokens(active_at=50.0) == 1  # expired at 50
     revoked = await store.revoke_token(token.token_id, 60.0)
     assert revoked is not None and revoked.revoked_at == 60.0
     again = await store.revoke_token(token.token_id, 70.0)
     assert again is not None and again.revoked_at == 60.0  # the first revocation stands
     assert await store.revoke_token("nope", 70.0) is None
-    assert await store.count_active_tokens(40.0) == 1
+    assert await store.count_tokens(active_at=40.0) == 1
+    assert await store.count_tokens() == 2  # revoked and expired ones too
     await store.touch_tokens({short.token_id: 30.0})
     await store.touch_tokens({short.token_id: 25.0})  # never moves back
     got = await store.get_token(short.token_id)
     assert got is not None and got.last_used_at == 30.0 and got.graphs == ("a.*", "b")
     assert got.peppered and got.expires_at == 50.0
     # Tickets: taken once, and not after they expire.
-    await store.put_ticket("t1", short.token_id, 100.0)
-    await store.put_ticket("t2", short.token_id, 100.0)
+    await store.put_ticket("t1", short.token_id, 100.0, now=90.0)
+    await store.put_ticket("t2", short.token_id, 100.0, now=90.0)
     assert await store.take_ticket("t1", 99.0) == short.token_id
     assert await store.take_ticket("t1", 99.0) is None
     assert await store.take_ticket("t2", 100.0) is None
+    # Expired tickets are cleared whenever one is issued: they never pile up.
+    await store.put_ticket("t3", short.token_id, 110.0, now=100.0)
+    await store.put_ticket("t4", short.token_id, 200.0, now=150.0)
+    assert await store.take_ticket("t3", 105.0) is None  # gone with the put at 150
+    assert await store.take_ticket("t4", 150.0) == short.token_id
     # The audit log: seqs from 1, read after a seq.
     await store.add_audit(
         [AuditEntry(0, 1.0, "a", "x", "t", 200), AuditEntry(0, 2.0, "b", "y", "u", 403, "no")]

@@ -321,7 +321,7 @@ async def test_revoked_and_expired_tokens_stop_working_within_the_cache_time(env
     other = await new_token(engine, clock, "viewer")
     assert (await env.client.get("/runs", headers=bearer(other))).status_code == 200
     await engine.store.revoke_token(other.split("_")[1], clock())
-    clock.now += CACHE_S
+    await trio.sleep(CACHE_S)  # the cache ages on the monotonic clock, not the wall clock
     assert_error(await env.client.get("/runs", headers=bearer(other)), 401, "unauthorized")
     # Expiry, on the injected clock.
     short = await new_token(engine, clock, "viewer", expires_in=60)
@@ -331,7 +331,9 @@ async def test_revoked_and_expired_tokens_stop_working_within_the_cache_time(env
     clock.now += 1
     r = await env.client.get("/runs", headers=bearer(short))
     assert "expired" in assert_error(r, 401, "unauthorized") or "expired" in r.text
-    # last_used_at is recorded (at the cache's pace).
+    # last_used_at is recorded at the cache's pace: when the record is read again.
+    await trio.sleep(CACHE_S)
+    assert (await env.client.get("/runs", headers=bearer(short))).status_code == 401
     listed = (await env.client.get("/auth/tokens", headers=bearer(env.tokens["admin"]))).json()
     mine = [t for t in listed["items"] if t["token_id"] == short.split("_")[1]]
     assert mine[0]["state"] == "expired" and mine[0]["last_used_at"] is not None
@@ -523,3 +525,119 @@ async def test_a_running_server_requires_tokens_once_one_is_created_beside_it(
         assert (await client.get("/runs", headers=bearer(viewer))).status_code == 200
         r = await client.post("/graph/run", json={"graph_id": "x"}, headers=bearer(viewer))
         assert_error(r, 403, "forbidden")
+
+
+async def test_revoking_every_token_does_not_open_an_auto_server_again(clock: Clock) -> None:
+    async with open_engine() as engine:
+        app = create_app(engine, Settings(auth=AuthSettings(mode="auto", clock=clock)))
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, app, engine)
+            async with srv.client as client:
+                assert (await client.get("/runs")).status_code == 200  # no token yet: open
+                token = await new_token(engine, clock, "admin")
+                await trio.sleep(CACHE_S)
+                assert_error(await client.get("/runs"), 401, "unauthorized")
+                await engine.store.revoke_token(token.split("_")[1], clock())
+                await trio.sleep(CACHE_S * 2)
+                assert_error(await client.get("/runs"), 401, "unauthorized")
+                made = await client.post("/auth/tokens", json={"name": "x", "role": "admin"})
+                assert_error(made, 401, "unauthorized")
+            srv.stop.set()
+
+
+async def test_an_open_stream_ends_when_its_token_is_revoked(env: Env) -> None:
+    nap = await env.engine.start_run("team-a.nap", {"sleep_s": 3600})
+    viewer = await new_token(env.engine, env.clock, "viewer")
+    ws = env.srv.base_url.replace("http", "ws", 1)
+    protocols = ["trioflow.v1", f"trioflow.bearer.{viewer}"]
+    async with open_ws(f"{ws}/ws/logs/{nap.run_id}", subprotocols=protocols) as conn:
+        await conn.get_message()
+        await env.engine.store.revoke_token(viewer.split("_")[1], env.clock())
+        with trio.fail_after(CACHE_S * 3):
+            messages = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    messages.append(await conn.get_message())
+        assert closed.value.reason.code == 4401 and '"unauthorized"' in messages[-1]
+    # SSE too: an error event, then the end of the stream.
+    other = await new_token(env.engine, env.clock, "viewer")
+    with trio.fail_after(CACHE_S * 3):
+        async with env.client.stream(
+            "GET", f"/sse/logs/{nap.run_id}", headers=bearer(other)
+        ) as response:
+            assert response.status_code == 200
+            await env.engine.store.revoke_token(other.split("_")[1], env.clock())
+            text = "".join([chunk async for chunk in response.aiter_text()])
+    assert "event: error" in text and "unauthorized" in text
+    await env.engine.cancel(nap.run_id)
+
+
+@pytest.fixture
+def strict(clock: Clock) -> AuthSettings:
+    return AuthSettings(mode="on", clock=clock, rate=0.1, burst=5)
+
+
+async def test_refusals_count_against_the_rate_and_flood_no_audit_log(
+    strict: AuthSettings, clock: Clock
+) -> None:
+    async with open_engine() as engine:
+        await new_token(engine, clock, "admin")
+        viewer = await new_token(engine, clock, "viewer")
+        app = create_app(engine, Settings(auth=strict))
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, app, engine)
+            async with srv.client as client:
+                statuses = [
+                    (await client.get("/auth/tokens", headers=bearer(viewer))).status_code
+                    for _ in range(40)
+                ]
+                assert statuses == [403] * 5 + [429] * 35
+            srv.stop.set()
+        audit = await engine.store.read_audit(limit=1000)
+        assert len([a for a in audit if a.status == 403]) == 5
+
+
+def test_a_hostile_graph_id_is_matched_in_linear_time() -> None:
+    import fnmatch
+    import random
+    import time
+
+    from trioflow.stores.base import glob_match
+    from trioflow.web.auth import Principal
+
+    principal = Principal("t", "t", "viewer", ("team-*.*.*", "a*b*c*d*e"))
+    hostile = "team-" + "." * 15_000 + "\nx"
+    started = time.perf_counter()
+    assert not principal.sees(hostile)
+    assert not glob_match("a*b*c*d*e", "a" + "b" * 5000 + "c" * 5000 + "d" * 5000)
+    assert time.perf_counter() - started < 1.0  # a backtracking regex took seconds
+    assert not principal.sees("team-x.y.z\n")  # no "$ before a newline"
+    assert principal.sees("team-x.y.z")
+    rng = random.Random(3)
+    alphabet = "ab_.-*?"
+    for _ in range(20_000):
+        pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        text = "".join(rng.choice("ab_.-") for _ in range(rng.randint(0, 8)))
+        assert glob_match(pattern, text) == fnmatch.fnmatchcase(text, pattern), (pattern, text)
+
+
+async def test_an_empty_scope_list_is_refused(env: Env) -> None:
+    r = await env.client.post(
+        "/auth/tokens",
+        json={"name": "x", "role": "viewer", "graphs": []},
+        headers=bearer(env.tokens["admin"]),
+    )
+    assert_error(r, 422, "request_invalid")
+
+
+def test_a_connection_on_a_network_address_always_needs_a_token() -> None:
+    from starlette.requests import Request
+
+    from trioflow.web.auth import _arrived_on_loopback
+
+    def on(host: str) -> Request:
+        return Request({"type": "http", "server": (host, 8000), "headers": []})
+
+    assert _arrived_on_loopback(on("127.0.0.1")) and _arrived_on_loopback(on("::1"))
+    for host in ("10.0.0.5", "192.168.1.2", "::ffff:127.0.0.1", "2001:db8::1", "example.com"):
+        assert not _arrived_on_loopback(on(host)), host
