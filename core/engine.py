@@ -60,6 +60,10 @@ log = logging.getLogger("trioflow.engine")
 CANCEL_POLL_S = 0.1
 
 
+#: Log entries :meth:`Engine.graph_mermaid` reads at most to find a run's visited nodes.
+MERMAID_LOG_ENTRIES = 20_000
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     """Bounds that keep one process healthy under any input.
@@ -626,6 +630,34 @@ class Engine:
                 yield entries
         finally:
             self._followers -= 1
+
+    async def graph_mermaid(self, graph_id: str, run_id: str | None = None) -> str:
+        """The graph as a Mermaid flowchart; with ``run_id``, that run's progress marked.
+
+        The visited nodes come from the run's log (``node_completed``),
+        read up to :data:`MERMAID_LOG_ENTRIES` entries: a longer run shows
+        the nodes of its first ones, its current node always.
+
+        Raises:
+            UnknownGraphError; UnknownRunError: no such run, or it is not
+            one of this graph's.
+        """
+        graph = await self.get_graph(graph_id)
+        if run_id is None:
+            return graph.to_mermaid()
+        run = await self.get_run(run_id)
+        if run.graph_id != graph_id:
+            raise UnknownRunError(run_id)
+        visited: set[str] = set()
+        after = 0
+        last = min(run.last_seq, MERMAID_LOG_ENTRIES)
+        while after < last:
+            page = await self.read_log(run_id, after=after, limit=min(1000, last - after))
+            if not page:
+                break
+            visited.update(e.node for e in page if e.event == "node_completed" and e.node)
+            after = page[-1].seq
+        return graph.to_mermaid(run, visited)
 
     async def delete_runs(self, *, older_than_s: float) -> int:
         """Delete terminal runs that finished more than ``older_than_s`` ago, with their logs."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,6 +23,9 @@ from .expressions import Evaluator, Expression, compile_expression
 from .registry import Registry, Tool
 from .state import JsonState, StateAdapter
 from .waits import WaitPlan, compile_wait
+
+if TYPE_CHECKING:
+    from .runs import RunRecord
 
 MAX_NODES = 1000
 MAX_EDGES = 4000
@@ -111,6 +114,13 @@ class Graph:
     @property
     def state_model(self) -> type[BaseModel]:
         return self.state.model
+
+    def to_mermaid(self, run: RunRecord | None = None, visited: Iterable[str] = ()) -> str:
+        """This graph as a Mermaid ``flowchart`` (see :mod:`trioflow.mermaid`); with
+        ``run`` and ``visited`` (node ids completed), its progress marked."""
+        from .mermaid import to_mermaid
+
+        return to_mermaid(self, run, visited)
 
 
 def document_digest(document: Mapping[str, Any]) -> str:

@@ -439,6 +439,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_GRAPH_EPILOG = (
+    "exit codes:\n  0  printed\n  1  the graph is invalid (every problem is printed)\n"
+    "  3  the file cannot be read or the tools do not load"
+)
+
+
+def cmd_graph_mermaid(args: argparse.Namespace) -> int:
+    try:
+        registry = _tool_registry(_names(args.tools), args.entry_points)
+    except EngineError as exc:
+        return _fail(exc.message)
+    try:
+        document = _read_document(args.file)
+    except OSError as exc:
+        return _fail(f"cannot read {args.file}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return _fail(f"{args.file} is not JSON: {exc}")
+    from trioflow import compile_graph
+
+    try:
+        graph = compile_graph(document, registry)
+    except GraphValidationError as exc:
+        for problem in exc.problems:
+            print(
+                f"{args.file}: {problem.path}: {problem.code}: {problem.message}", file=sys.stderr
+            )
+        return EXIT_FAILED
+    sys.stdout.write(graph.to_mermaid())
+    return EXIT_OK
+
+
 # -- run ---------------------------------------------------------------------------
 
 
@@ -1033,6 +1064,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="the graph document (JSON)")
     _add_tool_options(p)
     p.set_defaults(func=cmd_validate)
+
+    graph = sub.add_parser(
+        "graph",
+        help="pictures of a graph document",
+        description="Pictures of a graph document: `trioflow graph mermaid FILE` prints it "
+        "as a Mermaid flowchart (the text GET /graph/{graph_id}/mermaid answers).",
+        epilog=_GRAPH_EPILOG,
+    )
+    actions = graph.add_subparsers(
+        dest="graph_command", required=True, metavar="ACTION", help="mermaid"
+    )
+    p = actions.add_parser(
+        "mermaid",
+        help="print the graph as a Mermaid flowchart",
+        description="Print the graph as a Mermaid flowchart: sequential edges as arrows, "
+        "branches dotted with their condition, loops thick with their cap.",
+        epilog=_GRAPH_EPILOG,
+    )
+    p.add_argument("file", metavar="FILE", help="the graph document (JSON)")
+    _add_tool_options(p)
+    p.set_defaults(func=cmd_graph_mermaid)
 
     p = sub.add_parser(
         "run",

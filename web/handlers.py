@@ -36,6 +36,7 @@ from .errors import RequestError, engine_error_response, request_invalid
 from .responses import JSON, log_entry
 from .schemas import (
     LogPageQuery,
+    MermaidQuery,
     PageQuery,
     ResumeRequest,
     RunLogsQuery,
@@ -282,6 +283,30 @@ async def get_graph(request: Request) -> Response:
     if conditions and etag_matches(", ".join(conditions), etag):
         return Response(status_code=304, headers={"ETag": etag})
     return JSON(stored.document, headers={"ETag": etag})
+
+
+async def graph_mermaid(request: Request) -> Response:
+    """``GET /graph/{graph_id}/mermaid``: the graph as a Mermaid flowchart (text/plain).
+
+    ``?run_id=`` marks that run's visited, current, failed or waiting nodes.
+    """
+    graph_id = request.path_params["graph_id"]
+    principal = _principal(request)
+    if not principal.sees(graph_id):
+        raise UnknownGraphError(graph_id)
+    query = parse_query(MermaidQuery, request)
+    engine = services(request).engine
+    if query.run_id is not None:
+        run = await visible_run(request, engine, query.run_id)
+        if run.graph_id != graph_id:
+            raise RequestError(
+                422,
+                "request_invalid",
+                f"run {query.run_id!r} is a run of graph {run.graph_id!r}, not {graph_id!r}",
+                {"run_graph_id": run.graph_id},
+            )
+    text = await engine.graph_mermaid(graph_id, query.run_id)
+    return Response(text, media_type="text/plain; charset=utf-8")
 
 
 async def list_graphs(request: Request) -> Response:

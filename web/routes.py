@@ -249,6 +249,22 @@ OPERATIONS: tuple[Operation, ...] = (
         body=schemas.SignalRequest,
         body_example={"name": "priority", "updates": {"priority": "high"}},
     ),
+    Operation(
+        "GET",
+        "/graph/{graph_id}/mermaid",
+        handlers.graph_mermaid,
+        "getGraphMermaid",
+        "The graph as a Mermaid flowchart; ?run_id= marks a run's progress",
+        {
+            200: ("Mermaid text", {"type": "string"}),
+            422: ("The run is not one of this graph's, or a bad query", schemas.ErrorResponse),
+            **_errors(404),
+        },
+        tag="graphs",
+        access="viewer",
+        query=schemas.MermaidQuery,
+        media_type="text/plain",
+    ),
     # Listed after the fixed /graph/... routes: Starlette matches in table order.
     Operation(
         "GET",

@@ -155,6 +155,14 @@ class WebSocketFollowQuery(FollowQuery):
     )
 
 
+class MermaidQuery(_Input):
+    """Query of ``/graph/{graph_id}/mermaid``."""
+
+    run_id: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="Mark this run's visited, current, failed or waiting nodes."
+    )
+
+
 class RunLogsQuery(_Input):
     """Query of ``GET /graph/state/{run_id}`` and ``POST /graph/run``."""
 

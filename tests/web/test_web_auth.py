@@ -126,6 +126,7 @@ OUT_OF_SCOPE = {
     "resumeRun": 404,
     "signalRun": 404,
     "getGraph": 404,
+    "getGraphMermaid": 404,
     "listRuns": 200,
     "getRunLogs": 404,
     "streamRunLog": 404,

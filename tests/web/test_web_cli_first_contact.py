@@ -517,6 +517,7 @@ async def test_version_help_text_and_exit_codes(tmp_path: pathlib.Path) -> None:
         "resume",
         "signal",
         "token",
+        "graph",
     }
     for name, command in commands.choices.items():
         for action in command._actions:
