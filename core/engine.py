@@ -293,6 +293,11 @@ class Engine:
             self._host.spawn(graph, record)
         return record
 
+    @property
+    def stopping(self) -> bool:
+        """The engine is stopping (draining): it takes no new runs."""
+        return self._stopping
+
     def store_health(self) -> StoreHealth:
         """Whether the store takes writes, as the last checkpoint or probe found.
 

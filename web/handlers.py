@@ -513,6 +513,19 @@ async def healthz(request: Request) -> Response:
     return JSON(body, status_code=200 if health.ok else 503)
 
 
+async def readyz(request: Request) -> Response:
+    """``GET /readyz``: 200 while this server should get traffic; 503 with the reasons
+    while its store refuses writes or it is shutting down. Never waits for the store."""
+    svc = services(request)
+    reasons = []
+    health = svc.engine.store_health()
+    if not health.ok:
+        reasons.append(f"store: {health.error}")
+    if svc.lifecycle.is_draining or svc.engine.stopping:
+        reasons.append("draining: the server is shutting down")
+    return JSON({"ready": not reasons, "reasons": reasons}, status_code=503 if reasons else 200)
+
+
 async def list_nodes(request: Request) -> Response:
     """``GET /nodes``: the live nodes of the store, with the runs each executes."""
     engine = services(request).engine

@@ -352,6 +352,20 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET",
+        "/readyz",
+        handlers.readyz,
+        "ready",
+        "Readiness: the store takes writes and the server is not shutting down",
+        {
+            200: ("Ready for traffic", schemas.Readiness),
+            503: ("Not ready, with the reasons", schemas.Readiness),
+            **_errors(),
+        },
+        tag="service",
+        access="public",
+    ),
+    Operation(
+        "GET",
         "/nodes",
         handlers.list_nodes,
         "listNodes",

@@ -342,6 +342,14 @@ class Health(BaseModel):
     store: StoreHealthOut
 
 
+class Readiness(BaseModel):
+    ready: bool
+    reasons: list[str] = Field(
+        description="Why not: the store refuses writes or cannot be reached; the server "
+        "is draining (shutting down)."
+    )
+
+
 class NodeOut(BaseModel):
     node_id: str
     started_at: float

@@ -105,7 +105,7 @@ def test_every_route_declares_what_it_needs() -> None:
             assert (method, route.path) in declared, (method, route.path)
     # Only the service's own descriptions are public.
     public = {path for (_, path), access in declared.items() if access == "public"}
-    assert public == {"/healthz", "/openapi.json", "/docs"}
+    assert public == {"/healthz", "/readyz", "/openapi.json", "/docs"}
     # An operation cannot be declared without deciding.
     from trioflow.web.routes import Operation
 

@@ -119,3 +119,24 @@ async def test_app_owned_engine_serves_samples_and_stops(tmp_path: pathlib.Path)
                 assert code == 1000 and messages[-1]["status"] == "completed"
             stop.set()
             await stopped.wait()
+
+
+async def test_readyz_says_not_ready_once_the_server_drains(
+    web_engine: Engine, settings: Settings
+) -> None:
+    from trioflow.web.app import lifecycle_of
+
+    app = create_app(web_engine, settings)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, app, web_engine)
+            async with srv.client:
+                r = await srv.client.get("/readyz")
+                assert r.status_code == 200 and r.json() == {"ready": True, "reasons": []}
+                lifecycle_of(app).drain()  # what a shutdown does first
+                r = await srv.client.get("/readyz")
+                assert r.status_code == 503
+                assert r.json()["reasons"] == ["draining: the server is shutting down"]
+                # Liveness is another question: the process still serves.
+                assert (await srv.client.get("/healthz")).status_code == 200
+            srv.stop.set()

@@ -82,12 +82,17 @@ async def test_healthz_is_503_degraded_while_writes_fail_and_200_after(
     assert body["status"] == "degraded"
     assert body["store"]["ok"] is False
     assert "disk full" in body["store"]["error"]
+    # Not ready for traffic either, and it says why.
+    r = await failing_server.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["ready"] is False
+    assert any("disk full" in reason for reason in r.json()["reasons"])
     # The stalled run is where it stood, and says so to a synchronous waiter.
     state = (await failing_server.client.get(f"/graph/state/{run_id}")).json()
     assert state["status"] == "running"
     faulty.heal()
     with trio.fail_after(10):
         await until(lambda: _healthz_is(failing_server, 200), 0.25)
+    assert (await failing_server.client.get("/readyz")).json() == {"ready": True, "reasons": []}
     # Once writes work, the run can be cancelled (no other process owns it).
     r = await failing_server.client.post(f"/graph/cancel/{run_id}")
     assert r.status_code == 200, r.text
