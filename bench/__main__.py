@@ -23,6 +23,7 @@ BENCHMARKS = (
     "per_step",
     "service",
     "auth",
+    "observe",
     "concurrency",
     "waits",
     "postgres",

@@ -214,6 +214,9 @@ class RunActor:
             self.handle.record = self.record
             self.handle.done.set()
             self.host.finished(self.handle)
+            observer = self.host.observer
+            if observer is not None and self.record.status.is_terminal:
+                observer.run_ended(self.graph.id, self.record.status.value)
 
     async def _record_crash(self) -> None:
         if self.record.status.is_terminal:
@@ -342,7 +345,13 @@ class RunActor:
                 self._seq = self.record.last_seq
                 raise _Abandoned
             try:
-                await host.store.save_run(record, entries)
+                observer = host.observer
+                if observer is None:
+                    await host.store.save_run(record, entries)
+                else:
+                    began = time.perf_counter()
+                    await host.store.save_run(record, entries)
+                    observer.commit(time.perf_counter() - began)
             except LeaseLostError as exc:
                 # Fenced: another writer claimed the run. Stop, write nothing.
                 self._seq = self.record.last_seq
@@ -537,7 +546,15 @@ class RunActor:
                 if tool is not None and tool.arity == 2
                 else None
             )
-            result = await self._call_node(node, ctx) if tool is not None else None
+            observer = self.host.observer
+            if observer is None:
+                result = await self._call_node(node, ctx) if tool is not None else None
+            else:
+                began = time.perf_counter()
+                try:
+                    result = await self._call_node(node, ctx) if tool is not None else None
+                finally:
+                    observer.step(graph.id, node_id, time.perf_counter() - began)
             entries = self._custom(ctx)
             try:
                 applied = graph.state.apply(record.state, result, node_id)

@@ -38,6 +38,7 @@ from .expressions import Evaluator
 from .graph import Graph, GraphLimits, compile_graph
 from .host import RunHost, StoreHealth
 from .logs import Event, Level, LogEntry
+from .observe import Observer
 from .registry import Registry, default_registry
 from .runs import RunRecord, RunStatus
 from .stores.base import (
@@ -291,12 +292,25 @@ class Engine:
         await self.store.create_run(record)
         if not queued:
             self._host.spawn(graph, record)
+        observer = self._host.observer
+        if observer is not None:
+            observer.run_started(graph.id)
         return record
 
     @property
     def stopping(self) -> bool:
         """The engine is stopping (draining): it takes no new runs."""
         return self._stopping
+
+    @property
+    def followers(self) -> int:
+        """Log followers (``follow`` iterators) open now."""
+        return self._followers
+
+    def observe(self, observer: Observer | None) -> None:
+        """Tell ``observer`` (see :mod:`trioflow.observe`) about runs, steps and
+        checkpoints from now on; None stops it."""
+        self._host.observer = observer
 
     def store_health(self) -> StoreHealth:
         """Whether the store takes writes, as the last checkpoint or probe found.

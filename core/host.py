@@ -31,6 +31,7 @@ from .stores.base import Store
 
 if TYPE_CHECKING:
     from .engine import EngineLimits
+    from .observe import Observer
 
 log = logging.getLogger("trioflow.engine")
 
@@ -58,6 +59,8 @@ class RunHost:
 
     def __init__(self, store: Store, limits: EngineLimits, nursery: trio.Nursery) -> None:
         self.store = store
+        #: See :mod:`trioflow.observe`; None: nothing is told.
+        self.observer: Observer | None = None
         #: This engine's node id on a shared store (logged where runs start and resume).
         self.node_id: str | None = getattr(store, "node_id", None)
         self.limits = limits

@@ -31,6 +31,7 @@ from trioflow.registry import ENTRY_POINT_GROUP
 from .auth import Authority
 from .errors import EXCEPTION_HANDLERS
 from .guard import RequestGuard
+from .metrics import Metrics
 from .openapi import openapi_bytes
 from .routes import starlette_routes
 from .serverlog import AccessLog
@@ -245,7 +246,12 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
         lifecycle.reset()
         if engine is not None:
             authority = await _authority(app, engine, settings)
-            yield {"services": Services(engine, settings, lifecycle, authority)}
+            metrics = Metrics(engine)
+            engine.observe(metrics)
+            try:
+                yield {"services": Services(engine, settings, lifecycle, authority, metrics)}
+            finally:
+                engine.observe(None)
             return
         async with AsyncExitStack() as stack:
             try:
@@ -295,7 +301,9 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 extra={"fields": fields},
             )
             authority = await _authority(app, owned, settings)
-            yield {"services": Services(owned, settings, lifecycle, authority)}
+            metrics = Metrics(owned)
+            owned.observe(metrics)
+            yield {"services": Services(owned, settings, lifecycle, authority, metrics)}
 
     # The access log is outermost: it sees the guard's refusals too.
     middleware = [Middleware(RequestGuard, settings=settings)]

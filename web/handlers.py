@@ -542,6 +542,24 @@ async def list_nodes(request: Request) -> Response:
     return JSON({"node_id": engine.node_id, "items": items})
 
 
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: the Prometheus text format (see :mod:`web.metrics`).
+
+    Its labels name every graph, so a token limited to some graphs gets 403.
+    """
+    from .metrics import CONTENT_TYPE
+
+    principal = _principal(request)
+    if principal.graphs is not None:
+        raise RequestError(
+            403,
+            "forbidden",
+            "metrics name every graph: they need a token for every graph (scope *)",
+            {"graphs": list(principal.graphs)},
+        )
+    return Response(services(request).metrics.text(), media_type=CONTENT_TYPE)
+
+
 async def openapi(request: Request) -> Response:
     """``GET /openapi.json``: built once when the app is created."""
     return Response(request.app.state.openapi, media_type="application/json")

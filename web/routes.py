@@ -7,12 +7,14 @@ so the two cannot drift apart.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -352,6 +354,17 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         "GET",
+        "/metrics",
+        handlers.metrics,
+        "metrics",
+        "Prometheus metrics: runs, steps, checkpoint commits, HTTP requests, followers",
+        {200: ("The Prometheus text format", {"type": "string"}), **_errors()},
+        tag="service",
+        access="viewer",
+        media_type="text/plain",
+    ),
+    Operation(
+        "GET",
         "/readyz",
         handlers.readyz,
         "ready",
@@ -489,6 +502,36 @@ STATIC_PATH = "/static/{path:path}"
 """The /docs page's scripts and styles; not an API operation, so not in /openapi.json."""
 
 
+def measured(
+    op: Operation, endpoint: Callable[[Request], Awaitable[Response]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """``endpoint`` counted in the metrics: its status (errors included) and latency."""
+    name = op.operation_id
+
+    async def measure(request: Request) -> Response:
+        began = time.perf_counter()
+        status = 500
+        try:
+            response = await endpoint(request)
+            status = response.status_code
+            return response
+        except RequestError as exc:
+            status = exc.status
+            raise
+        except EngineError as exc:
+            status = engine_status(exc)
+            raise
+        except HTTPException as exc:
+            status = exc.status_code
+            raise
+        finally:
+            services(request).metrics.request(name, status, time.perf_counter() - began)
+
+    measure.__name__ = getattr(endpoint, "__name__", name)
+    measure.__doc__ = endpoint.__doc__
+    return measure
+
+
 def guarded(op: Operation) -> Callable[[Request], Awaitable[Response]]:
     """``op``'s endpoint behind its access check, rate limit and audit.
 
@@ -542,7 +585,7 @@ def guarded(op: Operation) -> Callable[[Request], Awaitable[Response]]:
 def starlette_routes() -> list[BaseRoute]:
     """The Starlette routes of every operation, the WebSocket log stream and the static files."""
     routes: list[BaseRoute] = [
-        Route(op.path, guarded(op), methods=[op.method], name=op.operation_id)
+        Route(op.path, measured(op, guarded(op)), methods=[op.method], name=op.operation_id)
         for op in ALL_OPERATIONS
     ]
     routes.append(WebSocketRoute(WEBSOCKET_PATH, streaming.ws_logs, name="followRunLog"))

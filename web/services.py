@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from trioflow import Engine
 
 from .auth import Authority
+from .metrics import Metrics
 from .settings import Settings
 
 
@@ -45,6 +46,7 @@ class Services:
     settings: Settings
     lifecycle: Lifecycle
     authority: Authority
+    metrics: Metrics
 
 
 def services(conn: HTTPConnection) -> Services:

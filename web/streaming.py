@@ -163,6 +163,7 @@ async def ws_logs(websocket: WebSocket) -> None:
     offered = websocket.scope.get("subprotocols") or ()
     await websocket.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
     svc = services(websocket)
+    svc.metrics.request("followRunLog", 101, None)
     # A client may hang up at any moment; a send that then fails means it is gone.
     with contextlib.suppress(*CLIENT_GONE):
         try:

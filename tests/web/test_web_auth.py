@@ -131,6 +131,7 @@ OUT_OF_SCOPE = {
     "getRunLogs": 404,
     "streamRunLog": 404,
     "listNodes": 200,
+    "metrics": 403,
     "whoAmI": 200,
     "issueTicket": 201,
     "listTokens": 403,
@@ -139,6 +140,10 @@ OUT_OF_SCOPE = {
     "readAudit": 403,
     "pruneRuns": 403,
 }
+
+
+#: Operations that need a token for every graph (scope *) whatever its role.
+EVERY_GRAPH = {"metrics"}
 
 
 def _request(op: Any, env: Env, ids: dict[str, str]) -> tuple[str, str, Any]:
@@ -207,6 +212,8 @@ async def test_every_route_with_every_credential(env: Env) -> None:
                 assert status == OUT_OF_SCOPE[op.operation_id], where
             elif rank[name] < rank[op.access]:
                 assert status == 403, where
+            elif op.operation_id in EVERY_GRAPH and name in ("viewer", "runner"):
+                assert status == 403, where  # these tokens are scoped to team-a.*
             else:
                 assert status not in (401, 403, 404, 500), where
 
