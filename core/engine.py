@@ -697,28 +697,13 @@ class Engine:
         for record in await self.store.unfinished_runs():
             if record.run_id in self._host.handles:
                 continue
+            died = None
             if crashed and record.status is RunStatus.RUNNING:
                 record = record.evolve(crashes=record.crashes + 1)
-                if record.crashes >= 2:
-                    failure = RunFailure(
-                        "crash_loop",
-                        f"the process died {record.crashes} times in a row while this run was "
-                        f"at node {record.current_node} (step {record.step}); it is not resumed "
-                        "again",
-                        node=record.current_node,
-                        extra={"crashes": record.crashes},
-                    )
-                    await self._fail_stored(record, failure)
-                    continue
-            try:
-                graph = await self.get_graph(record.graph_id)
-            except (UnknownGraphError, GraphValidationError) as exc:
-                failure = RunFailure(
-                    "graph_unavailable",
-                    f"cannot resume run: {exc.message}",
-                    node=record.current_node,
-                )
-                await self._fail_stored(record, failure)
+                died = "the process died"
+            graph = await self._graph_to_resume(record, died)
+            if isinstance(graph, RunFailure):
+                await self._fail_stored(record, graph)
                 continue
             self._host.spawn(graph, record)
             resumed += 1
@@ -760,26 +745,10 @@ class Engine:
             # Its lease lapsed here while the actor lived (a heartbeat
             # that could not get through): that actor is fenced off now.
             old.send(Abandon("this node claimed the run again"))
-        if item.taken_over and record.crashes >= 2:
-            failure = RunFailure(
-                "crash_loop",
-                f"the node executing this run died (or lost the store) {record.crashes} times "
-                f"in a row while it was at node {record.current_node} (step {record.step}); "
-                "it is not resumed again",
-                node=record.current_node,
-                extra={"crashes": record.crashes},
-            )
-            await self._end_claimed(record, failure)
-            return
-        try:
-            graph = await self.get_graph(record.graph_id)
-        except (UnknownGraphError, GraphValidationError) as exc:
-            failure = RunFailure(
-                "graph_unavailable",
-                f"cannot resume run: {exc.message}",
-                node=record.current_node,
-            )
-            await self._end_claimed(record, failure)
+        died = "the node executing this run died (or lost the store)" if item.taken_over else None
+        graph = await self._graph_to_resume(record, died)
+        if isinstance(graph, RunFailure):
+            await self._end_claimed(record, graph)
             return
         first: list[Command] = []
         if item.cancel_requested:
@@ -793,6 +762,28 @@ class Engine:
                 record.current_node,
             )
         self._host.spawn(graph, record, *first)
+
+    async def _graph_to_resume(self, record: RunRecord, died: str | None) -> Graph | RunFailure:
+        """The graph to resume ``record`` on, or why it must fail instead.
+
+        ``died``: what happened to its executor (``record.crashes`` counts
+        it already); the second time in a row at one step is a crash loop.
+        A graph that is gone or no longer compiles fails the run too.
+        """
+        if died is not None and record.crashes >= 2:
+            return RunFailure(
+                "crash_loop",
+                f"{died} {record.crashes} times in a row while this run was at node "
+                f"{record.current_node} (step {record.step}); it is not resumed again",
+                node=record.current_node,
+                extra={"crashes": record.crashes},
+            )
+        try:
+            return await self.get_graph(record.graph_id)
+        except (UnknownGraphError, GraphValidationError) as exc:
+            return RunFailure(
+                "graph_unavailable", f"cannot resume run: {exc.message}", node=record.current_node
+            )
 
     async def _end_claimed(self, record: RunRecord, failure: RunFailure) -> None:
         # A conflict: claimed by yet another node meanwhile, its business now.

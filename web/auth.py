@@ -188,6 +188,19 @@ def token_view(token: StoredToken, now: float) -> dict[str, object]:
     }
 
 
+def audit_view(entry: AuditEntry) -> dict[str, object]:
+    """An audit entry as the API and the command line show it."""
+    return {
+        "seq": entry.seq,
+        "ts": entry.ts,
+        "actor": entry.actor,
+        "action": entry.action,
+        "target": entry.target,
+        "status": entry.status,
+        "detail": entry.detail,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who a request acts as. ``token_id`` None: access control is off (everything allowed)."""
@@ -220,6 +233,20 @@ class Principal:
 
 ANONYMOUS = Principal(None, "anonymous", "admin", None)
 """The principal of every request while access control is off."""
+
+
+def principal_of(conn: HTTPConnection) -> Principal:
+    """The principal the route's guard admitted (everyone, on a public route)."""
+    principal = getattr(conn.state, "principal", None)
+    return principal if isinstance(principal, Principal) else ANONYMOUS
+
+
+def require_every_graph(
+    principal: Principal, message: str = "this needs an admin token for every graph (scope *)"
+) -> None:
+    """403 for a token limited to some graphs: what it asks for spans them all."""
+    if principal.graphs is not None:
+        raise RequestError(403, "forbidden", message, {"graphs": list(principal.graphs)})
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,29 +8,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .auth import ANONYMOUS, Principal, make_token, token_view
+from .auth import audit_view, make_token, principal_of, require_every_graph, token_view
 from .errors import RequestError, request_invalid
 from .handlers import parse_query, read_json
 from .responses import JSON
 from .schemas import AuditQuery, PruneRequest, TokenCreate
 from .services import services
-
-
-def principal_of(request: Request) -> Principal:
-    """The principal the route's guard admitted (everyone, on a public route)."""
-    principal = getattr(request.state, "principal", None)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
-
-
-def _require_every_graph(principal: Principal) -> None:
-    # A token scoped to some graphs must not mint one for others, nor act on all runs.
-    if principal.graphs is not None:
-        raise RequestError(
-            403,
-            "forbidden",
-            "this needs an admin token for every graph (scope *)",
-            {"graphs": list(principal.graphs)},
-        )
 
 
 async def whoami(request: Request) -> Response:
@@ -56,7 +39,7 @@ async def issue_ticket(request: Request) -> Response:
 
 async def list_tokens(request: Request) -> Response:
     """``GET /auth/tokens``: every token, without secrets."""
-    _require_every_graph(principal_of(request))
+    require_every_graph(principal_of(request))
     svc = services(request)
     now = svc.authority.settings.clock()
     tokens = await svc.engine.store.list_tokens()
@@ -65,7 +48,7 @@ async def list_tokens(request: Request) -> Response:
 
 async def create_token(request: Request) -> Response:
     """``POST /auth/tokens``: 201 with the new token's text, shown this once."""
-    _require_every_graph(principal_of(request))
+    require_every_graph(principal_of(request))
     svc = services(request)
     raw = await read_json(request)
     try:
@@ -98,7 +81,7 @@ async def create_token(request: Request) -> Response:
 
 async def revoke_token(request: Request) -> Response:
     """``POST /auth/tokens/{token_id}/revoke``: the revoked token (idempotent)."""
-    _require_every_graph(principal_of(request))
+    require_every_graph(principal_of(request))
     svc = services(request)
     token_id = request.path_params["token_id"]
     now = svc.authority.settings.clock()
@@ -112,28 +95,17 @@ async def revoke_token(request: Request) -> Response:
 
 async def read_audit(request: Request) -> Response:
     """``GET /auth/audit``: audit entries after ``?after=``, oldest first."""
-    _require_every_graph(principal_of(request))
+    require_every_graph(principal_of(request))
     query = parse_query(AuditQuery, request)
     entries = await services(request).engine.store.read_audit(after=query.after, limit=query.limit)
-    items = [
-        {
-            "seq": e.seq,
-            "ts": e.ts,
-            "actor": e.actor,
-            "action": e.action,
-            "target": e.target,
-            "status": e.status,
-            "detail": e.detail,
-        }
-        for e in entries
-    ]
+    items = [audit_view(e) for e in entries]
     next_after = items[-1]["seq"] if len(items) == query.limit else None
     return JSON({"items": items, "next_after": next_after})
 
 
 async def prune_runs(request: Request) -> Response:
     """``POST /runs/prune``: delete terminal runs finished more than ``older_than_s`` ago."""
-    _require_every_graph(principal_of(request))
+    require_every_graph(principal_of(request))
     raw = await read_json(request)
     try:
         body = PruneRequest.model_validate(raw)

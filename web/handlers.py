@@ -32,6 +32,7 @@ from trioflow import (
 )
 from trioflow.stores.base import Cursor
 
+from .auth import principal_of, require_every_graph
 from .errors import RequestError, engine_error_response, request_invalid
 from .responses import JSON, log_entry
 from .schemas import (
@@ -47,24 +48,17 @@ from .schemas import (
 from .services import services
 
 
-def _principal(request: Request) -> Any:
-    """The principal the route's guard admitted (see :mod:`web.auth`)."""
-    from .auth import ANONYMOUS
-
-    return getattr(request.state, "principal", None) or ANONYMOUS
-
-
 async def visible_run(request: Request, engine: Engine, run_id: str) -> RunRecord:
     """The run, if the request's token may see its graph; else 404 as for an unknown run."""
     record = await engine.get_run(run_id)
-    if not _principal(request).sees(record.graph_id):
+    if not principal_of(request).sees(record.graph_id):
         raise UnknownRunError(run_id)
     return record
 
 
 async def check_run_visible(request: Request, engine: Engine, run_id: str) -> None:
     """:func:`visible_run` without the read when the token sees every graph."""
-    if _principal(request).graphs is not None:
+    if principal_of(request).graphs is not None:
         await visible_run(request, engine, run_id)
 
 
@@ -185,7 +179,7 @@ async def create_graph(request: Request) -> Response:
         raise GraphValidationError([Problem("invalid_value", "$", "a graph must be a JSON object")])
     existed = False
     graph_id = document.get("id")
-    principal = _principal(request)
+    principal = principal_of(request)
     if isinstance(graph_id, str) and not principal.sees(graph_id):
         raise RequestError(
             403,
@@ -275,7 +269,7 @@ async def get_graph(request: Request) -> Response:
             f"{request.method} is not allowed on /graph/{graph_id}; use {allow}",
             headers={"Allow": allow},
         )
-    if not _principal(request).sees(graph_id):
+    if not principal_of(request).sees(graph_id):
         raise UnknownGraphError(graph_id)
     stored = await services(request).engine.get_graph_document(graph_id)
     etag = f'"{stored.digest}"'
@@ -291,7 +285,7 @@ async def graph_mermaid(request: Request) -> Response:
     ``?run_id=`` marks that run's visited, current, failed or waiting nodes.
     """
     graph_id = request.path_params["graph_id"]
-    principal = _principal(request)
+    principal = principal_of(request)
     if not principal.sees(graph_id):
         raise UnknownGraphError(graph_id)
     query = parse_query(MermaidQuery, request)
@@ -313,7 +307,7 @@ async def list_graphs(request: Request) -> Response:
     """``GET /graphs``: graphs in id order, one page."""
     query = parse_query(PageQuery, request)
     page = await services(request).engine.list_graphs(
-        cursor=query.cursor, limit=query.limit, graphs=_principal(request).graphs
+        cursor=query.cursor, limit=query.limit, graphs=principal_of(request).graphs
     )
     items = [
         {
@@ -371,7 +365,7 @@ async def run_graph(request: Request) -> Response:
     except ValidationError as exc:
         raise request_invalid(exc, "body") from None
     query = parse_query(RunLogsQuery, request)
-    principal = _principal(request)
+    principal = principal_of(request)
     if not principal.sees(body.graph_id):
         raise UnknownGraphError(body.graph_id)
     services(request).authority.limit(principal, run_start=True)
@@ -486,7 +480,7 @@ async def list_runs(request: Request) -> Response:
         status=status,
         cursor=query.cursor,
         limit=query.limit,
-        graphs=_principal(request).graphs,
+        graphs=principal_of(request).graphs,
     )
     return JSON({"items": [r.as_dict() for r in page.items], "next_cursor": page.next_cursor})
 
@@ -549,14 +543,10 @@ async def metrics(request: Request) -> Response:
     """
     from .metrics import CONTENT_TYPE
 
-    principal = _principal(request)
-    if principal.graphs is not None:
-        raise RequestError(
-            403,
-            "forbidden",
-            "metrics name every graph: they need a token for every graph (scope *)",
-            {"graphs": list(principal.graphs)},
-        )
+    require_every_graph(
+        principal_of(request),
+        "metrics name every graph: they need a token for every graph (scope *)",
+    )
     return Response(services(request).metrics.text(), media_type=CONTENT_TYPE)
 
 

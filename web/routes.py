@@ -502,6 +502,17 @@ STATIC_PATH = "/static/{path:path}"
 """The /docs page's scripts and styles; not an API operation, so not in /openapi.json."""
 
 
+def error_status(exc: Exception) -> int:
+    """The status the app's error handlers (web.errors) answer ``exc`` with."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, EngineError):
+        return engine_status(exc)
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return 500
+
+
 def measured(
     op: Operation, endpoint: Callable[[Request], Awaitable[Response]]
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -515,14 +526,8 @@ def measured(
             response = await endpoint(request)
             status = response.status_code
             return response
-        except RequestError as exc:
-            status = exc.status
-            raise
-        except EngineError as exc:
-            status = engine_status(exc)
-            raise
-        except HTTPException as exc:
-            status = exc.status_code
+        except Exception as exc:
+            status = error_status(exc)
             raise
         finally:
             services(request).metrics.request(name, status, time.perf_counter() - began)
@@ -566,11 +571,8 @@ def guarded(op: Operation) -> Callable[[Request], Awaitable[Response]]:
             response = await endpoint(request)
             status = response.status_code
             return response
-        except RequestError as exc:
-            status = exc.status
-            raise
-        except EngineError as exc:
-            status = engine_status(exc)
+        except Exception as exc:
+            status = error_status(exc)
             raise
         finally:
             target = getattr(request.state, "audit_target", None) or request.url.path

@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from trioflow import TERMINAL, Engine, EngineError, LogEntry, RunStatus, UnknownRunError
 
-from .auth import ANONYMOUS, WS_PROTOCOL, Principal
+from .auth import WS_PROTOCOL, Principal, principal_of
 from .errors import RequestError, engine_status, error_body, request_invalid
 from .responses import ENCODED, dumps
 from .schemas import MAX_SEQ, SSEFollowQuery, WebSocketFollowQuery
@@ -373,7 +373,7 @@ async def sse_logs(request: Request) -> Response:
         raise request_invalid(exc, "query") from None
     resume = _last_event_id(request)
     record = await svc.engine.get_run(run_id)  # 404 before the stream starts
-    principal = getattr(request.state, "principal", None) or ANONYMOUS
+    principal = principal_of(request)
     if not principal.sees(record.graph_id):
         raise UnknownRunError(run_id)
     after = resume if resume is not None else query.after

@@ -25,15 +25,8 @@ from trioflow.stores import open_store_from_url
 from trioflow.stores.base import AuditEntry, Store
 from trioflow.stores.memory import MemoryStore
 
-from .auth import ROLES, auth_pepper, make_token, token_view
-
-EXIT_OK = 0
-EXIT_ERROR = 3
-
-
-def _fail(message: str) -> int:
-    print(f"trioflow: {message}", file=sys.stderr)
-    return EXIT_ERROR
+from .auth import ROLES, audit_view, auth_pepper, make_token, token_view
+from .cli import EXIT_OK, _age, _fail, auth_headers
 
 
 def _when(ts: float | None) -> str:
@@ -57,8 +50,6 @@ async def _over_api(
     url: str, token: str | None, method: str, path: str, body: Any = None
 ) -> tuple[int, Any]:
     import httpx
-
-    from .cli import auth_headers
 
     async with httpx.AsyncClient(
         base_url=url.rstrip("/"), timeout=30, headers=auth_headers(token)
@@ -92,8 +83,6 @@ def _print_tokens(items: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from .cli import _age
-
     try:
         expires = _age(args.expires) if args.expires else None
     except argparse.ArgumentTypeError as exc:
@@ -192,7 +181,7 @@ def cmd_token_audit(args: argparse.Namespace) -> int:
 
         async def read(store: Store) -> list[dict[str, Any]]:
             entries = await store.read_audit(after=args.after, limit=args.limit)
-            return [_audit_dict(e) for e in entries]
+            return [audit_view(e) for e in entries]
 
         try:
             items = trio.run(_on_store, args.store, read)
@@ -213,18 +202,6 @@ def cmd_token_audit(args: argparse.Namespace) -> int:
                 f"{item['action']} {item['target']} {item['detail']}".rstrip()
             )
     return EXIT_OK
-
-
-def _audit_dict(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "seq": entry.seq,
-        "ts": entry.ts,
-        "actor": entry.actor,
-        "action": entry.action,
-        "target": entry.target,
-        "status": entry.status,
-        "detail": entry.detail,
-    }
 
 
 _EPILOG = (
