@@ -350,6 +350,17 @@ class Engine:
             graph_id=graph_id, status=status, cursor=cursor, limit=limit, graphs=graphs
         )
 
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        """How many stored runs there are of each status, filtered as :meth:`list_runs`;
+        ``statuses``: count only these."""
+        return await self.store.count_runs(graph_id=graph_id, graphs=graphs, statuses=statuses)
+
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         """Stored log entries with ``seq > after``."""
         return await self.store.read_log(run_id, after=after, limit=limit)

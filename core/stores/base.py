@@ -382,6 +382,20 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        """How many runs there are of each status (statuses with none are left out).
+
+        ``graph_id`` and ``graphs`` filter as in :meth:`list_runs`;
+        ``statuses``: count only these (a range of the status index).
+        """
+
+    @abstractmethod
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         """Entries with ``seq > after`` in seq order, at most ``limit``."""
 

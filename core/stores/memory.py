@@ -124,6 +124,24 @@ class MemoryStore(Store):
         last = out[-1] if out else None
         return Page(out, Cursor.encode(last.created_at, last.run_id) if more and last else None)
 
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        counts: dict[RunStatus, int] = {}
+        for run in self._runs.values():
+            if graph_id is not None and run.graph_id != graph_id:
+                continue
+            if graphs is not None and not glob_any(graphs, run.graph_id):
+                continue
+            if statuses is not None and run.status not in statuses:
+                continue
+            counts[run.status] = counts.get(run.status, 0) + 1
+        return counts
+
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         log = self._logs.get(run_id, [])
         # seq is 1-based and gapless, so seq n sits at index n - 1.

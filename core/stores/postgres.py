@@ -1433,6 +1433,36 @@ class PostgresStore(SharedStore):
         last = items[-1] if more else None
         return Page(items, Cursor.encode(last.created_at, last.run_id) if last else None)
 
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        where: list[str] = []
+        params: list[Any] = []
+        if graph_id is not None:
+            if not _storable_id(graph_id):
+                return {}
+            where.append("graph_id = %s")
+            params.append(graph_id)
+        if graphs is not None:
+            where.append("graph_id LIKE ANY(%s)")
+            params.append([glob_like(g) for g in graphs])
+        if statuses is not None:
+            where.append("status = ANY(%s)")
+            params.append([RunStatus(s).value for s in statuses])
+        sql = "SELECT status, COUNT(*) FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " GROUP BY status"
+
+        def count(conn: psycopg.Connection[Any]) -> list[Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return {RunStatus(status): int(n) for status, n in await self._db(count, "read")}
+
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         if not _storable_id(run_id):
             return []

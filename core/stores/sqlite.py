@@ -826,6 +826,33 @@ class SQLiteStore(Store):
         last = items[-1] if more else None
         return Page(items, Cursor.encode(last.created_at, last.run_id) if last else None)
 
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        where: list[str] = []
+        params: list[Any] = []
+        if graph_id is not None:
+            where.append("graph_id = ?")
+            params.append(graph_id)
+        if graphs is not None:
+            where.append(_glob_filter(graphs, params))
+        if statuses is not None:
+            where.append(f"status IN ({','.join('?' * len(statuses))})" if statuses else "0")
+            params.extend(RunStatus(s).value for s in statuses)
+        sql = "SELECT status, COUNT(*) FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " GROUP BY status"
+
+        def count(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(sql, params).fetchall()
+
+        return {RunStatus(status): n for status, n in await self._read(count)}
+
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         def read(conn: sqlite3.Connection) -> list[Row]:
             return conn.execute(

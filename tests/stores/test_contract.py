@@ -334,6 +334,28 @@ async def test_list_runs_filters_by_graph_and_status(store: Store) -> None:
     assert (await store.list_runs(graph_id="nope")).items == []
 
 
+async def test_count_runs_by_status_filtered_by_graph_and_patterns(store: Store) -> None:
+    statuses = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPLETED]
+    for i in range(30):
+        await store.create_run(
+            _run(f"r{i:02d}", created_at=float(i), graph_id=f"g{i % 2}", status=statuses[i % 3])
+        )
+    assert await store.count_runs() == {s: 10 for s in statuses}
+    assert await store.count_runs(graph_id="g1") == {s: 5 for s in statuses}
+    assert await store.count_runs(graphs=["g?"]) == {s: 10 for s in statuses}
+    assert await store.count_runs(graphs=["g1", "x*"]) == {s: 5 for s in statuses}
+    assert await store.count_runs(graphs=[]) == {}
+    assert await store.count_runs(graph_id="nope") == {}
+    assert await store.count_runs(graph_id="nul\x00") == {}
+    assert await store.count_runs(statuses=[RunStatus.PENDING, RunStatus.WAITING]) == {
+        RunStatus.PENDING: 10
+    }
+    assert await store.count_runs(graph_id="g0", statuses=[RunStatus.RUNNING]) == {
+        RunStatus.RUNNING: 5
+    }
+    assert await store.count_runs(statuses=[]) == {}
+
+
 async def test_list_runs_cursor_from_a_deleted_run_still_continues(store: Store) -> None:
     for i in range(6):
         await store.create_run(_run(f"r{i}", created_at=float(i)))
