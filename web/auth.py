@@ -603,12 +603,19 @@ def _ticket_hash(ticket: str) -> str:
     return hashlib.sha256(ticket.encode()).hexdigest()
 
 
+SESSION_COOKIE = "trioflow_session"
+"""The cookie a browser's session keeps its token in (``POST /auth/session``)."""
+
+
 def bearer(conn: HTTPConnection) -> str | None:
     """The token a request or WebSocket handshake carries, if any.
 
     ``Authorization: Bearer <token>``; on a WebSocket also the subprotocol
-    ``trioflow.bearer.<token>`` (browsers cannot set headers on one). Never
-    the query string, which ends up in logs.
+    ``trioflow.bearer.<token>`` (browsers cannot set headers on one); else
+    the session cookie of a browser logged in at ``/ui/login`` (``HttpOnly``
+    and ``SameSite=Strict``: no other site's page sends it, and the request
+    guard refuses other origins and non-JSON bodies). Never the query
+    string, which ends up in logs.
     """
     header = conn.headers.get("authorization")
     if header is not None:
@@ -620,4 +627,5 @@ def bearer(conn: HTTPConnection) -> str | None:
         for protocol in conn.scope.get("subprotocols") or ():
             if protocol.startswith(WS_BEARER_PREFIX):
                 return str(protocol[len(WS_BEARER_PREFIX) :])
-    return None
+    cookie = conn.cookies.get(SESSION_COOKIE)
+    return cookie or None

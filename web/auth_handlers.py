@@ -8,11 +8,18 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .auth import audit_view, make_token, principal_of, require_every_graph, token_view
+from .auth import (
+    SESSION_COOKIE,
+    audit_view,
+    make_token,
+    principal_of,
+    require_every_graph,
+    token_view,
+)
 from .errors import RequestError, request_invalid
 from .handlers import parse_query, read_json
 from .responses import JSON
-from .schemas import AuditQuery, PruneRequest, TokenCreate
+from .schemas import AuditQuery, PruneRequest, SessionRequest, TokenCreate
 from .services import services
 
 
@@ -29,6 +36,55 @@ async def whoami(request: Request) -> Response:
             "graphs": list(principal.graphs) if principal.graphs is not None else ["*"],
         }
     )
+
+
+async def open_session(request: Request) -> Response:
+    """``POST /auth/session``: check a token and keep it in the page session's cookie.
+
+    The cookie is ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no
+    other site's page sends it) and ``Secure`` on https; it lives until the
+    browser closes, or until the token expires if sooner. Every endpoint
+    takes it when a request has no ``Authorization`` header.
+    """
+    raw = await read_json(request)
+    try:
+        body = SessionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise request_invalid(exc, "body") from None
+    authority = services(request).authority
+    principal = await authority.authenticate(body.token)
+    authority.limit(principal)
+    response = JSON(
+        {
+            "auth_required": await authority.required(request),
+            "token_id": principal.token_id,
+            "name": principal.name,
+            "role": principal.role,
+            "graphs": list(principal.graphs) if principal.graphs is not None else ["*"],
+        }
+    )
+    response.set_cookie(
+        SESSION_COOKIE,
+        body.token,
+        path="/",
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+async def close_session(request: Request) -> Response:
+    """``POST /auth/logout``: forget the page session's cookie (204)."""
+    response = Response(status_code=204)
+    response.delete_cookie(
+        SESSION_COOKIE,
+        path="/",
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
+    return response
 
 
 async def issue_ticket(request: Request) -> Response:

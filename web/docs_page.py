@@ -19,7 +19,8 @@ import gzip
 import hashlib
 import html
 import importlib.resources
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import trio
 from starlette.requests import Request
@@ -37,13 +38,25 @@ _TEXT = "text/plain; charset=utf-8"
 
 STATIC_FILES: dict[str, str] = {
     "docs.js": _JS,
+    "ui.js": _JS,
+    "ui.css": _CSS,
+    "mermaid/mermaid.esm.min.mjs": _JS,
+    "mermaid/LICENSE": _TEXT,
+    "mermaid/README.md": _TEXT,
     "swagger-ui/swagger-ui-bundle.js": _JS,
     "swagger-ui/swagger-ui.css": _CSS,
     "swagger-ui/swagger-ui-bundle.js.LICENSE.txt": _TEXT,
     "swagger-ui/LICENSE": _TEXT,
     "swagger-ui/NOTICE": _TEXT,
 }
-"""Every file served under ``/static/`` (path below ``web/static/``) and its content type."""
+"""The files served under ``/static/`` (path below ``web/static/``), read at the first
+request, and their content types. Mermaid's chunks (:data:`CHUNKS`) are read when
+first asked for."""
+
+CHUNKS = "mermaid/chunks/mermaid.esm.min/"
+"""Mermaid's ES module chunks: a page loads only those its diagram imports."""
+
+_CHUNK_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}\.mjs")
 
 CSP = "; ".join(
     (
@@ -105,6 +118,14 @@ def _read(path: str, content_type: str) -> StaticFile:
 class _Static:
     files: dict[str, StaticFile]
     page: bytes
+    chunk_names: frozenset[str] = frozenset()
+    """The names of Mermaid's chunks shipped (the files in :data:`CHUNKS`)."""
+    chunks: dict[str, StaticFile] = field(default_factory=dict)
+    """Mermaid's chunks read so far (at most every shipped one)."""
+
+    def url(self, path: str) -> str:
+        """``/static/{path}?v={digest}`` of one of :data:`STATIC_FILES`."""
+        return f"{STATIC_PREFIX}{path}?v={self.files[path].digest}"
 
 
 _loaded: list[_Static] = []
@@ -112,7 +133,11 @@ _loaded: list[_Static] = []
 
 def _load() -> _Static:
     files = {path: _read(path, kind) for path, kind in STATIC_FILES.items()}
-    return _Static(files, _page(files))
+    folder = importlib.resources.files(__package__).joinpath("static", *CHUNKS.split("/"))
+    names = frozenset(
+        entry.name for entry in folder.iterdir() if _CHUNK_NAME.fullmatch(entry.name) is not None
+    )
+    return _Static(files, _page(files), names)
 
 
 async def _static() -> _Static:
@@ -124,7 +149,7 @@ async def _static() -> _Static:
     return _loaded[0]
 
 
-def _accepts_gzip(header: str | None) -> bool:
+def accepts_gzip(header: str | None) -> bool:
     """Whether ``Accept-Encoding`` takes gzip (``gzip`` itself wins over ``*``)."""
     if not header:
         return False
@@ -150,13 +175,33 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return etag in tags or "*" in tags
 
 
+async def asset_urls() -> dict[str, str]:
+    """``path`` -> ``/static/{path}?v={digest}`` for every file of :data:`STATIC_FILES`."""
+    static = await _static()
+    return {path: static.url(path) for path in static.files}
+
+
+async def _file(path: str) -> StaticFile | None:
+    static = await _static()
+    file = static.files.get(path)
+    if file is not None or not path.startswith(CHUNKS):
+        return file
+    name = path.removeprefix(CHUNKS)
+    if name not in static.chunk_names:
+        return None
+    if name not in static.chunks:
+        chunk = await trio.to_thread.run_sync(_read, path, _JS)
+        static.chunks.setdefault(name, chunk)
+    return static.chunks[name]
+
+
 async def static_file(request: Request) -> Response:
-    """``GET /static/{path}``: one of :data:`STATIC_FILES`, else 404."""
+    """``GET /static/{path}``: one of :data:`STATIC_FILES` or a Mermaid chunk, else 404."""
     path = request.path_params["path"]
-    if path not in STATIC_FILES:
+    file = await _file(path)
+    if file is None:
         raise RequestError(404, "not_found", f"no static file {path!r}", {"path": path[:200]})
-    file = (await _static()).files[path]
-    gzipped = file.gzipped is not None and _accepts_gzip(request.headers.get("accept-encoding"))
+    gzipped = file.gzipped is not None and accepts_gzip(request.headers.get("accept-encoding"))
     # Each encoding is its own representation, with its own entity tag.
     etag = f'"{file.digest}-gzip"' if gzipped else f'"{file.digest}"'
     current = request.query_params.get("v") == file.digest

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from trioflow import EngineError, GraphDocument
 
-from . import auth_handlers, docs_page, handlers, schemas, streaming
+from . import auth_handlers, docs_page, handlers, schemas, streaming, ui
 from .auth import Access
 from .errors import RequestError, engine_status
 from .services import services
@@ -415,6 +415,27 @@ OPERATIONS: tuple[Operation, ...] = (
 
 AUTH_OPERATIONS: tuple[Operation, ...] = (
     Operation(
+        "POST",
+        "/auth/session",
+        auth_handlers.open_session,
+        "openSession",
+        "Log a browser in: the token goes into an HttpOnly, SameSite=Strict cookie",
+        {200: ("The principal", schemas.WhoAmI), **_errors(400, 401, 413, 415, 422, 429)},
+        tag="auth",
+        access="public",
+        body=schemas.SessionRequest,
+    ),
+    Operation(
+        "POST",
+        "/auth/logout",
+        auth_handlers.close_session,
+        "closeSession",
+        "Log a browser out: its session cookie is removed",
+        {204: ("Logged out", None), **_errors()},
+        tag="auth",
+        access="public",
+    ),
+    Operation(
         "GET",
         "/auth/whoami",
         auth_handlers.whoami,
@@ -592,4 +613,5 @@ def starlette_routes() -> list[BaseRoute]:
     ]
     routes.append(WebSocketRoute(WEBSOCKET_PATH, streaming.ws_logs, name="followRunLog"))
     routes.append(Route(STATIC_PATH, docs_page.static_file, methods=["GET"], name="static"))
+    routes.extend(ui.ui_routes())
     return routes

@@ -434,6 +434,14 @@ class WhoAmI(BaseModel):
     graphs: list[str]
 
 
+class SessionRequest(_StrictInput):
+    """Body of ``POST /auth/session``."""
+
+    token: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="An API token (tf_<id>_<secret>); kept in an HttpOnly cookie."
+    )
+
+
 class AuditQuery(_Input):
     after: Seq = Field(default=0, description="Entries with seq > after.")
     limit: Annotated[int, BeforeValidator(_decimal), Field(ge=1, le=MAX_PAGE)] = 100

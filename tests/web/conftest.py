@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+from browser_support import require_browser
 from pydantic import BaseModel
 from web_support import Server, start_server
 
@@ -22,6 +23,12 @@ class Gates:
     opened: trio.Event = field(default_factory=trio.Event)
     reached: trio.Event = field(default_factory=trio.Event)
     entered: int = 0
+
+
+@pytest.fixture(scope="module")
+def browser_available() -> None:
+    """Chromium and Playwright are here (see ``browser_support``), else skip or fail."""
+    require_browser()
 
 
 @pytest.fixture

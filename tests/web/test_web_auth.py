@@ -18,6 +18,7 @@ from trioflow import Engine, open_engine
 from trioflow.web import Settings, create_app
 from trioflow.web.auth import CACHE_S, AuthSettings, make_token
 from trioflow.web.routes import ALL_OPERATIONS, STATIC_PATH, WEBSOCKET_ACCESS, starlette_routes
+from trioflow.web.ui import UI_ACCESS
 
 
 class Clock:
@@ -100,12 +101,24 @@ def test_every_route_declares_what_it_needs() -> None:
             continue
         assert isinstance(route, Route)
         if route.path == STATIC_PATH:
-            continue  # the /docs page's own scripts and styles, public like /docs
+            continue  # the pages' own scripts and styles, public like /docs
+        if route.path in UI_ACCESS:
+            assert route.methods == {"GET", "HEAD"}, route.path
+            continue  # a page: its access is in UI_ACCESS (tests/web/test_web_ui.py)
         for method in (route.methods or set()) - {"HEAD"}:
             assert (method, route.path) in declared, (method, route.path)
     # Only the service's own descriptions are public.
     public = {path for (_, path), access in declared.items() if access == "public"}
-    assert public == {"/healthz", "/readyz", "/openapi.json", "/docs"}
+    assert public == {
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+        "/docs",
+        # A browser logs in with a token, and out.
+        "/auth/session",
+        "/auth/logout",
+    }
+    assert {path for path, access in UI_ACCESS.items() if access == "public"} == {"/", "/ui/login"}
     # An operation cannot be declared without deciding.
     from trioflow.web.routes import Operation
 
@@ -188,9 +201,17 @@ async def test_every_route_with_every_credential(env: Env) -> None:
         method, path, body = _request(op, env, ids)
         for name, token in creds.items():
             headers = bearer(token) if token is not None else {}
+            if op.operation_id == "openSession":
+                # Public, and checks the token it is given in its body.
+                response = await env.client.post(path, json={"token": token or "x"})
+                ok = name not in ("none", "bad", "malformed", "expired", "revoked")
+                assert response.status_code == (200 if ok else 401), (name, response.text)
+                assert ("set-cookie" in response.headers) == ok, name
+                env.client.cookies.clear()  # the other requests carry only their header
+                continue
             if op.access == "public":
                 response = await env.client.request(method, path, headers=headers)
-                assert response.status_code in (200, 304), (name, path, response.status_code)
+                assert response.status_code in (200, 204, 304), (name, path, response.status_code)
                 continue
             if op.operation_id == "streamRunLog":
                 headers["Accept"] = "text/event-stream"

@@ -1,0 +1,420 @@
+// The /ui pages' only script (an ES module, loaded from this server; no inline script).
+//
+// Everything that comes from a graph, a state or a log is put into the page
+// with textContent or as an attribute value, never as markup. The HTML the
+// runs list swaps in is rendered, escaped, by the server's templates.
+
+const LIVE_POLL_MS = 2000; // the runs list's live part: at most every 2 s
+const REFRESH_MS = 1000; // a followed run's header, state and picture: at most every 1 s
+const STATE_CHARS = 100000;
+const DATA_CHARS = 500;
+
+const body = document.body;
+
+function when(ts) {
+  if (ts === null || ts === undefined) return "";
+  return new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) + "Z";
+}
+
+function clock(ts) {
+  return new Date(ts * 1000).toISOString().slice(11, 23);
+}
+
+function took(run) {
+  if (run.started_at === null || run.started_at === undefined) return "";
+  const end = run.finished_at ?? Date.now() / 1000;
+  const span = Math.max(0, end - run.started_at);
+  if (span < 1) return `${Math.round(span * 1000)} ms`;
+  if (span < 120) return `${span.toFixed(1)} s`;
+  return `${(span / 60).toFixed(1)} min`;
+}
+
+function cut(text, limit) {
+  return text.length > limit ? `${text.slice(0, limit)}\n…` : text;
+}
+
+function show(element, text) {
+  if (!element) return;
+  element.textContent = text;
+  element.hidden = !text;
+}
+
+function loginAgain() {
+  const next = location.pathname + location.search;
+  location.assign(`/ui/login?next=${encodeURIComponent(next)}`);
+}
+
+// fetch with the session cookie; a 401 sends the browser to the login page.
+async function api(method, url, payload) {
+  const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (payload !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(payload);
+  }
+  const response = await fetch(url, init);
+  let answer = null;
+  const type = response.headers.get("content-type") || "";
+  if (type.startsWith("application/json")) answer = await response.json();
+  else if (response.status !== 204) answer = await response.text();
+  if (response.status === 401 && !url.startsWith("/auth/session")) loginAgain();
+  return { status: response.status, ok: response.ok, answer };
+}
+
+function errorText(result) {
+  const error = result.answer && result.answer.error;
+  if (error) return `${result.status} ${error.code}: ${error.message}`;
+  return `${result.status}: the server did not accept this`;
+}
+
+function problemsOf(result) {
+  const error = result.answer && result.answer.error;
+  const problems = error && error.details && error.details.problems;
+  return Array.isArray(problems) ? problems : [];
+}
+
+// -- the picture --------------------------------------------------------------------
+
+let mermaidModule = null;
+let pictureCount = 0;
+
+async function mermaid() {
+  if (mermaidModule === null) {
+    mermaidModule = (await import(body.dataset.mermaid)).default;
+    mermaidModule.initialize({
+      startOnLoad: false,
+      // Labels are escaped by the server (#lt; ...) and sanitised again by Mermaid.
+      securityLevel: "strict",
+      theme: "default",
+    });
+  }
+  return mermaidModule;
+}
+
+async function draw(box, source) {
+  const library = await mermaid();
+  pictureCount += 1;
+  try {
+    const { svg } = await library.render(`picture-svg-${pictureCount}`, source);
+    // Mermaid's own output, sanitised by it (securityLevel strict); labels escaped by the server.
+    box.innerHTML = svg;
+    box.dataset.rendered = String(pictureCount);
+  } catch (error) {
+    const problem = document.createElement("p");
+    problem.className = "problem";
+    problem.textContent = `The picture could not be drawn: ${error.message || error}`;
+    box.replaceChildren(problem);
+    console.error("mermaid:", error);
+  }
+}
+
+async function drawPictures() {
+  for (const box of document.querySelectorAll(".mermaid-box")) {
+    const source = box.querySelector(".mermaid-source");
+    if (source) await draw(box, source.textContent);
+  }
+}
+
+// -- pages --------------------------------------------------------------------------
+
+function logout() {
+  const button = document.getElementById("logout");
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    await api("POST", "/auth/logout");
+    location.assign("/ui/login");
+  });
+}
+
+function loginPage() {
+  const form = document.getElementById("login-form");
+  if (!form) return;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const token = form.querySelector("#token").value.trim();
+    const result = await api("POST", "/auth/session", { token });
+    if (result.ok) location.assign(form.dataset.next || "/ui");
+    else show(document.getElementById("login-problem"), errorText(result));
+  });
+}
+
+function runsPage() {
+  const live = document.getElementById("live");
+  if (!live) return;
+  let busy = false;
+  setInterval(async () => {
+    if (busy || document.hidden) return;
+    busy = true;
+    try {
+      const response = await fetch(live.dataset.refresh, { credentials: "same-origin" });
+      if (response.status === 401 || response.redirected) loginAgain();
+      else if (response.ok) live.innerHTML = await response.text(); // server-rendered, escaped
+    } catch (error) {
+      // The server is away for a moment: the next poll tries again.
+    } finally {
+      busy = false;
+    }
+  }, LIVE_POLL_MS);
+}
+
+function logRow(entry) {
+  const row = document.createElement("tr");
+  row.dataset.seq = String(entry.seq);
+  row.className = `level-${entry.level}`;
+  const data =
+    entry.data && Object.keys(entry.data).length ? cut(JSON.stringify(entry.data), DATA_CHARS) : "";
+  const cells = [String(entry.seq), clock(entry.ts), entry.level, entry.event, entry.node || "", entry.message];
+  cells.forEach((text, i) => {
+    const cell = document.createElement("td");
+    if (i === 0) cell.className = "num";
+    cell.textContent = text;
+    row.append(cell);
+  });
+  const cell = document.createElement("td");
+  const code = document.createElement("code");
+  code.textContent = data;
+  cell.append(code);
+  row.append(cell);
+  return row;
+}
+
+function statusChip(status) {
+  const chip = document.createElement("span");
+  chip.className = `chip status-${status}`;
+  chip.textContent = status;
+  return chip;
+}
+
+function runPage() {
+  const section = document.getElementById("run");
+  if (!section) return;
+  const runId = section.dataset.runId;
+  const quoted = encodeURIComponent(runId);
+  const rows = document.getElementById("log-rows");
+  const earlier = document.getElementById("load-earlier");
+  const note = document.getElementById("live-note");
+  const keep = Number(section.dataset.logKeep);
+  const pageSize = Number(section.dataset.logPage);
+  let lastSeq = Number(section.dataset.lastSeq);
+  let firstSeq = Number(section.dataset.firstSeq);
+  let status = section.dataset.status;
+  const terminal = new Set(["completed", "failed", "cancelled"]);
+
+  let refreshing = false;
+  let again = false;
+  let lastRefresh = 0;
+
+  async function refresh() {
+    if (refreshing) {
+      again = true;
+      return;
+    }
+    refreshing = true;
+    const wait = lastRefresh + REFRESH_MS - Date.now();
+    if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+    lastRefresh = Date.now();
+    try {
+      const result = await api("GET", `/graph/state/${quoted}?logs=0`);
+      if (!result.ok) return;
+      const run = result.answer;
+      const before = status;
+      status = run.status;
+      section.dataset.status = status;
+      document.getElementById("run-status").replaceChildren(statusChip(status));
+      document.getElementById("run-node").textContent = run.current_node || "";
+      document.getElementById("run-step").textContent = String(run.step);
+      document.getElementById("run-attempt").textContent = String(run.attempt);
+      document.getElementById("run-started").textContent = when(run.started_at);
+      document.getElementById("run-finished").textContent = when(run.finished_at);
+      document.getElementById("run-took").textContent = took(run);
+      document.getElementById("state").textContent = cut(JSON.stringify(run.state, null, 2), STATE_CHARS);
+      const cancel = document.getElementById("cancel");
+      if (cancel) cancel.hidden = terminal.has(status);
+      const waitingShown = document.getElementById("wait") !== null;
+      const waitingNow = status === "waiting" && run.waiting && !run.waiting.answered;
+      if (before !== status && (waitingShown || waitingNow)) {
+        location.reload(); // the wait form is built by the server
+        return;
+      }
+      if (before !== status && run.error) location.reload();
+      const box = document.getElementById("picture");
+      if (box && box.dataset.sourceUrl) {
+        const picture = await api("GET", box.dataset.sourceUrl);
+        if (picture.ok) await draw(box, picture.answer);
+      }
+      if (terminal.has(status)) note.textContent = "The run has ended.";
+    } finally {
+      refreshing = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
+    }
+  }
+
+  function trim() {
+    while (rows.children.length > keep) {
+      rows.firstElementChild.remove();
+      firstSeq = Number(rows.firstElementChild.dataset.seq);
+    }
+    earlier.hidden = firstSeq <= 1;
+  }
+
+  function follow() {
+    if (terminal.has(status)) return;
+    const stream = new EventSource(`/sse/logs/${quoted}?after=${lastSeq}`);
+    stream.addEventListener("log", (event) => {
+      const entry = JSON.parse(event.data);
+      if (entry.seq <= lastSeq) return; // already shown (a reconnect resumes after the last id)
+      lastSeq = entry.seq;
+      rows.append(logRow(entry));
+      if (firstSeq > lastSeq) firstSeq = entry.seq;
+      trim();
+      document.getElementById("log-count").textContent = `${lastSeq} entries`;
+      refresh();
+    });
+    stream.addEventListener("status", () => {
+      stream.close();
+      refresh();
+    });
+    stream.addEventListener("error", (event) => {
+      if (event.data) {
+        // The server's own error event: the stream is over.
+        stream.close();
+        const error = JSON.parse(event.data).error;
+        note.textContent = `The log stream ended: ${error.message}`;
+        if (error.code === "unauthorized") loginAgain();
+      } else if (stream.readyState === EventSource.CLOSED) {
+        refresh(); // 204: the run ended and nothing follows
+      }
+      // Otherwise the browser reconnects by itself, after the last id it saw.
+    });
+  }
+
+  earlier.addEventListener("click", async () => {
+    const after = Math.max(0, firstSeq - 1 - pageSize);
+    const limit = firstSeq - 1 - after;
+    if (limit <= 0) return;
+    const result = await api("GET", `/runs/${quoted}/logs?after=${after}&limit=${limit}`);
+    if (!result.ok) return;
+    const entries = result.answer.entries.filter((entry) => entry.seq < firstSeq);
+    const top = rows.firstElementChild;
+    for (const entry of entries) rows.insertBefore(logRow(entry), top);
+    if (entries.length) firstSeq = entries[0].seq;
+    earlier.hidden = firstSeq <= 1;
+  });
+
+  const cancel = document.getElementById("cancel");
+  if (cancel) {
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      const result = await api("POST", `/graph/cancel/${quoted}`);
+      cancel.disabled = false;
+      show(document.getElementById("cancel-problem"), result.ok ? "" : errorText(result));
+      refresh();
+    });
+  }
+
+  resumeForm(quoted);
+  follow();
+}
+
+function fieldValue(field) {
+  const kind = field.dataset.kind;
+  const input = field.querySelector("input, select, textarea");
+  if (kind === "boolean") return { value: input.checked };
+  const text = input.value;
+  if (kind === "enum") {
+    if (text === "") return {};
+    return { value: JSON.parse(input.dataset.options)[Number(text)] };
+  }
+  if (text.trim() === "") return {};
+  if (kind === "integer" || kind === "number") {
+    const number = Number(text);
+    if (!Number.isFinite(number)) return { problem: "not a number" };
+    return { value: number };
+  }
+  if (kind === "json" || kind === "raw") {
+    try {
+      return { value: JSON.parse(text) };
+    } catch (error) {
+      return { problem: `not JSON: ${error.message}` };
+    }
+  }
+  return { value: text };
+}
+
+function resumeForm(quoted) {
+  const form = document.getElementById("resume-form");
+  if (!form) return;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const fields = [...form.querySelectorAll(".field")];
+    let input = {};
+    let bad = false;
+    for (const field of fields) {
+      const { value, problem } = fieldValue(field);
+      show(field.querySelector(".problem"), problem || "");
+      if (problem) bad = true;
+      else if (field.dataset.kind === "raw") input = value ?? {};
+      else if (value !== undefined) input[field.dataset.field] = value;
+    }
+    show(document.getElementById("resume-problem"), "");
+    if (bad) return;
+    const payload = { input, background: true };
+    if (form.dataset.requestId) payload.request_id = form.dataset.requestId;
+    const result = await api("POST", `/graph/resume/${quoted}`, payload);
+    if (result.ok) {
+      location.reload();
+      return;
+    }
+    const problems = problemsOf(result);
+    const general = [];
+    for (const problem of problems) {
+      const name = String(problem.path || "").replace(/^\$\.?/, "").split(/[.[]/)[0];
+      const field = fields.find((f) => f.dataset.field === name && f.dataset.kind !== "raw");
+      const target = field || fields.find((f) => f.dataset.kind === "raw");
+      if (target) show(target.querySelector(".problem"), `${problem.path}: ${problem.message}`);
+      else general.push(`${problem.path}: ${problem.message}`);
+    }
+    show(document.getElementById("resume-problem"), problems.length ? general.join("; ") : errorText(result));
+  });
+}
+
+function graphPage() {
+  const form = document.getElementById("start-form");
+  if (!form) return;
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const problem = document.getElementById("start-problem");
+    const list = document.getElementById("start-problems");
+    list.replaceChildren();
+    list.hidden = true;
+    let state;
+    try {
+      state = JSON.parse(form.querySelector("#initial-state").value || "{}");
+    } catch (error) {
+      show(problem, `The initial state is not JSON: ${error.message}`);
+      return;
+    }
+    const payload = { graph_id: form.dataset.graphId, initial_state: state, background: true };
+    const result = await api("POST", "/graph/run", payload);
+    if (result.ok) {
+      location.assign(`/ui/runs/${encodeURIComponent(result.answer.run_id)}`);
+      return;
+    }
+    show(problem, errorText(result));
+    for (const item of problemsOf(result)) {
+      const line = document.createElement("li");
+      line.textContent = `${item.path}: ${item.message}`;
+      list.append(line);
+    }
+    list.hidden = list.children.length === 0;
+  });
+}
+
+logout();
+loginPage();
+runsPage();
+runPage();
+graphPage();
+drawPictures();
