@@ -547,7 +547,9 @@ async def metrics(request: Request) -> Response:
         principal_of(request),
         "metrics name every graph: they need a token for every graph (scope *)",
     )
-    return Response(services(request).metrics.text(), media_type=CONTENT_TYPE)
+    svc = services(request)
+    await svc.metrics.count_unfinished(svc.engine)
+    return Response(svc.metrics.text(), media_type=CONTENT_TYPE)
 
 
 async def openapi(request: Request) -> Response:

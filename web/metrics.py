@@ -6,7 +6,9 @@ One registry per app (never the process-wide default), filled by:
   by graph and status, step durations by graph and node, checkpoint commit
   latency by store;
 * the routes table: HTTP requests by operation and status, with latency;
-* gauges read when scraped: runs this process holds, log followers.
+* gauges read when scraped: runs this process holds, log followers, and the
+  unfinished runs in the store (every node's) by status: pending, running,
+  waiting (one indexed count per scrape).
 
 Label values are bounded: run ids are never labels, operations are the
 routes table's ids, and past :data:`MAX_GRAPHS` graph ids (or
@@ -25,8 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from trioflow import RunStatus, StoreError
+
 if TYPE_CHECKING:
     from trioflow import Engine
+
+UNFINISHED = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING)
 
 #: Distinct graph ids with series of their own; the rest are "other".
 MAX_GRAPHS = 200
@@ -96,6 +102,12 @@ class Metrics:
             "trioflow_log_followers", "WebSocket and SSE log followers open", registry=r
         )
         followers.set_function(lambda: engine.followers)
+        self.unfinished = Gauge(
+            "trioflow_runs_unfinished",
+            "Unfinished runs in the store (every node's), by status; counted when scraped",
+            ["status"],
+            registry=r,
+        )
         self._graphs: dict[str, str] = {}
         #: (graph id, node id) -> its histogram child (``labels()`` costs
         #: microseconds; looked up once per pair, not once per step).
@@ -140,6 +152,18 @@ class Metrics:
         self.requests.labels(operation, str(status)).inc()
         if seconds is not None:
             self.latency.labels(operation).observe(seconds)
+
+    async def count_unfinished(self, engine: Engine) -> None:
+        """Count the store's pending, running and waiting runs for the next :meth:`text`.
+
+        While the store cannot answer, the last counts stay (the scrape still succeeds).
+        """
+        try:
+            counts = await engine.count_runs(statuses=UNFINISHED)
+        except StoreError:
+            return
+        for status in UNFINISHED:
+            self.unfinished.labels(status.value).set(counts.get(status, 0))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

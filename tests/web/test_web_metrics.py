@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
 from web_support import Server
 
 from trioflow.web.metrics import MAX_GRAPHS
@@ -45,7 +46,40 @@ async def test_metrics_after_a_few_runs(server: Server, sleep_graph: dict[str, A
     assert m['trioflow_http_request_duration_seconds_count{operation="runGraph"}'] == 4
     assert m["trioflow_runs_active"] == 0
     assert m["trioflow_log_followers"] == 0
+    for status in ("pending", "running", "waiting"):
+        assert m[f'trioflow_runs_unfinished{{status="{status}"}}'] == 0
     assert not any("run_id" in name for name in m)
+
+
+async def test_unfinished_runs_are_counted_from_the_store(
+    server: Server, gate_graph: dict[str, Any], gates: Any
+) -> None:
+    await server.create(gate_graph)
+    ask = {
+        "id": "asks",
+        "start_node": "q",
+        "nodes": [{"id": "q", "wait": {"prompt": "ok?"}}, {"id": "end", "callable": "tools.noop"}],
+        "edges": [{"from": "q", "to": "end"}],
+    }
+    await server.create(ask)
+    held = [await server.start("gated") for _ in range(2)]
+    waiting = [await server.start("asks") for _ in range(3)]
+    for run_id in waiting:
+        assert (await server.engine.wait_stop(run_id)).status == "waiting"
+    await gates.reached.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert gates.entered == 2
+    m = _samples((await server.client.get("/metrics")).text)
+    assert m['trioflow_runs_unfinished{status="waiting"}'] == 3
+    assert m['trioflow_runs_unfinished{status="running"}'] == 2
+    assert m['trioflow_runs_unfinished{status="pending"}'] == 0
+    assert m["trioflow_runs_active"] == 2
+    gates.opened.set()
+    for run_id in held:
+        await server.engine.wait(run_id)
+    m = _samples((await server.client.get("/metrics")).text)
+    assert m['trioflow_runs_unfinished{status="running"}'] == 0
+    assert m['trioflow_runs_unfinished{status="waiting"}'] == 3
 
 
 async def test_label_cardinality_stays_bounded(server: Server) -> None:
