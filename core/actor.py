@@ -42,6 +42,8 @@ from .signals import fold_signals
 
 if TYPE_CHECKING:
     from .host import RunHost
+    from .observe import Observer
+    from .tracing import RunSpan, StepSpan
 
 log = logging.getLogger("trioflow.actor")
 
@@ -153,6 +155,11 @@ class RunActor:
         self._last_yield = time.perf_counter()
         #: The engine stops: stop at the next step boundary, without ending.
         self._draining = False
+        #: This execution's span while tracing is on (trioflow.tracing), and its step's.
+        self._span: RunSpan | None = None
+        self._step_span: StepSpan | None = None
+        #: Why the run stopped at its last checkpoint (the store refused its end).
+        self._stalled: str | None = None
 
     # -- commands --------------------------------------------------------------
     #
@@ -198,18 +205,23 @@ class RunActor:
     @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
         """The actor's whole life. Never raises except ``Cancelled`` (engine shutdown)."""
+        stopped = "drained"  # (for the span) why it stops without an end or a wait
         try:
             await self._execute()
         except _Abandoned:
+            stopped = "abandoned"
             log.info("run %s: %s; this engine stopped it", self.run_id, self.handle.abandoned)
         except _Unwritable as exc:
             # Not even the run's end could be stored: it stays at its last
             # checkpoint, resumable, and the engine tells its followers.
-            self.host.stall(self.run_id, exc.error)
+            self._stall(exc.error)
         except Exception:
             # A bug: the run must not take the engine down.
             log.exception("run %s crashed", self.run_id)
             await self._record_crash()
+        except BaseException:
+            stopped = "interrupted"  # the engine stopped
+            raise
         finally:
             self.handle.record = self.record
             self.handle.done.set()
@@ -217,6 +229,20 @@ class RunActor:
             observer = self.host.observer
             if observer is not None and self.record.status.is_terminal:
                 observer.run_ended(self.graph.id, self.record.status.value)
+            span = self._span
+            if span is not None:
+                self._span = None
+                status = self.record.status
+                if status.is_terminal or status is RunStatus.WAITING:
+                    span.end(self.record)
+                elif self._stalled is not None:
+                    span.end(self.record, "stalled", self._stalled)
+                else:
+                    span.end(self.record, stopped)
+
+    def _stall(self, error: StoreError) -> None:
+        self._stalled = f"its checkpoint could not be written ({error.message})"
+        self.host.stall(self.run_id, error)
 
     async def _record_crash(self) -> None:
         if self.record.status.is_terminal:
@@ -230,10 +256,10 @@ class RunActor:
         except _Abandoned:
             return
         except _Unwritable as exc:
-            self.host.stall(self.run_id, exc.error)
+            self._stall(exc.error)
         except Exception:
             log.exception("could not record the failure of run %s", self.run_id)
-            self.host.stall(self.run_id, StoreError("the failure could not be recorded"))
+            self._stall(StoreError("the failure could not be recorded"))
 
     async def _execute(self) -> None:
         failure: RunFailure | None = None
@@ -249,6 +275,9 @@ class RunActor:
                     await self._take()
                 if self._draining:
                     return  # it never started: nothing to checkpoint
+                tracing = self.host.tracing
+                if tracing is not None:
+                    self._span = tracing.run(self.run_id, self.graph.id)
                 if not self._input_resume:  # the engine wrote run_input already
                     await self._begin()
                 await self._steps()
@@ -546,8 +575,11 @@ class RunActor:
                 if tool is not None and tool.arity == 2
                 else None
             )
+            span = self._span
             observer = self.host.observer
-            if observer is None:
+            if span is not None and span.recording:
+                result = await self._call_traced(node, ctx, span, observer)
+            elif observer is None:
                 result = await self._call_node(node, ctx) if tool is not None else None
             else:
                 began = time.perf_counter()
@@ -752,6 +784,26 @@ class RunActor:
             Event.NODE_COMPLETED, f"node {node_id} completed", node=node_id, data={"step": step}
         )
 
+    async def _call_traced(
+        self, node: Node, ctx: RunContext | None, span: RunSpan, observer: Observer | None
+    ) -> Any:
+        """The step in a span of its own (and told to ``observer``, if any)."""
+        step = self._step_span = span.step(node.id, self.record.step, self.record.attempt)
+        began = time.perf_counter()
+        try:
+            return await self._call_node(node, ctx) if node.tool is not None else None
+        except _RunFailed as exc:
+            step.failed(exc.failure)
+            raise
+        except BaseException:
+            step.stopped("cancelled" if self.handle.cancel_requested else "interrupted")
+            raise
+        finally:
+            if observer is not None:
+                observer.step(self.graph.id, node.id, time.perf_counter() - began)
+            self._step_span = None
+            step.end()
+
     async def _call_node(self, node: Node, ctx: RunContext | None) -> Any:
         attempt = 1
         limit = self.limits.max_log_message_chars
@@ -777,7 +829,10 @@ class RunActor:
                 error, code = exc, "node_failed"
             text = bound_text(str(error), limit)
             message = bound_text(f"node {node.id} failed: {type(error).__name__}: {text}", limit)
+            step = self._step_span
             if attempt >= node.retry.max_attempts:
+                if step is not None:
+                    step.attempt_failed(error, attempt)
                 extra: dict[str, Any] = {"attempts": attempt}
                 if code == "node_failed":
                     extra["traceback"] = tb = format_traceback(error)
@@ -805,6 +860,8 @@ class RunActor:
                     )
                 )
             delay = _backoff(node, attempt)
+            if step is not None:
+                step.attempt_failed(error, attempt, delay)
             entries = self._custom(ctx)
             entries.append(
                 self._entry(

@@ -52,6 +52,7 @@ from .stores.base import (
     default_node_id,
 )
 from .stores.memory import MemoryStore
+from .tracing import Tracer, TracerProvider, Tracing
 from .waiting import Waiting
 
 log = logging.getLogger("trioflow.engine")
@@ -311,6 +312,19 @@ class Engine:
         """Tell ``observer`` (see :mod:`trioflow.observe`) about runs, steps and
         checkpoints from now on; None stops it."""
         self._host.observer = observer
+
+    def trace(self, tracer: TracerProvider | Tracer | None) -> None:
+        """Make OpenTelemetry spans of run executions and their steps from now on; None stops.
+
+        Give an OpenTelemetry ``TracerProvider`` (the engine takes its tracer
+        ``trioflow``), or a ``Tracer``; :mod:`trioflow.tracing` describes the
+        spans. Executions already under way keep what they had when they
+        started (spans, or none).
+
+        Raises:
+            ImportError: opentelemetry is not installed.
+        """
+        self._host.tracing = None if tracer is None else Tracing(tracer)
 
     def store_health(self) -> StoreHealth:
         """Whether the store takes writes, as the last checkpoint or probe found.
@@ -858,6 +872,7 @@ async def open_engine(
     evaluator: Evaluator = "compiled",
     resume: bool = True,
     drain_timeout: float = 0.0,
+    tracer: TracerProvider | Tracer | None = None,
 ) -> AsyncIterator[Engine]:
     """Open an engine: the store, the supervisor nursery, resumed runs.
 
@@ -883,6 +898,12 @@ async def open_engine(
             node holds (see :mod:`trioflow.cluster`) and times out waits.
         drain_timeout: seconds the nodes in flight get to finish when the
             engine stops (0: cancel them at once).
+        tracer: an OpenTelemetry ``TracerProvider`` or ``Tracer``: the
+            engine makes spans of its runs from the start, the runs it
+            resumes on open included (see :meth:`Engine.trace`).
+
+    Raises:
+        ImportError: ``tracer`` is given and opentelemetry is not installed.
     """
     store = store if store is not None else MemoryStore()
     registry = registry if registry is not None else default_registry()
@@ -897,6 +918,8 @@ async def open_engine(
                 limits=limits or EngineLimits(),
                 evaluator=evaluator,
             )
+            if tracer is not None:
+                engine.trace(tracer)
             cluster = engine.cluster
             if resume:
                 clean = await store.begin_session()

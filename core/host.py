@@ -32,6 +32,7 @@ from .stores.base import Store
 if TYPE_CHECKING:
     from .engine import EngineLimits
     from .observe import Observer
+    from .tracing import Tracing
 
 log = logging.getLogger("trioflow.engine")
 
@@ -61,6 +62,8 @@ class RunHost:
         self.store = store
         #: See :mod:`trioflow.observe`; None: nothing is told.
         self.observer: Observer | None = None
+        #: See :mod:`trioflow.tracing`; None: no spans (read once per run execution).
+        self.tracing: Tracing | None = None
         #: This engine's node id on a shared store (logged where runs start and resume).
         self.node_id: str | None = getattr(store, "node_id", None)
         self.limits = limits

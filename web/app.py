@@ -27,6 +27,7 @@ from trioflow import (
     open_store_from_url,
 )
 from trioflow.registry import ENTRY_POINT_GROUP
+from trioflow.tracing import TracerProvider, global_tracer_provider, global_tracer_provider_set
 
 from .auth import Authority
 from .errors import EXCEPTION_HANDLERS
@@ -220,6 +221,17 @@ async def _authority(app: Starlette, engine: Engine, settings: Settings) -> Auth
     return authority
 
 
+def _tracer_provider() -> TracerProvider:
+    """OpenTelemetry's global tracer provider, for the engine's spans (``--tracing``)."""
+    if not global_tracer_provider_set():
+        log.warning(
+            "tracing is on, but no OpenTelemetry tracer provider is set in this process: "
+            "spans are dropped until one is (run the server under opentelemetry-instrument; "
+            "see docs/operations.md)"
+        )
+    return global_tracer_provider()
+
+
 class AuthStartupError(Exception):
     """The server would be open to everyone who reaches it (see :mod:`web.auth`)."""
 
@@ -268,6 +280,7 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                         limits=settings.limits,
                         evaluator=settings.evaluator,
                         drain_timeout=settings.drain_timeout_s,
+                        tracer=_tracer_provider() if settings.tracing else None,
                     )
                 )
             except EngineError as exc:
@@ -287,17 +300,19 @@ def create_app(engine: Engine | None = None, settings: Settings | None = None) -
                 "graphs_loaded": loaded,
                 "graphs_skipped": skipped,
                 "runs_resumed": owned.active_runs,
+                "tracing": settings.tracing,
             }
             # The node id matters where there are several (a PostgreSQL store).
             node = f", node {owned.node_id}" if owned.cluster is not None else ""
             log.info(
-                "store %s%s, evaluator %s, %d tools, %s, %d run(s) resumed",
+                "store %s%s, evaluator %s, %d tools, %s, %d run(s) resumed%s",
                 fields["store"],
                 node,
                 owned.evaluator,
                 fields["tools"],
                 graphs,
                 owned.active_runs,
+                ", tracing on" if settings.tracing else "",
                 extra={"fields": fields},
             )
             authority = await _authority(app, owned, settings)

@@ -10,9 +10,10 @@ Exit codes (also in ``trioflow --help``, :data:`EXIT_CODES`):
     ``logs``: 0 printed; with ``--follow`` the run's end like ``run`` (0/1/2);
     3 on errors (unknown run, server unreachable or shutting down).
     ``serve``: 0 after a clean shutdown (SIGINT/SIGTERM), 3 if it cannot start
-    (bad option or ``TRIOFLOW_EVALUATOR``, a tool module or entry point that
-    does not load, a ``--graphs`` path that does not exist, the port in use, a
-    store that cannot be opened).
+    (bad option or ``TRIOFLOW_EVALUATOR``, ``--tracing on`` without
+    OpenTelemetry, a tool module or entry point that does not load, a
+    ``--graphs`` path that does not exist, the port in use, a store that
+    cannot be opened).
     ``tools``: 0 listed, 3 if the tools do not load.
     ``resume``: 0 taken (with ``--wait``, the run's next stop like ``run``, a
     new wait being 0), 3 refused or server unreachable.
@@ -61,7 +62,7 @@ from .auth import AUTH_MODES, AuthSettings, auth_pepper
 from .handlers import tool_kind
 from .serve import SHUTDOWN_SIGNALS, StartupError, serve
 from .serverlog import LOG_FORMATS, configure
-from .settings import EVALUATORS, Settings
+from .settings import EVALUATORS, TRACING_MODES, Settings, tracing_configured, tracing_enabled
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -360,6 +361,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.node_id is not None and not 1 <= len(args.node_id) <= 200:
         return _fail("--node-id must be 1 to 200 characters")
     try:
+        tracing = tracing_enabled(args.tracing, os.environ)
         limits = engine_limits(args.limit)
         graphs = _graph_files(graph_paths)
         auth = AuthSettings(
@@ -373,6 +375,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _fail(str(exc))
+    if args.tracing == "auto" and not tracing and tracing_configured(os.environ):
+        log.warning(
+            "OTEL_* variables ask for traces, but OpenTelemetry is not installed: no tracing "
+            "(pip install 'trioflow[otel]')"
+        )
     try:
         _tool_registry(tools, args.entry_points)
     except EngineError as exc:
@@ -395,6 +402,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         auth=auth,
         bind_host=args.host,
+        tracing=tracing,
     )
     try:
         trio.run(_serve, settings, args.host, args.port, args.graceful_timeout)
@@ -1025,6 +1033,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="an engine bound, e.g. max_log_entries=50000 or max_graph_steps=10000 "
         "(repeatable; see docs/operations.md for every name and default)",
+    )
+    p.add_argument(
+        "--tracing",
+        choices=TRACING_MODES,
+        default="auto",
+        help="OpenTelemetry spans of runs and steps, with the process's global tracer "
+        "provider: auto (the default) traces when OpenTelemetry is installed and "
+        "OTEL_TRACES_EXPORTER (not none) or an OTEL_EXPORTER_OTLP_*ENDPOINT is set; on "
+        "fails to start without OpenTelemetry; off never traces",
     )
     p.add_argument(
         "--graceful-timeout",

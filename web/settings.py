@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from trioflow import EngineLimits
 from trioflow.expressions import Evaluator
+from trioflow.tracing import available as tracing_available
 
 from .auth import AuthSettings
 
@@ -15,6 +17,53 @@ EVALUATORS: tuple[str, ...] = get_args(Evaluator)
 
 LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 """Host names served by default (with any port), besides the bound address."""
+
+TRACING_MODES: tuple[str, ...] = ("auto", "on", "off")
+"""``trioflow serve --tracing``: auto turns it on when OpenTelemetry is installed and configured."""
+
+#: OpenTelemetry's standard variables that give traces somewhere to go.
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def tracing_configured(environ: Mapping[str, str]) -> bool:
+    """Whether OpenTelemetry's environment variables ask for traces to be exported.
+
+    ``OTEL_TRACES_EXPORTER`` names the exporters (``none``: no traces); when
+    it is not set, an OTLP endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) does. ``OTEL_SDK_DISABLED=true``
+    turns everything off.
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = {
+        name.strip().lower() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",")
+    } - {""}
+    if exporters:
+        return bool(exporters - {"none"})
+    return any(environ.get(name, "").strip() for name in OTLP_ENDPOINT_VARIABLES)
+
+
+def tracing_enabled(mode: str, environ: Mapping[str, str]) -> bool:
+    """Whether ``trioflow serve --tracing MODE`` traces, given the environment.
+
+    ``off``: never; ``on``: always; ``auto``: when opentelemetry is installed
+    and :func:`tracing_configured`.
+
+    Raises:
+        ValueError: an unknown mode, or ``on`` without opentelemetry installed.
+    """
+    if mode not in TRACING_MODES:
+        raise ValueError(f"--tracing must be one of {', '.join(TRACING_MODES)} (got {mode!r})")
+    if mode == "off":
+        return False
+    if mode == "on":
+        if not tracing_available():
+            raise ValueError(
+                "--tracing on: OpenTelemetry is not installed; install it with "
+                "pip install 'trioflow[otel]', or use --tracing auto or off"
+            )
+        return True
+    return tracing_configured(environ) and tracing_available()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +110,9 @@ class Settings:
         auth: access control (API tokens; see :class:`web.auth.AuthSettings`).
         bind_host: the address the server listens on: access control is
             always required when it is not a loopback address.
+        tracing: make OpenTelemetry spans of runs and steps with the global
+            tracer provider (see :mod:`trioflow.tracing`); ignored when an
+            engine is handed in (call its :meth:`~trioflow.Engine.trace`).
     """
 
     store_url: str = "memory://"
@@ -81,6 +133,7 @@ class Settings:
     drain_timeout_s: float = 10.0
     auth: AuthSettings = field(default_factory=AuthSettings)
     bind_host: str = "127.0.0.1"
+    tracing: bool = False
 
     @property
     def loopback_bind(self) -> bool:
