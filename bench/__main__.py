@@ -29,6 +29,7 @@ BENCHMARKS = (
     "postgres",
     "streaming",
     "listing",
+    "ui",
     "expressions",
     "condition_stall",
 )
