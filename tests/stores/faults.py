@@ -122,6 +122,15 @@ class FaultyStore(Store):
             graph_id=graph_id, status=status, cursor=cursor, limit=limit
         )
 
+    async def count_runs(
+        self,
+        *,
+        graph_id: str | None = None,
+        graphs: Sequence[str] | None = None,
+        statuses: Sequence[RunStatus] | None = None,
+    ) -> dict[RunStatus, int]:
+        return await self.inner.count_runs(graph_id=graph_id, graphs=graphs, statuses=statuses)
+
     async def read_log(self, run_id: str, *, after: int = 0, limit: int = 1000) -> list[LogEntry]:
         return await self.inner.read_log(run_id, after=after, limit=limit)
 

@@ -108,6 +108,12 @@ async def test_static_content_types_and_cache_headers(server: Server) -> None:
         "swagger-ui/LICENSE": "text/plain; charset=utf-8",
         "swagger-ui/NOTICE": "text/plain; charset=utf-8",
         "swagger-ui/swagger-ui-bundle.js.LICENSE.txt": "text/plain; charset=utf-8",
+        # The dashboard's (/ui); Mermaid's chunks are served as they are asked for.
+        "ui.js": "text/javascript; charset=utf-8",
+        "ui.css": "text/css; charset=utf-8",
+        "mermaid/mermaid.esm.min.mjs": "text/javascript; charset=utf-8",
+        "mermaid/LICENSE": "text/plain; charset=utf-8",
+        "mermaid/README.md": "text/plain; charset=utf-8",
     }
     assert kinds == docs_page.STATIC_FILES
     for path, kind in kinds.items():
