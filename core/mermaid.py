@@ -9,7 +9,8 @@ as failed or waiting.
 
 Node ids may hold any printable character, so nodes are named ``n0``,
 ``n1``, ... in the chart and every label is escaped with Mermaid's entity
-codes: nothing in a graph document can close a label or add a directive.
+codes (``%``, ``{`` and ``}`` included): nothing in a graph document can
+close a label or add a directive (``%%{init: ...}%%``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ _ENTITIES = {
     "|": "#124;",
     "`": "#96;",
     "\\": "#92;",
+    # Mermaid reads %%{...}%% as a directive (theme, CSS) anywhere in the text,
+    # comments included.
+    "%": "#37;",
+    "{": "#123;",
+    "}": "#125;",
 }
 
 CLASS_DEFS = (

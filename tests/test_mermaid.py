@@ -79,6 +79,32 @@ def test_labels_cannot_break_out_of_the_chart() -> None:
     assert "click" not in re.sub(r'"[^"]*"', "", text)  # only inside labels, as text
 
 
+def test_no_directive_can_be_smuggled_in() -> None:
+    """``%%{init: ...}%%`` sets a theme or CSS anywhere in the text, comments included."""
+    directive = "%%{init: {'themeCSS': '*{fill:red}'}}%%"
+    document = {
+        "id": "directives",
+        "name": directive,
+        "start_node": directive,
+        "nodes": [
+            {"id": directive, "callable": "tools.noop"},
+            {"id": "Promo 100%%{x", "callable": "tools.noop"},
+        ],
+        "edges": [
+            {
+                "from": directive,
+                "to": "Promo 100%%{x",
+                "type": "branch",
+                "condition": {"expression": f"context.get('a') == {directive!r}"},
+            }
+        ],
+    }
+    text = compile_graph(document, default_registry()).to_mermaid()
+    assert "{" not in text.replace("{{", "").replace("}}", "")  # only the wait hexagon's
+    assert text.count("%%") == 1 and text.splitlines()[1].startswith("    %% graph ")
+    assert "#37;#37;#123;init: #123;" in text
+
+
 async def test_a_run_marks_visited_current_failed_and_waiting_nodes(
     engine: Engine, registry: Registry
 ) -> None:
