@@ -42,9 +42,10 @@ async def open_session(request: Request) -> Response:
     """``POST /auth/session``: check a token and keep it in the page session's cookie.
 
     The cookie is ``HttpOnly`` (no script reads it), ``SameSite=Strict`` (no
-    other site's page sends it) and ``Secure`` on https; it lives until the
-    browser closes, or until the token expires if sooner. Every endpoint
-    takes it when a request has no ``Authorization`` header.
+    other site's page sends it) and ``Secure`` on https; it has no expiry of
+    its own (it ends with the browser session; the token's expiry and
+    revocation apply as for a header). Every endpoint takes it when a
+    request has no ``Authorization`` header.
     """
     raw = await read_json(request)
     try:

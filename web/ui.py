@@ -85,6 +85,8 @@ GZIP_MIN_BYTES = 1024
 
 STATUSES = tuple(s.value for s in RunStatus)
 
+_RUNS_PARAMETERS = frozenset(RunsQuery.model_fields)
+
 CSP = "; ".join(
     (
         "default-src 'none'",
@@ -141,10 +143,11 @@ def _seconds(span: float) -> str:
 
 
 def _took(run: RunRecord) -> str:
-    if run.started_at is None:
+    """How long a finished run took (an unfinished one: nothing, so a page that
+    nothing changed renders the same bytes, and the list's poll swaps nothing)."""
+    if run.started_at is None or run.finished_at is None:
         return ""
-    end = run.finished_at if run.finished_at is not None else time.time()
-    return _seconds(max(0.0, end - run.started_at))
+    return _seconds(max(0.0, run.finished_at - run.started_at))
 
 
 def _json_text(value: Any, limit: int, indent: int | None = 2) -> tuple[str, int | None]:
@@ -181,18 +184,22 @@ _env.filters.update(
 
 
 async def _render(
-    request: Request, template: str, http_status: int = 200, **context: Any
+    request: Request,
+    template: str,
+    http_status: int = 200,
+    extra_headers: Mapping[str, str] | None = None,
+    **context: Any,
 ) -> Response:
     assets = await docs_page.asset_urls()
     context.setdefault("nav", "")
     context.setdefault("principal", getattr(request.state, "principal", None) or _NOBODY)
     body = _env.get_template(template).render(asset=assets.__getitem__, **context).encode()
-    headers = _HEADERS
+    headers = {**_HEADERS, **(extra_headers or {})}
     if len(body) >= GZIP_MIN_BYTES and docs_page.accepts_gzip(
         request.headers.get("accept-encoding")
     ):
         body = gzip.compress(body, compresslevel=6)
-        headers = {**_HEADERS, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
     return Response(body, http_status, media_type="text/html; charset=utf-8", headers=headers)
 
 
@@ -207,10 +214,14 @@ def _login_redirect(request: Request) -> Response:
 
 
 async def _error_page(request: Request, exc: Exception) -> Response:
+    headers: dict[str, str] = {}
     if isinstance(exc, RequestError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
+        headers = dict(exc.headers or {})
     elif isinstance(exc, EngineError):
         status, code, message, details = engine_status(exc), exc.code, exc.message, exc.details
+        if status == 429:
+            headers["Retry-After"] = "1"
     else:
         raise exc
     problems = details.get("problems") if isinstance(details, Mapping) else None
@@ -218,6 +229,7 @@ async def _error_page(request: Request, exc: Exception) -> Response:
         request,
         "error.html",
         status,
+        headers,
         status=status,
         code=code,
         message=message,
@@ -276,7 +288,8 @@ async def _status_counts(
 
 async def runs_page(request: Request, principal: Principal) -> Response:
     """``GET /ui``: runs newest first, filtered, paged; ``?live=1``: only the live part."""
-    params = {k: v for k, v in request.query_params.items() if v != "" and k != "live"}
+    # Only the listing's own parameters: a link may carry others (utm_source=...).
+    params = {k: v for k, v in request.query_params.items() if v != "" and k in _RUNS_PARAMETERS}
     try:
         query = RunsQuery.model_validate({"limit": RUNS_PAGE, **params})
     except ValidationError as exc:
@@ -316,7 +329,7 @@ async def runs_page(request: Request, principal: Principal) -> Response:
         "next_cursor": page.next_cursor,
         "filter_url": filter_url,
     }
-    if request.query_params.get("live"):
+    if request.query_params.get("live") == "1":
         return await _render(request, "runs_live.html", **context)
     graphs = await engine.list_graphs(limit=GRAPH_IDS, graphs=principal.graphs)
     live = {k: v for k, v in base.items() if v is not None}
@@ -344,41 +357,98 @@ class WaitField:
     required: bool
     description: str
     options: list[Any]
+    """An enum's values, in order (the form sends the index; the script maps it back)."""
+    option_labels: list[str]
+    selected: int | None
+    """The index of the enum's default, if it is one of its values."""
     default_text: str
     default_json: str
-    default: Any
+    checked: bool
 
 
-def wait_fields(schema: Mapping[str, Any] | None) -> list[WaitField] | None:
-    """The form's fields for an object schema with properties; None: ask for raw JSON."""
+_SIMPLE = ("string", "integer", "number", "boolean")
+
+
+def _resolve(spec: Any, root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A property's schema with a local ``$ref`` followed (a few levels) and an optional
+    (``anyOf`` of one schema and ``null``, as a Pydantic model's ``X | None``) unwrapped."""
+    for _ in range(8):
+        if not isinstance(spec, Mapping):
+            return {}
+        ref = spec.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/"):
+            target: Any = root
+            for part in ref[2:].split("/"):
+                target = target.get(part) if isinstance(target, Mapping) else None
+            found = target if isinstance(target, Mapping) else {}
+            spec = {**{k: v for k, v in spec.items() if k != "$ref"}, **found}
+            continue
+        choices = spec.get("anyOf")
+        if isinstance(choices, list):
+            others = [
+                c for c in choices if not (isinstance(c, Mapping) and c.get("type") == "null")
+            ]
+            if len(others) == 1 and len(others) < len(choices):
+                spec = {
+                    **{k: v for k, v in spec.items() if k != "anyOf"},
+                    **_resolve(others[0], root),
+                }
+                continue
+        return spec
+    return {}
+
+
+def _label(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def wait_fields(schema: Any) -> list[WaitField] | None:
+    """The form's fields for an object schema with properties; None: ask for raw JSON.
+
+    Any schema the engine accepts renders: what this cannot make a field of
+    becomes a JSON field, and a schema it cannot read becomes one JSON field
+    for the whole answer.
+    """
     if not isinstance(schema, Mapping) or schema.get("type", "object") != "object":
         return None
     properties = schema.get("properties")
     if not isinstance(properties, Mapping) or not properties:
         return None
     required = schema.get("required")
-    required_names = set(required) if isinstance(required, list) else set()
+    names = {r for r in required if isinstance(r, str)} if isinstance(required, list) else set()
     fields: list[WaitField] = []
-    for name, spec in properties.items():
-        spec = spec if isinstance(spec, Mapping) else {}
+    for name, raw in properties.items():
+        spec = _resolve(raw, schema)
         kind = spec.get("type")
         options = spec.get("enum")
+        if "const" in spec:
+            options = [spec["const"]]
+        default = spec.get("default")
         if isinstance(options, list) and options:
             kind = "enum"
-        elif kind not in ("string", "integer", "number", "boolean"):
+        elif kind not in _SIMPLE:
             kind = "json"
-        default = spec.get("default")
+        options = options if kind == "enum" and isinstance(options, list) else []
+        text = ""
+        if kind == "string" and isinstance(default, str):
+            text = default
+        elif kind in ("integer", "number") and type(default) in (int, float):
+            text = json.dumps(default)
         fields.append(
             WaitField(
                 name=str(name),
                 label=str(spec.get("title") or name),
                 kind=str(kind),
-                required=name in required_names,
+                required=name in names,
                 description=str(spec.get("description") or ""),
-                options=list(options) if kind == "enum" and isinstance(options, list) else [],
-                default_text="" if default is None or kind == "json" else str(default),
-                default_json=json.dumps(default) if default is not None else "",
-                default=default,
+                options=options,
+                option_labels=[_label(o) for o in options],
+                selected=next((i for i, o in enumerate(options) if o == default), None)
+                if "default" in spec
+                else None,
+                default_text=text,
+                default_json=json.dumps(default) if "default" in spec else "",
+                checked=default is True,
             )
         )
     return fields

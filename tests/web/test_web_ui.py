@@ -178,6 +178,14 @@ async def test_runs_list_answers_bad_filters_with_an_error_page(server: Server) 
     assert "<script>x" in page.all_text()
 
 
+async def test_runs_list_ignores_parameters_it_does_not_know(server: Server) -> None:
+    await server.create(NOOP)
+    await server.engine.wait(await server.start("ui.noop"))
+    page = await get_page(server.client, "/ui?utm_source=mail&live=0&status=")
+    assert page.find("form") != []  # the whole page: live=0 is not the live part
+    assert len(listed_runs(page)) == 1
+
+
 async def test_root_leads_to_the_dashboard(server: Server) -> None:
     response = await server.client.get("/")
     assert response.status_code == 307 and response.headers["location"] == "/ui"
@@ -298,8 +306,66 @@ def test_wait_fields_fall_back_to_raw_json() -> None:
     assert wait_fields(None) is None
     assert wait_fields({"type": "object"}) is None
     assert wait_fields({"type": "array", "items": {}}) is None
+    assert wait_fields({"properties": []}) is None
     fields = wait_fields({"properties": {"n": {"type": "number", "default": 1.5}}})
     assert fields is not None and fields[0].kind == "number" and fields[0].default_text == "1.5"
+
+
+def test_wait_fields_read_what_schemas_and_models_hold() -> None:
+    """Odd schemas the engine accepts render; a model's schema ($ref, X | None) reads well."""
+    odd = wait_fields({"properties": {"a": {"type": "string"}}, "required": [{"x": 1}, ["a"]]})
+    assert odd is not None and odd[0].kind == "string" and not odd[0].required
+    schema = {
+        "$defs": {"Colour": {"enum": ["red", "<b>blue</b>"], "type": "string"}},
+        "properties": {
+            "colour": {"$ref": "#/$defs/Colour", "default": "<b>blue</b>"},
+            "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            "kind": {"const": "review"},
+            "loop": {"$ref": "#/properties/loop"},
+            "missing": {"$ref": "#/$defs/Nope"},
+            "flag": {"type": "boolean", "default": "false"},
+            "count": {"type": "integer", "default": True},
+            "extra": {"type": "object", "default": {"a": 1}},
+        },
+        "required": ["colour", "kind"],
+    }
+    fields = {f.name: f for f in wait_fields(schema) or []}
+    assert fields["colour"].kind == "enum" and fields["colour"].required
+    assert fields["colour"].options == ["red", "<b>blue</b>"]
+    assert fields["colour"].option_labels == ["red", "<b>blue</b>"]  # text, escaped on the page
+    assert fields["colour"].selected == 1
+    assert fields["note"].kind == "string" and fields["note"].default_text == ""
+    assert fields["kind"].kind == "enum" and fields["kind"].options == ["review"]
+    assert fields["loop"].kind == "json" and fields["missing"].kind == "json"
+    assert not fields["flag"].checked  # "false" is no default of a boolean
+    assert fields["count"].default_text == ""  # nor True of an integer
+    assert fields["extra"].default_json == '{"a": 1}'
+
+
+async def test_run_page_of_a_wait_with_an_odd_schema_renders(server: Server) -> None:
+    graph = {
+        "id": "ui.odd",
+        "start_node": "ask",
+        "nodes": [
+            {
+                "id": "ask",
+                "wait": {
+                    "prompt": "?",
+                    "input_schema": {
+                        "properties": {"a": {"type": "string"}},
+                        "required": [{"x": 1}],
+                    },
+                },
+            }
+        ],
+    }
+    response = await server.client.post("/graph/create", json=graph)
+    if response.status_code == 422:
+        pytest.skip("the engine refuses this schema: nothing to render")
+    run_id = await server.start("ui.odd")
+    assert (await server.engine.wait_stop(run_id)).status == "waiting"
+    page = await get_page(server.client, f"/ui/runs/{run_id}")
+    assert page.find("form", id="resume-form") != []
 
 
 # -- access ----------------------------------------------------------------------------
@@ -403,6 +469,25 @@ async def test_pages_need_a_login_and_the_cookie_is_strict(
     assert out.headers["set-cookie"].startswith(f'{SESSION_COOKIE}=""')
     assert SESSION_COOKIE not in client.cookies
     assert (await client.get("/ui")).status_code == 303
+
+
+async def test_a_page_over_the_tokens_rate_says_when_to_come_back() -> None:
+    settings = AuthSettings(mode="on", clock=Clock(), rate=0.001, burst=2)
+    async with open_engine() as engine:
+        token = await new_token(engine, "viewer")
+        app = create_app(engine, Settings(auth=settings))
+        async with trio.open_nursery() as nursery:
+            srv = await start_server(nursery, app, engine)
+            async with srv.client:
+                headers = {"Authorization": f"Bearer {token}"}
+                for _ in range(2):
+                    assert (await srv.client.get("/ui", headers=headers)).status_code == 200
+                response = await srv.client.get("/ui", headers=headers)
+                assert response.status_code == 429
+                assert int(response.headers["retry-after"]) >= 1
+                assert response.headers["content-type"] == "text/html; charset=utf-8"
+                assert "rate" in Parsed(response.text).all_text()
+            srv.stop.set()
 
 
 async def test_login_page_without_access_control(server: Server) -> None:

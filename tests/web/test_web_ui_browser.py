@@ -296,6 +296,68 @@ def test_load_earlier_pages_back_through_a_long_log(
     watch.check()
 
 
+def test_a_followed_page_keeps_its_last_rows_and_the_earlier_ones_asked_for(
+    tab: tuple[Any, Watch], api: Api, server: str
+) -> None:
+    """Following keeps the page's last rows (LOG_KEEP, 2,000: made 30 here by rewriting
+    the page on its way to the browser); rows the reader loaded stay."""
+    page, watch = tab
+    run_id = api.start("ui.slow", {"sleep_s": 0.05})
+    api.until(run_id, "running")
+
+    def smaller(route: Any) -> None:
+        response = route.fetch()
+        body = re.sub(r'data-log-keep="\d+"', 'data-log-keep="30"', response.text())
+        route.fulfill(response=response, body=body)
+
+    page.route(re.compile(r".*/ui/runs/[0-9a-f]+$"), smaller)
+    first_seq = api.state(run_id)["last_seq"]
+    page.goto(f"{server}/ui/runs/{run_id}")
+    last_seq_above(page, first_seq + 45)
+    rows = page.locator("#log-rows tr")
+    assert rows.count() == 30
+    seqs = shown_seqs(page)
+    assert seqs == list(range(seqs[0], seqs[0] + 30))
+    page.click("#load-earlier")
+    page.wait_for_function("n => document.querySelectorAll('#log-rows tr').length > n", arg=30)
+    loaded = shown_seqs(page)[0]
+    last_seq_above(page, shown_seqs(page)[-1] + 10)
+    seqs = shown_seqs(page)
+    assert seqs[0] == loaded  # the rows the reader asked for stay while new ones come
+    assert seqs == list(range(seqs[0], seqs[-1] + 1))
+    assert api.client.post(f"/graph/cancel/{run_id}").status_code == 200
+    watch.check()
+
+
+def test_a_refused_log_stream_is_tried_again(tab: tuple[Any, Watch], api: Api, server: str) -> None:
+    page, watch = tab
+    run_id = api.start("ui.slow", {"sleep_s": 0.1})
+    api.until(run_id, "running")
+    refused: list[str] = []
+
+    def once(route: Any) -> None:
+        if not refused:
+            refused.append(route.request.url)
+            route.fulfill(status=503, body="busy")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r".*/sse/logs/.*"), once)
+    page.goto(f"{server}/ui/runs/{run_id}")
+    page.wait_for_function(
+        "() => document.getElementById('live-note').textContent.includes('trying again')"
+    )
+    start = shown_seqs(page)[-1]
+    last_seq_above(page, start + 5)  # the second attempt follows
+    assert len(refused) == 1
+    assert "Following the run live" in page.locator("#live-note").inner_text()
+    seqs = shown_seqs(page)
+    assert seqs == list(range(seqs[0], seqs[-1] + 1))
+    assert api.client.post(f"/graph/cancel/{run_id}").status_code == 200
+    watch.expect_status(503)
+    watch.check()
+
+
 def test_a_waiting_run_is_resumed_from_its_form(
     tab: tuple[Any, Watch], api: Api, server: str
 ) -> None:

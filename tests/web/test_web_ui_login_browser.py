@@ -50,6 +50,10 @@ def test_login_with_a_token_into_an_httponly_cookie(
         page.click("#login-form button[type=submit]")
         page.wait_for_url(re.compile(r".*/ui/graphs$"))
         assert "ops (viewer)" in page.locator("header .who").inner_text()
+        # Already logged in, the login page goes straight on (a link from another
+        # site lands there: it arrives without the strict cookie).
+        page.goto(f"{url}/ui/login?next=/ui")
+        page.wait_for_url(re.compile(r"^http://[^/]+/ui$"))
         # The cookie is there, and no script can read it.
         cookies = {c["name"]: c for c in context.cookies()}
         assert cookies["trioflow_session"]["httpOnly"] is True

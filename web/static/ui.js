@@ -7,6 +7,8 @@
 const LIVE_POLL_MS = 2000; // the runs list's live part: at most every 2 s
 const REFRESH_MS = 1000; // a followed run's header, state and picture: at most every 1 s
 const STATE_CHARS = 100000;
+const LOG_HOLD = 10000; // rows a run page holds at most once the reader loaded earlier ones
+const RECONNECT_MS = [1000, 2000, 5000, 10000, 30000]; // after a stream the server refused
 const DATA_CHARS = 500;
 
 const body = document.body;
@@ -44,25 +46,32 @@ function loginAgain() {
   location.assign(`/ui/login?next=${encodeURIComponent(next)}`);
 }
 
-// fetch with the session cookie; a 401 sends the browser to the login page.
-async function api(method, url, payload) {
+// fetch with the session cookie; a 401 sends the browser to the login page
+// (unless `relogin` is false: the login page's own requests).
+async function api(method, url, payload, relogin = true) {
   const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
   if (payload !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(payload);
   }
-  const response = await fetch(url, init);
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch (error) {
+    return { status: 0, ok: false, answer: null }; // the server could not be reached
+  }
   let answer = null;
   const type = response.headers.get("content-type") || "";
   if (type.startsWith("application/json")) answer = await response.json();
   else if (response.status !== 204) answer = await response.text();
-  if (response.status === 401 && !url.startsWith("/auth/session")) loginAgain();
+  if (response.status === 401 && relogin) loginAgain();
   return { status: response.status, ok: response.ok, answer };
 }
 
 function errorText(result) {
   const error = result.answer && result.answer.error;
   if (error) return `${result.status} ${error.code}: ${error.message}`;
+  if (result.status === 0) return "The server could not be reached; try again.";
   return `${result.status}: the server did not accept this`;
 }
 
@@ -90,7 +99,10 @@ async function mermaid() {
   return mermaidModule;
 }
 
+const drawnSource = new WeakMap(); // box -> the Mermaid text it shows
+
 async function draw(box, source) {
+  drawnSource.set(box, source);
   const library = await mermaid();
   pictureCount += 1;
   try {
@@ -128,10 +140,15 @@ function logout() {
 function loginPage() {
   const form = document.getElementById("login-form");
   if (!form) return;
+  // A link from another site arrives without the (SameSite=Strict) cookie and
+  // is sent here; this same-site request carries it: already logged in, go on.
+  api("GET", "/auth/whoami", undefined, false).then((result) => {
+    if (result.ok && result.answer.token_id) location.replace(form.dataset.next || "/ui");
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const token = form.querySelector("#token").value.trim();
-    const result = await api("POST", "/auth/session", { token });
+    const result = await api("POST", "/auth/session", { token }, false);
     if (result.ok) location.assign(form.dataset.next || "/ui");
     else show(document.getElementById("login-problem"), errorText(result));
   });
@@ -141,13 +158,18 @@ function runsPage() {
   const live = document.getElementById("live");
   if (!live) return;
   let busy = false;
+  let shown = live.innerHTML;
   setInterval(async () => {
     if (busy || document.hidden) return;
     busy = true;
     try {
       const response = await fetch(live.dataset.refresh, { credentials: "same-origin" });
       if (response.status === 401 || response.redirected) loginAgain();
-      else if (response.ok) live.innerHTML = await response.text(); // server-rendered, escaped
+      else if (response.ok) {
+        const text = await response.text();
+        // Swapped only when something changed: focus and selection stay otherwise.
+        if (text !== shown) live.innerHTML = shown = text; // server-rendered, escaped
+      }
     } catch (error) {
       // The server is away for a moment: the next poll tries again.
     } finally {
@@ -214,7 +236,7 @@ function runPage() {
     lastRefresh = Date.now();
     try {
       const result = await api("GET", `/graph/state/${quoted}?logs=0`);
-      if (!result.ok) return;
+      if (!result.ok) return; // the server is away for a moment: the next entry asks again
       const run = result.answer;
       const before = status;
       status = run.status;
@@ -239,7 +261,8 @@ function runPage() {
       const box = document.getElementById("picture");
       if (box && box.dataset.sourceUrl) {
         const picture = await api("GET", box.dataset.sourceUrl);
-        if (picture.ok) await draw(box, picture.answer);
+        // Drawn again only when the marks changed (a node completed, another is current).
+        if (picture.ok && picture.answer !== drawnSource.get(box)) await draw(box, picture.answer);
       }
       if (terminal.has(status)) note.textContent = "The run has ended.";
     } finally {
@@ -251,7 +274,19 @@ function runPage() {
     }
   }
 
+  // Following, the page keeps the last `keep` rows. Once the reader has loaded
+  // earlier rows it keeps everything (they are what the reader is looking at),
+  // up to LOG_HOLD rows; then it stops following and says so.
+  let pinned = false;
+  let stream = null;
+
   function trim() {
+    if (pinned) {
+      if (rows.children.length >= LOG_HOLD && stream !== null) {
+        stopFollowing(`Stopped following at ${LOG_HOLD} rows on the page; reload it to follow the newest entries.`);
+      }
+      return;
+    }
     while (rows.children.length > keep) {
       rows.firstElementChild.remove();
       firstSeq = Number(rows.firstElementChild.dataset.seq);
@@ -259,38 +294,62 @@ function runPage() {
     earlier.hidden = firstSeq <= 1;
   }
 
+  function stopFollowing(text) {
+    if (stream !== null) stream.close();
+    stream = null;
+    clearTimeout(retry);
+    note.textContent = text;
+  }
+
+  let retry = 0;
+  let failures = 0;
+
   function follow() {
     if (terminal.has(status)) return;
-    const stream = new EventSource(`/sse/logs/${quoted}?after=${lastSeq}`);
-    stream.addEventListener("log", (event) => {
+    stream = new EventSource(`/sse/logs/${quoted}?after=${lastSeq}`);
+    const current = stream;
+    current.addEventListener("open", () => {
+      failures = 0;
+      note.textContent = "Following the run live.";
+    });
+    current.addEventListener("log", (event) => {
+      failures = 0;
       const entry = JSON.parse(event.data);
       if (entry.seq <= lastSeq) return; // already shown (a reconnect resumes after the last id)
       lastSeq = entry.seq;
       rows.append(logRow(entry));
       if (firstSeq > lastSeq) firstSeq = entry.seq;
-      trim();
       document.getElementById("log-count").textContent = `${lastSeq} entries`;
+      trim();
       refresh();
     });
-    stream.addEventListener("status", () => {
-      stream.close();
+    current.addEventListener("status", () => {
+      current.close();
+      stream = null;
       refresh();
     });
-    stream.addEventListener("error", (event) => {
+    current.addEventListener("error", async (event) => {
       if (event.data) {
         // The server's own error event: the stream is over.
-        stream.close();
         const error = JSON.parse(event.data).error;
-        note.textContent = `The log stream ended: ${error.message}`;
+        stopFollowing(`The log stream ended: ${error.message}`);
         if (error.code === "unauthorized") loginAgain();
-      } else if (stream.readyState === EventSource.CLOSED) {
-        refresh(); // 204: the run ended and nothing follows
+        return;
       }
-      // Otherwise the browser reconnects by itself, after the last id it saw.
+      if (current.readyState !== EventSource.CLOSED) return; // the browser reconnects itself
+      // Closed for good: 204 (the run ended), or refused (429, 5xx, a proxy).
+      stream = null;
+      await refresh();
+      if (terminal.has(status)) return;
+      const wait = RECONNECT_MS[Math.min(failures, RECONNECT_MS.length - 1)];
+      failures += 1;
+      note.textContent = `The log stream was refused; trying again in ${wait / 1000} s.`;
+      retry = setTimeout(follow, wait);
     });
   }
 
   earlier.addEventListener("click", async () => {
+    pinned = true; // from now on no row leaves the page (not even while this loads)
     const after = Math.max(0, firstSeq - 1 - pageSize);
     const limit = firstSeq - 1 - after;
     if (limit <= 0) return;
@@ -301,6 +360,7 @@ function runPage() {
     for (const entry of entries) rows.insertBefore(logRow(entry), top);
     if (entries.length) firstSeq = entries[0].seq;
     earlier.hidden = firstSeq <= 1;
+    trim();
   });
 
   const cancel = document.getElementById("cancel");
@@ -327,20 +387,43 @@ function fieldValue(field) {
     if (text === "") return {};
     return { value: JSON.parse(input.dataset.options)[Number(text)] };
   }
-  if (text.trim() === "") return {};
+  if (text.trim() === "") {
+    // An empty required string is an answer; anything else empty is left out.
+    return kind === "string" && input.dataset.required ? { value: text } : {};
+  }
   if (kind === "integer" || kind === "number") {
     const number = Number(text);
     if (!Number.isFinite(number)) return { problem: "not a number" };
     return { value: number };
   }
   if (kind === "json" || kind === "raw") {
+    let value;
     try {
-      return { value: JSON.parse(text) };
+      value = JSON.parse(text);
     } catch (error) {
       return { problem: `not JSON: ${error.message}` };
     }
+    if (kind === "raw" && (value === null || typeof value !== "object" || Array.isArray(value))) {
+      return { problem: "the answer must be a JSON object" };
+    }
+    return { value };
   }
   return { value: text };
+}
+
+// The field a problem's JSON path ($.name, $.name[0], $.name.inner) is about.
+function fieldOf(fields, path) {
+  let best = null;
+  for (const field of fields) {
+    const name = field.dataset.field;
+    if (field.dataset.kind === "raw") continue;
+    const prefix = `$.${name}`;
+    const rest = path.slice(prefix.length);
+    if (path.startsWith(prefix) && (rest === "" || rest[0] === "." || rest[0] === "[")) {
+      if (best === null || name.length > best.dataset.field.length) best = field;
+    }
+  }
+  return best;
 }
 
 function resumeForm(quoted) {
@@ -350,14 +433,17 @@ function resumeForm(quoted) {
     event.preventDefault();
     const fields = [...form.querySelectorAll(".field")];
     let input = {};
+    const pairs = [];
     let bad = false;
     for (const field of fields) {
       const { value, problem } = fieldValue(field);
       show(field.querySelector(".problem"), problem || "");
       if (problem) bad = true;
       else if (field.dataset.kind === "raw") input = value ?? {};
-      else if (value !== undefined) input[field.dataset.field] = value;
+      else if (value !== undefined) pairs.push([field.dataset.field, value]);
     }
+    // Own properties whatever their names ("__proto__" included).
+    if (pairs.length) input = Object.fromEntries(pairs);
     show(document.getElementById("resume-problem"), "");
     if (bad) return;
     const payload = { input, background: true };
@@ -370,8 +456,7 @@ function resumeForm(quoted) {
     const problems = problemsOf(result);
     const general = [];
     for (const problem of problems) {
-      const name = String(problem.path || "").replace(/^\$\.?/, "").split(/[.[]/)[0];
-      const field = fields.find((f) => f.dataset.field === name && f.dataset.kind !== "raw");
+      const field = fieldOf(fields, String(problem.path || ""));
       const target = field || fields.find((f) => f.dataset.kind === "raw");
       if (target) show(target.querySelector(".problem"), `${problem.path}: ${problem.message}`);
       else general.push(`${problem.path}: ${problem.message}`);
