@@ -34,6 +34,7 @@ from .cancellation import is_cancellation
 from .commands import Abandon, Cancel, Command, Drain, Resume, RunHandle, Signal, Start
 from .context import RunContext
 from .errors import ConditionError, LeaseLostError, RunFailure, StateValidationError, StoreError
+from .fanout import FanOutRun
 from .graph import Graph, Node
 from .logs import Event, Level, LogEntry, bound_data, bound_text
 from .planning import decide
@@ -439,6 +440,10 @@ class RunActor:
         if self.record.waiting is not None:
             # A run that ends waits for nothing, even if it ends at its wait node.
             changes["waiting"] = None
+        if self.record.fanout is not None and status is RunStatus.COMPLETED:
+            # The join of its last node's fan-out: nothing is in progress any more.
+            # (A failed or cancelled run keeps the branches' last progress.)
+            changes["fanout"] = None
         record = self.record.evolve(
             last_seq=self._seq,
             updated_at=time.time(),
@@ -561,33 +566,40 @@ class RunActor:
             if node.wait is not None and not _answered(record, node_id):
                 await self._park(node)
                 return
-            tool = node.tool
-            # Only a tool that takes (state, ctx) can log custom lines.
-            ctx = (
-                RunContext(
-                    self.run_id,
-                    graph.id,
-                    node_id,
-                    record.step,
-                    1,
-                    _max_lines=self.limits.max_log_lines_per_step,
-                )
-                if tool is not None and tool.arity == 2
-                else None
-            )
-            span = self._span
-            observer = self.host.observer
-            if span is not None and span.recording:
-                result = await self._call_traced(node, ctx, span, observer)
-            elif observer is None:
-                result = await self._call_node(node, ctx) if tool is not None else None
+            result: Any
+            if node.fanout is not None:
+                # Branches checkpoint as they go: the record moved on (log, steps).
+                result, joined = await FanOutRun(self, node, node.fanout).run(record.state)
+                record = self.record
+                entries = [self._entry(e, m, level=lv, node=n, data=d) for e, m, lv, n, d in joined]
             else:
-                began = time.perf_counter()
-                try:
+                tool = node.tool
+                # Only a tool that takes (state, ctx) can log custom lines.
+                ctx = (
+                    RunContext(
+                        self.run_id,
+                        graph.id,
+                        node_id,
+                        record.step,
+                        1,
+                        _max_lines=self.limits.max_log_lines_per_step,
+                    )
+                    if tool is not None and tool.arity == 2
+                    else None
+                )
+                span = self._span
+                observer = self.host.observer
+                if span is not None and span.recording:
+                    result = await self._call_traced(node, ctx, span, observer)
+                elif observer is None:
                     result = await self._call_node(node, ctx) if tool is not None else None
-                finally:
-                    observer.step(graph.id, node_id, time.perf_counter() - began)
-            entries = self._custom(ctx)
+                else:
+                    began = time.perf_counter()
+                    try:
+                        result = await self._call_node(node, ctx) if tool is not None else None
+                    finally:
+                        observer.step(graph.id, node_id, time.perf_counter() - began)
+                entries = self._custom(ctx)
             try:
                 applied = graph.state.apply(record.state, result, node_id)
             except StateValidationError as exc:
@@ -882,10 +894,35 @@ class RunActor:
             attempt += 1
 
     async def _invoke(self, node: Node, ctx: RunContext | None) -> Any:
+        return await self.invoke(node, self._current_model(), ctx)
+
+    # -- what a fan-out (trioflow.fanout) uses of the actor --------------------------
+
+    run_failed_type = _RunFailed
+
+    @staticmethod
+    def run_failed(failure: RunFailure, entries: Sequence[LogEntry] = ()) -> _RunFailed:
+        """The exception that fails the run with ``failure``."""
+        return _RunFailed(failure, entries)
+
+    def make_entry(
+        self, event: str, message: str, level: Level, node: str | None, data: dict[str, Any]
+    ) -> LogEntry:
+        """The run's next log entry (its seq is taken now)."""
+        return self._entry(event, message, level=level, node=node, data=data)
+
+    async def save_checkpoint(self, entries: Sequence[LogEntry], **changes: Any) -> None:
+        """A checkpoint of the run record with ``changes`` and ``entries`` appended."""
+        await self._save(entries, **changes)
+
+    def max_steps_failure(self, node: str) -> RunFailure:
+        return self._max_steps_failure(node)
+
+    async def invoke(self, node: Node, model: BaseModel, ctx: RunContext | None) -> Any:
+        """Call the node's tool with ``model`` (and ``ctx`` if it takes one)."""
         tool = node.tool
         if tool is None:  # pragma: no cover - _steps calls tools only
             return None
-        model = self._current_model()
         args: tuple[Any, ...] = (model, ctx)[: tool.arity]
         if tool.is_async:
             return await tool.func(*args)

@@ -52,11 +52,70 @@ class WaitSpec(_Strict):
     on_timeout: Literal["fail"] | TimeoutInput = "fail"
 
 
+Reducer = Annotated[str, Field(min_length=1, max_length=200)]
+"""``replace``, ``append``, ``extend``, ``sum``, ``min``, ``max``, ``merge``, or the
+name of a registered tool called as ``tool(value_at_fan_out, [contributions])``."""
+
+
+class MergeSpec(_Strict):
+    """How the branches' changes are folded into the state at the join."""
+
+    default: Reducer = "conflict"
+    keys: dict[str, Reducer] = Field(default_factory=dict)
+
+
+class ToleranceSpec(_Strict):
+    """Failed branches tolerated: at most ``tolerated_failures`` of them, or at most
+    ``tolerated_failure_pct`` percent of the branches."""
+
+    tolerated_failures: Annotated[int | None, Field(ge=0)] = None
+    tolerated_failure_pct: Annotated[float | None, Field(ge=0, le=100)] = None
+
+
+FailureSpec = Literal["fail_fast"] | ToleranceSpec
+
+
+class BranchSpec(_Strict):
+    """A sub-graph: the node and edge syntax of a graph (``id`` names a parallel branch)."""
+
+    id: Annotated[
+        str | None, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ] = None
+    start_node: Annotated[str, Field(min_length=1)]
+    nodes: list[NodeSpec]
+    edges: list[EdgeSpec] = Field(default_factory=list)
+
+
+class ParallelSpec(_Strict):
+    branches: Annotated[list[BranchSpec], Field(min_length=1)]
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    failure: FailureSpec = "fail_fast"
+    max_concurrency: Annotated[int | None, Field(ge=1, le=10_000)] = None
+
+
+class CollectSpec(_Strict):
+    source: Annotated[str, Field(alias="from", min_length=1, max_length=200)]
+    into: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class MapSpec(_Strict):
+    items: Annotated[str, Field(min_length=1)]
+    as_: Annotated[str, Field(alias="as", min_length=1, max_length=200)] = "item"
+    branch: BranchSpec
+    collect: CollectSpec | None = None
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    failure: FailureSpec = "fail_fast"
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 16
+    max_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+
 class NodeSpec(_Strict):
     # Any printable text: ids are stored and logged, and no store keeps a NUL.
     id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
     callable: Annotated[str | None, Field(min_length=1, max_length=200)] = None
     wait: WaitSpec | None = None
+    parallel: ParallelSpec | None = None
+    map: MapSpec | None = None
     timeout_s: Annotated[float | None, Field(gt=0, le=86_400)] = None
     retry: RetrySpec | None = None
     description: Annotated[str | None, Field(max_length=2000)] = None
@@ -96,3 +155,9 @@ class GraphDocument(_Strict):
     max_steps: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     nodes: list[NodeSpec]
     edges: list[EdgeSpec] = Field(default_factory=list)
+
+
+BranchSpec.model_rebuild()
+ParallelSpec.model_rebuild()
+MapSpec.model_rebuild()
+NodeSpec.model_rebuild()

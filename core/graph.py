@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from .document import EdgeSpec, GraphDocument, RetrySpec
+from .document import (
+    BranchSpec,
+    EdgeSpec,
+    GraphDocument,
+    MapSpec,
+    MergeSpec,
+    NodeSpec,
+    ParallelSpec,
+    RetrySpec,
+    ToleranceSpec,
+)
 from .errors import ExpressionError, GraphValidationError, Problem
 from .expressions import Evaluator, Expression, compile_expression
 from .registry import Registry, Tool
@@ -29,6 +39,12 @@ if TYPE_CHECKING:
 
 MAX_NODES = 1000
 MAX_EDGES = 4000
+#: Fan-outs (parallel, map) nested in the branches of fan-outs, at most.
+MAX_FANOUT_DEPTH = 3
+#: Branches of one parallel node, at most.
+MAX_BRANCHES = 100
+#: The reducers a merge may name (else: a registered tool).
+REDUCERS = frozenset({"conflict", "replace", "append", "extend", "sum", "min", "max", "merge"})
 _MAX_ITERATIONS = 1_000_000
 #: Graph ids that are fixed paths of the HTTP API (GET /graph/{id} could not read them).
 RESERVED_IDS = frozenset({"create", "run"})
@@ -49,14 +65,53 @@ class GraphLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class Branch:
+    """One branch of a fan-out: its key (a parallel branch's id; a map's node id) and
+    its sub-graph, compiled like a graph."""
+
+    key: str
+    graph: Graph
+
+
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    """A ``parallel`` or ``map`` node, compiled (see docs/semantics.md, "Fan-out").
+
+    ``reducers`` maps state keys to a reducer name or a registered tool;
+    ``default`` applies to the other keys (``conflict``: two branches may
+    not both change it). ``max_failures``/``max_failure_pct``: the failed
+    branches tolerated (both None: fail fast).
+    """
+
+    kind: str
+    branches: tuple[Branch, ...]
+    reducers: Mapping[str, str | Tool]
+    default: str | Tool
+    max_concurrency: int
+    max_failures: int | None = None
+    max_failure_pct: float | None = None
+    items: Expression | None = None
+    as_name: str | None = None
+    collect_from: str | None = None
+    collect_into: str | None = None
+    max_items: int = 0
+
+    @property
+    def fail_fast(self) -> bool:
+        return self.max_failures is None and self.max_failure_pct is None
+
+
+@dataclass(frozen=True, slots=True)
 class Node:
-    """A compiled node: its tool (``None`` for a node that only waits) and its wait."""
+    """A compiled node: its tool (``None`` for a node that only waits), its wait, or
+    the fan-out it is."""
 
     id: str
     tool: Tool | None
     timeout_s: float | None
     retry: RetrySpec
     wait: WaitPlan | None = None
+    fanout: FanOut | None = None
     # Log messages, built once here rather than on every step.
     started_message: str = field(init=False, repr=False, compare=False)
     completed_message: str = field(init=False, repr=False, compare=False)
@@ -162,6 +217,7 @@ class _Checker:
         self.evaluator = evaluator
         self.limits = limits
         self.problems: list[Problem] = []
+        self.state = StateAdapter(JsonState)
 
     def add(self, code: str, path: str, message: str) -> None:
         self.problems.append(Problem(code, path, message))
@@ -203,20 +259,89 @@ class _Checker:
                 )
             else:
                 model = found
+        self.state = StateAdapter(model)
+        body = self.body(doc.id, doc.start_node, doc.nodes, doc.edges, "$", 0)
+        if self.problems or body is None:
+            return None
+        nodes, outgoing = body
+        raw = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return Graph(
+            id=doc.id,
+            name=doc.name,
+            start_node=doc.start_node,
+            max_steps=doc.max_steps,
+            nodes=MappingProxyType(nodes),
+            outgoing=MappingProxyType(outgoing),
+            state=self.state,
+            state_model_name=doc.state_model,
+            document=MappingProxyType(raw),
+            digest=document_digest(raw),
+        )
 
+    def body(
+        self,
+        graph_id: str,
+        start_node: str,
+        specs: list[NodeSpec],
+        edge_specs: list[EdgeSpec],
+        prefix: str,
+        depth: int,
+    ) -> tuple[dict[str, Node], dict[str, Outgoing]] | None:
+        """The nodes and edges of a graph or of a branch (problems at ``prefix``)."""
         nodes: dict[str, Node] = {}
         seen_ids: set[str] = set()
-        for i, spec in enumerate(doc.nodes):
+        for i, spec in enumerate(specs):
             if spec.id in seen_ids:
-                self.add("duplicate_node_id", f"$.nodes[{i}].id", f"node id {spec.id!r} repeats")
+                self.add(
+                    "duplicate_node_id", f"{prefix}.nodes[{i}].id", f"node id {spec.id!r} repeats"
+                )
                 continue
             seen_ids.add(spec.id)
-            path = f"$.nodes[{i}]"
+            path = f"{prefix}.nodes[{i}]"
+            if spec.retry is not None:
+                self.over(
+                    f"{path}.retry.max_attempts",
+                    "retry.max_attempts",
+                    spec.retry.max_attempts,
+                    self.limits.max_attempts,
+                )
+            kinds = [k for k in ("parallel", "map") if getattr(spec, k) is not None]
+            if kinds:
+                others = [k for k in ("callable", "wait", *kinds[1:]) if getattr(spec, k)]
+                if others:
+                    self.add(
+                        "invalid_fanout",
+                        f"{path}.{others[0]}",
+                        f"a {kinds[0]} node takes no {others[0]}",
+                    )
+                    continue
+                if depth >= MAX_FANOUT_DEPTH:
+                    self.add(
+                        "fanout_too_deep",
+                        f"{path}.{kinds[0]}",
+                        f"fan-outs nest at most {MAX_FANOUT_DEPTH} deep",
+                    )
+                    continue
+                fanout = self.fanout(graph_id, spec, f"{path}.{kinds[0]}", depth + 1)
+                if fanout is not None:
+                    nodes[spec.id] = Node(
+                        spec.id, None, spec.timeout_s, spec.retry or RetrySpec(), fanout=fanout
+                    )
+                continue
             if spec.callable is None and spec.wait is None:
                 self.add(
                     "missing_key",
                     f"{path}.callable",
-                    "a node needs a callable, a wait block, or both",
+                    "a node needs a callable, a wait block, a parallel or a map block",
+                )
+                continue
+            if spec.wait is not None and depth > 0:
+                self.add(
+                    "wait_in_branch",
+                    f"{path}.wait",
+                    "a node inside a parallel or map branch cannot wait for input (yet): "
+                    "a run waits as a whole, and its branches would have to park and resume "
+                    "one by one",
                 )
                 continue
             tool = None
@@ -235,23 +360,30 @@ class _Checker:
             if (spec.callable is not None and tool is None) or (spec.wait and wait is None):
                 continue
             nodes[spec.id] = Node(spec.id, tool, spec.timeout_s, spec.retry or RetrySpec(), wait)
-        node_ids = {spec.id for spec in doc.nodes}
+        node_ids = {spec.id for spec in specs}
 
-        if doc.start_node not in node_ids:
+        if start_node not in node_ids:
             self.add(
-                "unknown_start_node", "$.start_node", f"start_node {doc.start_node!r} is not a node"
+                "unknown_start_node",
+                f"{prefix}.start_node",
+                f"start_node {start_node!r} is not a node",
             )
 
         edges: list[Edge] = []
         seen: set[tuple[str, str, str]] = set()
         sequential_from: dict[str, int] = {}
-        for i, espec in enumerate(doc.edges):
-            edge = self.edge(i, espec, node_ids)
+        for i, espec in enumerate(edge_specs):
+            iterations = espec.loop.max_iterations if espec.loop is not None else None
+            # Values outside 1..1,000,000 are invalid_loop (see edge()).
+            if iterations is not None and 1 <= iterations <= _MAX_ITERATIONS:
+                path = f"{prefix}.edges[{i}].loop.max_iterations"
+                self.over(path, "loop.max_iterations", iterations, self.limits.max_iterations)
+            edge = self.edge(i, espec, node_ids, prefix)
             ident = (espec.source, espec.to, espec.type)
             if ident in seen:
                 self.add(
                     "duplicate_edge",
-                    f"$.edges[{i}]",
+                    f"{prefix}.edges[{i}]",
                     f"edge {espec.source}->{espec.to} ({espec.type}) repeats",
                 )
             seen.add(ident)
@@ -259,16 +391,16 @@ class _Checker:
                 if espec.source in sequential_from:
                     self.add(
                         "multiple_sequential_edges",
-                        f"$.edges[{i}]",
+                        f"{prefix}.edges[{i}]",
                         f"node {espec.source!r} already has a sequential edge "
-                        f"($.edges[{sequential_from[espec.source]}])",
+                        f"({prefix}.edges[{sequential_from[espec.source]}])",
                     )
                 else:
                     sequential_from[espec.source] = i
             if edge is not None:
                 edges.append(edge)
 
-        self.structure(node_ids, doc)
+        self.structure(node_ids, start_node, specs, edge_specs, prefix)
         if self.problems:
             return None
 
@@ -287,18 +419,148 @@ class _Checker:
                     for x in (e.expression, e.until)
                 ),
             )
-        raw = doc.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return Graph(
-            id=doc.id,
-            name=doc.name,
-            start_node=doc.start_node,
-            max_steps=doc.max_steps,
+        return nodes, outgoing
+
+    def branch(
+        self, graph_id: str, key: str, spec: BranchSpec, prefix: str, depth: int
+    ) -> Branch | None:
+        if len(spec.nodes) > MAX_NODES or len(spec.edges) > MAX_EDGES:
+            self.add("graph_too_large", prefix, f"a branch holds at most {MAX_NODES} nodes")
+            return None
+        body = self.body(graph_id, spec.start_node, spec.nodes, spec.edges, prefix, depth)
+        if body is None:
+            return None
+        nodes, outgoing = body
+        sub = Graph(
+            id=graph_id,
+            name=None,
+            start_node=spec.start_node,
+            max_steps=self.doc.max_steps,
             nodes=MappingProxyType(nodes),
             outgoing=MappingProxyType(outgoing),
-            state=StateAdapter(model),
-            state_model_name=doc.state_model,
-            document=MappingProxyType(raw),
-            digest=document_digest(raw),
+            state=self.state,
+            state_model_name=self.doc.state_model,
+            document=MappingProxyType({}),
+            digest="",
+        )
+        return Branch(key, sub)
+
+    def reducer(self, name: str, path: str) -> str | Tool | None:
+        if name in REDUCERS:
+            return name
+        tool = self.registry.get_tool(name)
+        if tool is None or tool.is_async:
+            self.add(
+                "unknown_reducer",
+                path,
+                f"reducer {name!r} is neither one of {', '.join(sorted(REDUCERS))} nor a "
+                "registered synchronous tool",
+            )
+            return None
+        return tool
+
+    def merge(self, spec: MergeSpec, path: str) -> tuple[str | Tool, dict[str, str | Tool]] | None:
+        ok = True
+        default = self.reducer(spec.default, f"{path}.default")
+        reducers: dict[str, str | Tool] = {}
+        for key, name in spec.keys.items():
+            found = self.reducer(name, f"{path}.keys.{key}")
+            if found is None:
+                ok = False
+            else:
+                reducers[key] = found
+        if default is None or not ok:
+            return None
+        return default, reducers
+
+    def has_field(self, name: str) -> bool:
+        model = self.state.model
+        return (
+            model is JsonState
+            or name in model.model_fields
+            or (model.model_config.get("extra") == "allow")
+        )
+
+    def fanout(self, graph_id: str, spec: NodeSpec, path: str, depth: int) -> FanOut | None:
+        fan: ParallelSpec | MapSpec | None = spec.parallel or spec.map
+        if fan is None:  # pragma: no cover - called for fan-out nodes only
+            return None
+        merged = self.merge(fan.merge, f"{path}.merge")
+        failure = fan.failure
+        max_failures = max_pct = None
+        if isinstance(failure, ToleranceSpec):
+            if (failure.tolerated_failures is None) == (failure.tolerated_failure_pct is None):
+                self.add(
+                    "invalid_failure",
+                    f"{path}.failure",
+                    "give exactly one of tolerated_failures and tolerated_failure_pct "
+                    '(or "fail_fast")',
+                )
+            max_failures, max_pct = failure.tolerated_failures, failure.tolerated_failure_pct
+        if isinstance(fan, ParallelSpec):
+            if len(fan.branches) > MAX_BRANCHES:
+                self.add(
+                    "graph_too_large",
+                    f"{path}.branches",
+                    f"{len(fan.branches)} branches; limit {MAX_BRANCHES}",
+                )
+                return None
+            branches: list[Branch] = []
+            keys: set[str] = set()
+            for i, bspec in enumerate(fan.branches):
+                bpath = f"{path}.branches[{i}]"
+                if bspec.id is None:
+                    self.add("missing_key", f"{bpath}.id", "a parallel branch needs an id")
+                    continue
+                if bspec.id in keys:
+                    self.add("duplicate_branch_id", f"{bpath}.id", f"branch {bspec.id!r} repeats")
+                    continue
+                keys.add(bspec.id)
+                branch = self.branch(
+                    f"{graph_id}/{spec.id}/{bspec.id}", bspec.id, bspec, bpath, depth
+                )
+                if branch is not None:
+                    branches.append(branch)
+            if merged is None or len(branches) != len(fan.branches):
+                return None
+            return FanOut(
+                "parallel",
+                tuple(branches),
+                MappingProxyType(merged[1]),
+                merged[0],
+                fan.max_concurrency or len(branches),
+                max_failures,
+                max_pct,
+            )
+        items = self.expression(fan.items, f"{path}.items")
+        if fan.branch.id is not None:
+            self.add("unexpected_key", f"{path}.branch.id", "a map's branch has no id")
+        for name, where in (
+            (fan.as_, "as"),
+            *(((fan.collect.into, "collect.into"),) if fan.collect is not None else ()),
+        ):
+            if not self.has_field(name):
+                self.add(
+                    "unknown_state_key",
+                    f"{path}.{where}",
+                    f"{name!r} is not a field of the state model {self.doc.state_model!r}",
+                )
+        branch = self.branch(f"{graph_id}/{spec.id}", spec.id, fan.branch, f"{path}.branch", depth)
+        if branch is None or items is None or merged is None:
+            return None
+        return FanOut(
+            "map",
+            (branch,),
+            MappingProxyType(merged[1]),
+            merged[0],
+            fan.max_concurrency,
+            max_failures,
+            max_pct,
+            items=items,
+            as_name=fan.as_,
+            collect_from=fan.collect.source if fan.collect is not None else None,
+            collect_into=fan.collect.into if fan.collect is not None else None,
+            max_items=fan.max_items,
         )
 
     def ceilings(self) -> None:
@@ -312,23 +574,13 @@ class _Checker:
                 )
 
         over("$.max_steps", "max_steps", doc.max_steps, limits.max_steps)
-        for i, node in enumerate(doc.nodes):
-            if node.retry is not None:
-                over(
-                    f"$.nodes[{i}].retry.max_attempts",
-                    "retry.max_attempts",
-                    node.retry.max_attempts,
-                    limits.max_attempts,
-                )
-        for i, edge in enumerate(doc.edges):
-            iterations = edge.loop.max_iterations if edge.loop is not None else None
-            # Values outside 1..1,000,000 are invalid_loop (see edge()).
-            if iterations is not None and 1 <= iterations <= _MAX_ITERATIONS:
-                path = f"$.edges[{i}].loop.max_iterations"
-                over(path, "loop.max_iterations", iterations, limits.max_iterations)
 
-    def edge(self, i: int, spec: EdgeSpec, node_ids: set[str]) -> Edge | None:
-        path = f"$.edges[{i}]"
+    def over(self, path: str, what: str, value: int, maximum: int) -> None:
+        if value > maximum:
+            self.add("over_limit", path, f"{what} is {value}; this server allows at most {maximum}")
+
+    def edge(self, i: int, spec: EdgeSpec, node_ids: set[str], prefix: str = "$") -> Edge | None:
+        path = f"{prefix}.edges[{i}]"
         ok = True
         if spec.source not in node_ids:
             self.add(
@@ -419,34 +671,41 @@ class _Checker:
             ok = False
         return Edge(i, spec.source, spec.to, "sequential", key) if ok else None
 
-    def structure(self, node_ids: set[str], doc: GraphDocument) -> None:
+    def structure(
+        self,
+        node_ids: set[str],
+        start_node: str,
+        specs: list[NodeSpec],
+        edge_specs: list[EdgeSpec],
+        prefix: str,
+    ) -> None:
         """Reachability from the start, and cycles that avoid every loop edge."""
         adj: dict[str, list[str]] = {n: [] for n in node_ids}
         adj_no_loop: dict[str, list[str]] = {n: [] for n in node_ids}
-        for e in doc.edges:
+        for e in edge_specs:
             if e.source in node_ids and e.to in node_ids:
                 adj[e.source].append(e.to)
                 if e.type != "loop":
                     adj_no_loop[e.source].append(e.to)
-        if doc.start_node in node_ids:
-            reached = {doc.start_node}
-            stack = [doc.start_node]
+        if start_node in node_ids:
+            reached = {start_node}
+            stack = [start_node]
             while stack:
                 for nxt in adj[stack.pop()]:
                     if nxt not in reached:
                         reached.add(nxt)
                         stack.append(nxt)
-            for i, spec in enumerate(doc.nodes):
+            for i, spec in enumerate(specs):
                 if spec.id not in reached:
                     self.add(
                         "unreachable_node",
-                        f"$.nodes[{i}]",
-                        f"node {spec.id!r} cannot be reached from {doc.start_node!r}",
+                        f"{prefix}.nodes[{i}]",
+                        f"node {spec.id!r} cannot be reached from {start_node!r}",
                     )
         for cycle in _cycles(adj_no_loop):
             self.add(
                 "unbounded_cycle",
-                "$.edges",
+                f"{prefix}.edges",
                 "cycle without a loop edge (it could run forever): "
                 + " -> ".join([*cycle, cycle[0]]),
             )

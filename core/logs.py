@@ -33,6 +33,12 @@ class Event(enum.StrEnum):
     WAIT_TIMED_OUT = "wait_timed_out"
     SIGNAL_RECEIVED = "signal_received"
     SIGNAL_REJECTED = "signal_rejected"
+    FANOUT_STARTED = "fanout_started"
+    FANOUT_RESUMED = "fanout_resumed"
+    FANOUT_COMPLETED = "fanout_completed"
+    BRANCH_STARTED = "branch_started"
+    BRANCH_COMPLETED = "branch_completed"
+    BRANCH_FAILED = "branch_failed"
     CUSTOM = "custom"
 
 

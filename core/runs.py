@@ -84,6 +84,9 @@ class RunRecord:
     waiting: dict[str, Any] | None = None
     signal_cursor: int = 0
     epoch: int = 0
+    fanout: dict[str, Any] | None = None
+    """While the run is inside a parallel or map node: each started branch's progress
+    (see :mod:`trioflow.fanout`); None otherwise."""
 
     def evolve(self, **changes: Any) -> RunRecord:
         """A copy with ``changes``; a status change goes through the transition guard."""
@@ -111,6 +114,7 @@ class RunRecord:
             self.waiting,
             self.signal_cursor,
             self.epoch,
+            self.fanout,
         )
         for name, value in changes.items():
             if name not in _FIELD_SET:
@@ -135,7 +139,35 @@ class RunRecord:
             "last_seq": self.last_seq,
             "attempt": self.attempt,
             "waiting": self.waiting,
+            "fanout": fanout_view(self.fanout),
         }
+
+
+def fanout_view(fanout: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a client sees of a fan-out in progress: each started branch's status,
+    node and step (not its state), and how many have not started."""
+    if fanout is None:
+        return None
+    branches = fanout.get("branches", {})
+    kind = fanout.get("kind")
+    view = []
+    for key, progress in branches.items():
+        item: dict[str, Any] = {"branch": key}
+        if kind == "map":
+            item = {"branch": f"{fanout.get('node')}[{key}]", "item": int(key)}
+        item.update(
+            status=progress.get("status"), node=progress.get("node"), step=progress.get("step")
+        )
+        if progress.get("error") is not None:
+            item["error"] = progress["error"]
+        view.append(item)
+    return {
+        "node": fanout.get("node"),
+        "kind": kind,
+        "size": fanout.get("size"),
+        "branches": view,
+        "not_started": max(0, int(fanout.get("size", 0)) - len(branches)),
+    }
 
 
 _FIELD_SET: frozenset[str] = frozenset(f.name for f in fields(RunRecord))

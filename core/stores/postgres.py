@@ -191,6 +191,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX audit_by_ts ON audit (ts)",
     ),
+    (
+        # A run inside a parallel or map node: each started branch's progress.
+        "ALTER TABLE runs ADD COLUMN fanout text",
+    ),
 )
 
 #: The schema version this code writes and reads.
@@ -207,8 +211,9 @@ _TERMINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(TERMINAL)) + ")"
 _RUN_COLUMNS = (
     "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
     "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes, waiting, "
-    "signal_cursor, epoch"
+    "signal_cursor, epoch, fanout"
 )
+_RUN_WIDTH = len(_RUN_COLUMNS.split(","))
 
 # One statement commits a whole batch: new runs (``n``: epoch > 0, held by this
 # node; epoch 0, queued for any node), checkpoints (``v``) and the log rows of
@@ -230,7 +235,7 @@ v AS (
     run_id text, status text, current_node text, state json, step int, loop_counters json,
     error json, started_at float8, finished_at float8, updated_at float8, last_seq int,
     attempt int, crashes int, waiting json, signal_cursor int, deadline float8, epoch bigint,
-    expect_seq int, expect_epoch bigint, claim bool, write_id bigint)
+    fanout json, expect_seq int, expect_epoch bigint, claim bool, write_id bigint)
 ), k AS MATERIALIZED (
   SELECT r.run_id FROM runs r WHERE r.run_id IN (SELECT run_id FROM v)
   ORDER BY r.run_id FOR UPDATE OF r
@@ -241,7 +246,7 @@ v AS (
     finished_at = v.finished_at, updated_at = v.updated_at, last_seq = v.last_seq,
     attempt = v.attempt, crashes = v.crashes, waiting = v.waiting::text,
     signal_cursor = v.signal_cursor, deadline = v.deadline, epoch = v.epoch,
-    write_id = v.write_id,
+    fanout = v.fanout::text, write_id = v.write_id,
     owner = CASE WHEN v.status IN {_ACTIVE_SQL} THEN %(me)s END,
     lease_until = CASE WHEN v.status NOT IN {_ACTIVE_SQL} THEN NULL
                        WHEN v.claim THEN now() + %(ttl)s * interval '1 second'
@@ -260,13 +265,13 @@ n AS (
     run_id text, graph_id text, status text, current_node text, state json, step int,
     loop_counters json, error json, created_at float8, started_at float8, finished_at float8,
     updated_at float8, last_seq int, attempt int, crashes int, waiting json, signal_cursor int,
-    deadline float8, epoch bigint, write_id bigint)
+    deadline float8, epoch bigint, fanout json, write_id bigint)
 ), c AS (
   INSERT INTO runs ({_RUN_COLUMNS}, deadline, write_id, owner, lease_until)
   SELECT n.run_id, n.graph_id, n.status, n.current_node, n.state::text, n.step,
          n.loop_counters::text, n.error::text, n.created_at, n.started_at, n.finished_at,
          n.updated_at, n.last_seq, n.attempt, n.crashes, n.waiting::text, n.signal_cursor,
-         n.epoch, n.deadline, n.write_id,
+         n.epoch, n.fanout::text, n.deadline, n.write_id,
          CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL} THEN %(me)s END,
          CASE WHEN n.epoch > 0 AND n.status IN {_ACTIVE_SQL}
               THEN now() + %(ttl)s * interval '1 second' END
@@ -375,6 +380,7 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
         waiting=None if row[15] is None else _loads(row[15]),
         signal_cursor=row[16],
         epoch=row[17],
+        fanout=None if row[18] is None else _loads(row[18]),
     )
 
 
@@ -427,6 +433,7 @@ def _row_json(run: RunRecord, *, create: bool, claim: bool, expect_seq: int, wri
     """The run's row for ``_BATCH_SQL``: a JSON object, states and the like as JSON in it."""
     error = "null" if run.error is None else _dumps(run.error)
     waiting = "null" if run.waiting is None else _dumps(run.waiting)
+    fanout = "null" if run.fanout is None else _dumps(run.fanout)
     head = (
         f'{{"run_id":{_quote(run.run_id)},"status":"{run.status.value}",'
         f'"current_node":{_str(run.current_node)},"state":{_dumps(run.state)},'
@@ -435,7 +442,7 @@ def _row_json(run: RunRecord, *, create: bool, claim: bool, expect_seq: int, wri
         f'"updated_at":{_num(run.updated_at)},"last_seq":{run.last_seq},'
         f'"attempt":{run.attempt},"crashes":{run.crashes},"waiting":{waiting},'
         f'"signal_cursor":{run.signal_cursor},"deadline":{_num(deadline_of(run))},'
-        f'"epoch":{run.epoch}'
+        f'"epoch":{run.epoch},"fanout":{fanout}'
     )
     if create:
         return (
@@ -1154,7 +1161,10 @@ class PostgresStore(SharedStore):
             return conn.execute(_CLAIM_SQL, params).fetchall()
 
         rows = await self._db(claim, "claim")
-        return [Claimed(_run_from_row(r[:18]), bool(r[18]), bool(r[19]), bool(r[20])) for r in rows]
+        w = _RUN_WIDTH
+        return [
+            Claimed(_run_from_row(r[:w]), bool(r[w]), bool(r[w + 1]), bool(r[w + 2])) for r in rows
+        ]
 
     async def renew_leases(self, held: Mapping[str, int], *, timeout_s: float) -> Renewal:
         params = {

@@ -178,6 +178,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX audit_by_ts ON audit (ts)",
     ),
+    (
+        # A run inside a parallel or map node: each started branch's progress.
+        "ALTER TABLE runs ADD COLUMN fanout TEXT",
+    ),
 )
 
 #: The schema version this code writes and reads.
@@ -197,21 +201,21 @@ _loads = json.loads
 _RUN_COLUMNS = (
     "run_id, graph_id, status, current_node, state, step, loop_counters, error, "
     "created_at, started_at, finished_at, updated_at, last_seq, attempt, crashes, waiting, "
-    "signal_cursor, deadline, epoch"
+    "signal_cursor, deadline, epoch, fanout"
 )
 _INSERT_RUN = (
     f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES "
-    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+    "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
 )
-# A checkpoint applies only on top of the stored record it continues (?20 is
-# the stored last_seq it expects, ?21 the stored epoch), so a log never gets a
+# A checkpoint applies only on top of the stored record it continues (?21 is
+# the stored last_seq it expects, ?22 the stored epoch), so a log never gets a
 # gap or a rewrite, and a writer whose run was claimed since writes nothing.
 _UPDATE_RUN = (
     "UPDATE runs SET graph_id = ?2, status = ?3, current_node = ?4, state = ?5, step = ?6, "
     "loop_counters = ?7, error = ?8, created_at = ?9, started_at = ?10, finished_at = ?11, "
     "updated_at = ?12, last_seq = ?13, attempt = ?14, crashes = ?15, waiting = ?16, "
-    "signal_cursor = ?17, deadline = ?18, epoch = ?19 "
-    "WHERE run_id = ?1 AND last_seq = ?20 AND epoch = ?21"
+    "signal_cursor = ?17, deadline = ?18, epoch = ?19, fanout = ?20 "
+    "WHERE run_id = ?1 AND last_seq = ?21 AND epoch = ?22"
 )
 _INSERT_LOG = (
     "INSERT INTO logs (run_id, seq, ts, level, event, node, message, data) "
@@ -244,6 +248,7 @@ def _run_params(run: RunRecord) -> Row:
         run.signal_cursor,
         deadline_of(run),
         run.epoch,
+        None if run.fanout is None else _dumps(run.fanout),
     )
 
 
@@ -268,6 +273,7 @@ def _run_from_row(row: Row) -> RunRecord:
         waiting=None if row[15] is None else _loads(row[15]),
         signal_cursor=row[16],
         epoch=row[18],
+        fanout=None if row[19] is None else _loads(row[19]),
     )
 
 

@@ -178,6 +178,22 @@ async def test_save_run_with_no_entries_updates_only_the_record(store: Store) ->
     assert [e.seq for e in await store.read_log("r1")] == [1]
 
 
+async def test_a_fan_outs_progress_is_kept_with_the_record(store: Store) -> None:
+    await store.create_run(_run("r1", status=RunStatus.RUNNING))
+    fanout = {
+        "node": "fan",
+        "kind": "map",
+        "size": 2,
+        "branches": {"0": {"status": "running", "node": "w", "step": 1, "state": {"é": "\u2028"}}},
+    }
+    await store.save_run(
+        _run("r1", status=RunStatus.RUNNING, last_seq=1, fanout=fanout), _entries(1, 1)
+    )
+    assert (await store.get_run("r1")).fanout == fanout  # type: ignore[union-attr]
+    await store.save_run(_run("r1", status=RunStatus.RUNNING, last_seq=1), [])
+    assert (await store.get_run("r1")).fanout is None  # type: ignore[union-attr]
+
+
 async def test_a_checkpoint_must_continue_the_stored_log(store: Store) -> None:
     # Two writers built checkpoints on the same stored record: the second
     # one finds the log moved on and writes nothing (no gap, no rewrite).
