@@ -460,7 +460,10 @@ class FanOutRun:
                     "branches": {},
                 }
             if branch is not None:
-                fanout = {**fanout, "branches": {**fanout["branches"], branch.key: branch.stored()}}
+                progress = {**fanout["branches"], branch.key: branch.stored()}
+                # In declaration or item order, whatever order the branches started in.
+                ordered = {k: progress[k] for k in self.branches if k in progress}
+                fanout = {**fanout, "branches": ordered}
             await actor.save_checkpoint(entries, fanout=fanout, step=record.step + steps)
 
     # -- one branch --------------------------------------------------------------------

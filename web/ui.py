@@ -152,7 +152,8 @@ def _took(run: RunRecord) -> str:
 
 def _json_text(value: Any, limit: int, indent: int | None = 2) -> tuple[str, int | None]:
     """``value`` as JSON text, cut at ``limit`` characters; and the limit if it was cut."""
-    text = json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+    separators = None if indent is not None else (",", ":")  # compact as the script's
+    text = json.dumps(value, indent=indent, separators=separators, ensure_ascii=False, default=str)
     if len(text) > limit:
         return text[:limit] + "\n…", limit
     return text, None

@@ -258,7 +258,7 @@ async def test_run_page_shows_the_last_entries_of_a_long_log(server: Server) -> 
     section = page.find("section", id="run")[0]
     assert section["data-first-seq"] == str(rows[0])
     assert section["data-last-seq"] == str(final.last_seq)
-    assert page.find("button", id="load-earlier")[0].get("hidden") is None
+    assert "hidden" not in page.find("button", id="load-earlier")[0]
 
 
 async def test_run_page_of_a_waiting_run_has_a_form_from_the_schema(server: Server) -> None:
@@ -300,6 +300,47 @@ async def test_run_page_of_a_waiting_run_has_a_form_from_the_schema(server: Serv
     assert form["data-request-id"] == record.waiting["request_id"]  # type: ignore[index]
     assert page.all_text().count(HOSTILE) >= 3  # the prompt, a description, an enum option
     assert page.find("button", id="cancel") != []
+
+
+async def test_run_page_of_a_run_in_a_fan_out_lists_its_branches(
+    server: Server, gates: Any
+) -> None:
+    graph = {
+        "id": "ui.fan",
+        "start_node": "fan",
+        "nodes": [
+            {
+                "id": "fan",
+                "parallel": {
+                    "branches": [
+                        {
+                            "id": "quick",
+                            "start_node": "q",
+                            "nodes": [{"id": "q", "callable": "tools.noop"}],
+                        },
+                        {
+                            "id": HOSTILE[:40],
+                            "start_node": "g",
+                            "nodes": [{"id": "g", "callable": "test.gate"}],
+                        },
+                    ]
+                },
+            }
+        ],
+    }
+    await server.create(graph)
+    run_id = await server.start("ui.fan")
+    await gates.reached.wait()
+    page = await get_page(server.client, f"/ui/runs/{run_id}")
+    check_inert(page)
+    assert "hidden" not in page.find("section", id="fanout")[0]
+    text = page.all_text()
+    assert "parallel, 2 branches, 0 not started" in text
+    assert HOSTILE[:40] in text  # a branch id is text
+    gates.opened.set()
+    assert (await server.engine.wait(run_id)).status == "completed"
+    page = await get_page(server.client, f"/ui/runs/{run_id}")
+    assert "hidden" in page.find("section", id="fanout")[0]
 
 
 def test_wait_fields_fall_back_to_raw_json() -> None:

@@ -36,6 +36,23 @@ SLOW = {
     ],
 }
 FAIL = {"id": "ui.fail", "start_node": "a", "nodes": [{"id": "a", "callable": "tools.fail"}]}
+FAN = {
+    "id": "ui.fan",
+    "start_node": "fan",
+    "nodes": [
+        {
+            "id": "fan",
+            "map": {
+                "items": "[0.5, 4]",
+                "as": "sleep_s",
+                "branch": {
+                    "start_node": "nap",
+                    "nodes": [{"id": "nap", "callable": "tools.sleep"}],
+                },
+            },
+        }
+    ],
+}
 ASK = {
     "id": "ui.ask",
     "start_node": "check",
@@ -122,7 +139,7 @@ def server(browser_available: None, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def api(server: str) -> Iterator[Api]:
     api = Api(server)
-    for document in (SLOW, FAIL, ASK, HOSTILE_GRAPH):
+    for document in (SLOW, FAIL, ASK, HOSTILE_GRAPH, FAN):
         api.create(document)
     yield api
     api.client.close()
@@ -359,6 +376,25 @@ def test_a_refused_log_stream_is_tried_again(tab: tuple[Any, Watch], api: Api, s
     assert seqs == list(range(seqs[0], seqs[-1] + 1))
     assert api.client.post(f"/graph/cancel/{run_id}").status_code == 200
     watch.expect_status(503)
+    watch.check()
+
+
+def test_a_run_page_follows_the_branches_of_a_fan_out(
+    tab: tuple[Any, Watch], api: Api, server: str
+) -> None:
+    page, watch = tab
+    run_id = api.start("ui.fan")
+    page.goto(f"{server}/ui/runs/{run_id}")
+    wait_drawn(page)
+    rows = page.locator("#fanout-rows tr")
+    page.wait_for_function("() => document.querySelectorAll('#fanout-rows tr').length === 2")
+    assert sorted(rows.all_inner_texts())[0].startswith("fan[0]")
+    page.locator("#fanout-rows .chip.status-completed").first.wait_for(timeout=10_000)
+    shoot(page, "ui-fanout.png")
+    page.locator("#run-status .chip.status-completed").wait_for(timeout=15_000)
+    page.locator("#fanout").wait_for(state="hidden")
+    tagged = page.locator("#log-rows tr").all_inner_texts()
+    assert any('"branch":"fan[1]"' in row for row in tagged)
     watch.check()
 
 

@@ -206,6 +206,34 @@ function statusChip(status) {
   return chip;
 }
 
+// The branches of the fan-out the run is in (GET /graph/state's "fanout"), if any.
+function showFanout(fan) {
+  const section = document.getElementById("fanout");
+  if (!section) return;
+  section.hidden = !fan;
+  if (!fan) return;
+  document.getElementById("fanout-node").textContent = fan.node;
+  document.getElementById("fanout-summary").textContent =
+    `${fan.kind}, ${fan.size} branches, ${fan.not_started} not started`;
+  const rows = fan.branches.map((b) => {
+    const row = document.createElement("tr");
+    const cells = [b.branch, null, b.node || "", String(b.step ?? ""), b.error ? b.error.message : ""];
+    cells.forEach((text, i) => {
+      const cell = document.createElement("td");
+      if (i === 1) cell.append(statusChip(b.status));
+      else if (i === 0) {
+        const code = document.createElement("code");
+        code.textContent = text;
+        cell.append(code);
+      } else cell.textContent = text;
+      if (i === 3) cell.className = "num";
+      row.append(cell);
+    });
+    return row;
+  });
+  document.getElementById("fanout-rows").replaceChildren(...rows);
+}
+
 function runPage() {
   const section = document.getElementById("run");
   if (!section) return;
@@ -249,6 +277,7 @@ function runPage() {
       document.getElementById("run-finished").textContent = when(run.finished_at);
       document.getElementById("run-took").textContent = took(run);
       document.getElementById("state").textContent = cut(JSON.stringify(run.state, null, 2), STATE_CHARS);
+      showFanout(run.fanout);
       const cancel = document.getElementById("cancel");
       if (cancel) cancel.hidden = terminal.has(status);
       const waitingShown = document.getElementById("wait") !== null;
