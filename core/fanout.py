@@ -443,6 +443,11 @@ class FanOutRun:
         if self.nested:
             return  # a nested fan-out is one step of its branch (not checkpointed)
         async with self.lock:
+            if steps and actor.record.step + steps > actor.graph.max_steps:
+                # Checked under the lock: branches running at once cannot pass it together.
+                # The step does not start: its node_started (the last event) is not written.
+                node = events[-1][3] or self.node.id
+                raise _BranchFailed(actor.max_steps_failure(node), list(events[:-1]))
             tags: dict[str, Any] = {} if branch is None else {"branch": branch.label}
             if branch is not None and branch.item is not None:
                 tags["item"] = branch.item
@@ -530,7 +535,6 @@ class FanOutRun:
                     {"step": branch.step},
                 )
             )
-            self.count_step(graph.start_node)
             await self.commit(branch, events, steps=1)
             events = []
         elif not self.nested:
@@ -647,7 +651,6 @@ class FanOutRun:
                 }
                 data["iteration"] = branch.loop_counters[edge.key]
             events.append((Event.EDGE_TAKEN, edge.taken_message, Level.INFO, node_id, data))
-            self.count_step(edge.target, events)
             branch.step += 1
             branch.node = edge.target
             events.append(
@@ -661,14 +664,6 @@ class FanOutRun:
             )
             await self.commit(branch, events, steps=1)
             await trio.lowlevel.checkpoint()
-
-    def count_step(self, node_id: str, events: list[Event_] | None = None) -> None:
-        """A branch step counts toward the run's max_steps (checked before it starts)."""
-        actor = self.actor
-        if self.nested:
-            return
-        if actor.record.step + 1 > actor.graph.max_steps:
-            raise _BranchFailed(actor.max_steps_failure(node_id), list(events or ()))
 
     async def nested_fanout(self, node: Node, branch: _Branch) -> dict[str, Any]:
         assert node.fanout is not None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from collections.abc import Sequence
 from contextlib import aclosing
@@ -511,6 +512,39 @@ async def test_the_record_shows_each_branch_while_the_fan_out_runs(
     statuses = {b["branch"]: (b["status"], b["node"]) for b in view["branches"]}
     assert statuses == {"quick": ("completed", "q"), "held": ("running", "h")}
     await engine.cancel(started.run_id)
+
+
+# -- the durable stores ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_fan_out_on_each_durable_store(
+    kind: str, tmp_path: pathlib.Path, registry: Registry
+) -> None:
+    from pgtest import fresh_schema, pg_url
+
+    from trioflow.stores.postgres import PostgresStore
+
+    document = map_graph(
+        node("w", "t.bump"),
+        edges=[{"from": "w", "to": "w", "type": "loop", "loop": {"max_iterations": 2}}],
+        collect={"from": "n", "into": "ns"},
+        max_concurrency=2,
+    )
+    with contextlib.ExitStack() as stack:
+        if kind == "sqlite":
+            store: Any = SQLiteStore(str(tmp_path / "fan.db"))
+        else:
+            schema = stack.enter_context(fresh_schema())
+            store = PostgresStore(pg_url(), schema=schema, node_id="n1")
+        with trio.fail_after(60):
+            async with open_engine(store=store, registry=registry) as engine:
+                final = await run(engine, document, {"items": list(range(5))})
+                log = await engine.read_log(final.run_id, limit=10_000)
+    assert final.status == RunStatus.COMPLETED, final.error
+    assert final.state["ns"] == [3] * 5 and final.fanout is None
+    assert [e.seq for e in log] == list(range(1, len(log) + 1))
+    assert sum(e.event == "branch_completed" for e in log) == 5
 
 
 # -- a crash in the middle of a fan-out -------------------------------------------------
