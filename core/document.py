@@ -53,7 +53,8 @@ class WaitSpec(_Strict):
 
 
 Reducer = Annotated[str, Field(min_length=1, max_length=200)]
-"""``replace``, ``append``, ``extend``, ``sum``, ``min``, ``max``, ``merge``, or the
+"""``conflict``, ``keep``, ``replace``, ``append``, ``extend``, ``sum``, ``min``, ``max``,
+``merge``, or the
 name of a registered tool called as ``tool(value_at_fan_out, [contributions])``."""
 
 

@@ -107,6 +107,8 @@ def _reduce(key: str, reducer: str | Tool, base: Any, values: list[Any]) -> Any:
     try:
         if isinstance(reducer, Tool):
             return reducer.func(copy.deepcopy(base), values)
+        if reducer == "keep":
+            return base  # a branch's working field: its changes stay in the branch
         if reducer == "replace":
             return values[-1]
         if reducer == "append":

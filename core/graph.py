@@ -44,7 +44,9 @@ MAX_FANOUT_DEPTH = 3
 #: Branches of one parallel node, at most.
 MAX_BRANCHES = 100
 #: The reducers a merge may name (else: a registered tool).
-REDUCERS = frozenset({"conflict", "replace", "append", "extend", "sum", "min", "max", "merge"})
+REDUCERS = frozenset(
+    {"conflict", "keep", "replace", "append", "extend", "sum", "min", "max", "merge"}
+)
 _MAX_ITERATIONS = 1_000_000
 #: Graph ids that are fixed paths of the HTTP API (GET /graph/{id} could not read them).
 RESERVED_IDS = frozenset({"create", "run"})

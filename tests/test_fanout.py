@@ -215,6 +215,7 @@ def test_reducers_fold_in_the_order_given() -> None:
     with pytest.raises(MergeConflictError):
         merge(base, contributions, {}, "conflict")
     assert merge(base, contributions, {}, "replace")["n"] == 7
+    assert merge(base, contributions, {}, "keep") == base
 
 
 async def test_a_registered_tool_can_be_a_reducer(
