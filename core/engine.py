@@ -680,7 +680,10 @@ class Engine:
 
         The visited nodes come from the run's log (``node_completed``),
         read up to :data:`MERMAID_LOG_ENTRIES` entries: a longer run shows
-        the nodes of its first ones, its current node always.
+        the nodes of its first ones, its current node always. An entry of a
+        branch (``data["branch"]``) marks that branch's node (in a map, the
+        template's), never a node of the graph with the same id: it belongs
+        to the fan-out the last ``fanout_started``/``fanout_resumed`` entry named.
 
         Raises:
             UnknownGraphError; UnknownRunError: no such run, or it is not
@@ -692,16 +695,28 @@ class Engine:
         run = await self.get_run(run_id)
         if run.graph_id != graph_id:
             raise UnknownRunError(run_id)
+        from .mermaid import to_mermaid
+
         visited: set[str] = set()
+        in_branches: set[tuple[str, str, str]] = set()
+        fan_node: str | None = None  # the fan-out whose branches log now
         after = 0
         last = min(run.last_seq, MERMAID_LOG_ENTRIES)
         while after < last:
             page = await self.read_log(run_id, after=after, limit=min(1000, last - after))
             if not page:
                 break
-            visited.update(e.node for e in page if e.event == "node_completed" and e.node)
+            for e in page:
+                branch = e.data.get("branch")
+                if branch is None:
+                    if e.event == "node_completed" and e.node:
+                        visited.add(e.node)
+                    elif e.event in ("fanout_started", "fanout_resumed"):
+                        fan_node = e.node
+                elif e.event == "node_completed" and e.node and fan_node is not None:
+                    in_branches.add((fan_node, str(branch), e.node))
             after = page[-1].seq
-        return graph.to_mermaid(run, visited)
+        return to_mermaid(graph, run, visited, branch_visited=in_branches)
 
     async def delete_runs(self, *, older_than_s: float) -> int:
         """Delete terminal runs that finished more than ``older_than_s`` ago, with their logs."""
