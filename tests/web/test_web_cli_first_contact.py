@@ -422,9 +422,9 @@ async def test_samples_are_a_graphs_directory_with_its_tools() -> None:
         ):
             ids = [g["graph_id"] for g in (await client.get("/graphs")).json()["items"]]
             names = [t["name"] for t in (await client.get("/tools")).json()["items"]]
-    assert ids == ["code-review-a", "python-review"]
+    assert ids == ["code-review-a", "python-review", "python-review-many"]
     assert "python_review.review" in names
-    assert any("2 graph(s) loaded from files, 0 run(s) resumed" in line for line in lines)
+    assert any("3 graph(s) loaded from files, 0 run(s) resumed" in line for line in lines)
 
 
 async def test_the_access_log_is_on_by_default_quiet_and_json(tmp_path: pathlib.Path) -> None:
