@@ -556,7 +556,9 @@ class RunActor:
                 self._drain()
                 if self._draining:
                     return  # the last step is checkpointed: the run stays running
-            if self._signals_due:
+            if self._signals_due and self.record.fanout is None:
+                # (During a fan-out signals wait for its join: the merge starts from
+                # the state at the fan-out, which they must not change.)
                 await self._apply_signals()
             record = self.record
             node_id = record.current_node

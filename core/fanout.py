@@ -40,13 +40,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 import trio
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from .cancellation import is_cancellation
 from .context import RunContext
@@ -60,6 +61,9 @@ from .graph import Branch, FanOut, Graph, Node
 from .logs import Event, Level, bound_data, bound_text
 from .planning import decide
 from .registry import Tool
+
+YIELD_INTERVAL_S = 0.002
+"""A branch yields to the scheduler at least this often (as a run's steps do)."""
 
 if TYPE_CHECKING:
     from .actor import RunActor
@@ -89,7 +93,12 @@ def changes(
     base: Mapping[str, Any], final: Mapping[str, Any], exclude: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The keys a branch changed (or added): its contribution to the join."""
-    return {k: v for k, v in final.items() if k not in exclude and (k not in base or base[k] != v)}
+    return {
+        k: v
+        for k, v in final.items()
+        # 1 -> True, or 1 -> 1.0, is a change (== would say not)
+        if k not in exclude and (k not in base or type(base[k]) is not type(v) or base[k] != v)
+    }
 
 
 def _tail(base: Any, value: Any) -> list[Any]:
@@ -102,11 +111,20 @@ def _tail(base: Any, value: Any) -> list[Any]:
     return value
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _reduce(key: str, reducer: str | Tool, base: Any, values: list[Any]) -> Any:
     name = reducer if isinstance(reducer, str) else reducer.name
     try:
         if isinstance(reducer, Tool):
             return reducer.func(copy.deepcopy(base), values)
+        if reducer in ("append", "extend") and not isinstance(base, list | None):
+            raise TypeError(f"the value at the fan-out is a {type(base).__name__}, not a list")
+        numbers = [*values, *([base] if base is not None else [])]
+        if reducer == "sum" and not all(_number(v) for v in numbers):
+            raise TypeError("sum takes numbers (not booleans or strings)")
         if reducer == "keep":
             return base  # a branch's working field: its changes stay in the branch
         if reducer == "replace":
@@ -116,10 +134,12 @@ def _reduce(key: str, reducer: str | Tool, base: Any, values: list[Any]) -> Any:
         if reducer == "extend":
             out = list(base) if isinstance(base, list) else []
             for value in values:
+                if not isinstance(value, list):
+                    raise TypeError(f"a branch's value is a {type(value).__name__}, not a list")
                 out.extend(_tail(base, value))
             return out
         if reducer == "sum":
-            start = base if isinstance(base, int | float) and not isinstance(base, bool) else 0
+            start = base if base is not None else 0
             return start + sum(v - start for v in values)
         if reducer == "min":
             return min(values)
@@ -132,7 +152,9 @@ def _reduce(key: str, reducer: str | Tool, base: Any, values: list[Any]) -> Any:
                     raise TypeError(f"{type(value).__name__} is not an object")
                 merged.update(value)
             return merged
-    except Exception as exc:  # a user reducer, or values of the wrong type
+    except BaseException as exc:  # a user reducer (SystemExit included), or wrong types
+        if is_cancellation(exc):
+            raise
         raise ReducerError(key, name, f"{type(exc).__name__}: {exc}") from exc
     raise ReducerError(key, name, "unknown reducer")  # pragma: no cover - checked at compile
 
@@ -218,8 +240,16 @@ class _BranchFailed(Exception):
 class FanOutRun:
     """One execution of a fan-out node by a run's actor (see the module docstring)."""
 
-    def __init__(self, actor: RunActor, node: Node, fan: FanOut, nested: bool = False) -> None:
+    def __init__(
+        self, actor: RunActor, node: Node, fan: FanOut, root: FanOutRun | None = None
+    ) -> None:
         self.actor = actor
+        #: The outermost fan-out: a nested one (in a branch) is one step of its
+        #: branch, not checkpointed; its steps are counted there (max_steps).
+        self.root = root or self
+        nested = root is not None
+        #: Steps of nested fan-outs not yet added to the run's step count.
+        self.nested_steps = 0
         self.node = node
         self.fan = fan
         self.nested = nested
@@ -228,6 +258,15 @@ class FanOutRun:
         self.fatal: BaseException | None = None
         self.failure: RunFailure | None = None
         self.scope: trio.CancelScope | None = None
+        self.last_yield = time.perf_counter()
+        self._encoded: bytes | None = None
+
+    def encoded_base(self, base: dict[str, Any]) -> bytes:
+        """The state at the fan-out as JSON, encoded once: each branch decodes its own
+        copy (several times faster than a deep copy of the same dict)."""
+        if self._encoded is None:
+            self._encoded = pydantic_core.to_json(base)
+        return self._encoded
 
     # -- the whole node ------------------------------------------------------------
 
@@ -304,14 +343,37 @@ class FanOutRun:
         self.check_tolerance(raise_now=True)
         limiter = trio.CapacityLimiter(fan.max_concurrency)
         todo = [b for b in branches.values() if b.status not in ("completed", "failed")]
-        async with trio.open_nursery() as nursery:
-            self.scope = nursery.cancel_scope
-            for branch in todo:
-                nursery.start_soon(self.guarded, branch, base, items, limiter)
+        with trio.move_on_after(node.timeout_s or math.inf) as timer:
+            async with trio.open_nursery() as nursery:
+                self.scope = nursery.cancel_scope
+                for branch in todo:
+                    nursery.start_soon(self.guarded, branch, base, items, limiter)
+        if timer.cancelled_caught and self.fatal is None and self.failure is None:
+            assert node.timeout_s is not None
+            raise failed(
+                RunFailure(
+                    "node_timeout",
+                    f"{fan.kind} {node.id} timed out after {node.timeout_s:g}s "
+                    "(its branches were cancelled)",
+                    node=node.id,
+                )
+            )
         if self.fatal is not None:
             raise self.fatal
         if self.failure is not None:
             raise failed(self.failure)
+        unfinished = [b.label for b in branches.values() if b.status not in ("completed", "failed")]
+        if unfinished:
+            # Only a tool that let a Cancelled escape can end a branch this way.
+            raise failed(
+                RunFailure(
+                    "branch_failed",
+                    f"branch {unfinished[0]} of {fan.kind} {node.id} ended without completing "
+                    "(a tool let trio.Cancelled escape)",
+                    node=node.id,
+                    extra={"branch": unfinished[0], "failed": unfinished},
+                )
+            )
         # The join, in declaration or item order.
         exclude = [n for n in (fan.as_name, fan.collect_from) if n is not None]
         contributions = [
@@ -399,12 +461,15 @@ class FanOutRun:
         if fan.max_failures is not None:
             return n <= fan.max_failures
         assert fan.max_failure_pct is not None
-        return n <= math.floor(len(self.branches) * fan.max_failure_pct / 100)
+        # (18.4% of 375 is 69, not the 68.99... floats give)
+        return n <= math.floor(len(self.branches) * fan.max_failure_pct / 100 + 1e-9)
 
-    def check_tolerance(self, *, raise_now: bool = False) -> None:
+    def check_tolerance(self, last: _Branch | None = None, *, raise_now: bool = False) -> None:
+        """Fail the fan-out if the failed branches are over the tolerance (``last``:
+        the branch that just failed, named in the run's error)."""
         if self.tolerated():
             return
-        last = self.failed[-1]
+        last = last or self.failed[-1]
         fan, node = self.fan, self.node
         if fan.fail_fast:
             message = f"branch {last.label} of {fan.kind} {node.id} failed: " + str(
@@ -441,36 +506,66 @@ class FanOutRun:
         start: bool = False,
     ) -> None:
         """One checkpoint: ``events`` as log entries and ``branch``'s progress, in order."""
-        actor = self.actor
         if self.nested:
-            return  # a nested fan-out is one step of its branch (not checkpointed)
-        async with self.lock:
-            if steps and actor.record.step + steps > actor.graph.max_steps:
-                # Checked under the lock: branches running at once cannot pass it together.
-                # The step does not start: its node_started (the last event) is not written.
+            # A nested fan-out is one step of its branch (not checkpointed); its
+            # steps still count toward max_steps, with the branch's next checkpoint.
+            root = self.root
+            actor = self.actor
+            if steps and actor.record.step + root.nested_steps + steps > actor.graph.max_steps:
                 node = events[-1][3] or self.node.id
-                raise _BranchFailed(actor.max_steps_failure(node), list(events[:-1]))
-            tags: dict[str, Any] = {} if branch is None else {"branch": branch.label}
-            if branch is not None and branch.item is not None:
-                tags["item"] = branch.item
-            entries = [
-                actor.make_entry(ev, message, level, node, {**data, **tags} if tags else data)
-                for ev, message, level, node, data in events
-            ]
-            record = actor.record
-            fanout = record.fanout if not start and record.fanout is not None else None
-            if fanout is None or fanout.get("node") != self.node.id:
-                fanout = {
-                    "node": self.node.id,
-                    "kind": self.fan.kind,
-                    "size": len(self.branches),
-                    "branches": {},
-                }
-            if branch is not None:
-                progress = {**fanout["branches"], branch.key: branch.stored()}
-                # In declaration or item order, whatever order the branches started in.
-                ordered = {k: progress[k] for k in self.branches if k in progress}
-                fanout = {**fanout, "branches": ordered}
+                raise _BranchFailed(actor.max_steps_failure(node), [])
+            root.nested_steps += steps
+            return
+        # A free lock is taken without a trip through the scheduler (Lock.acquire
+        # yields even when the lock is free): one checkpoint per branch step.
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+        try:
+            await self._commit(branch, events, steps, start)
+        finally:
+            self.lock.release()
+
+    async def _commit(
+        self, branch: _Branch | None, events: Sequence[Event_], steps: int, start: bool
+    ) -> None:
+        """:meth:`commit` with the lock held."""
+        actor = self.actor
+        own = steps
+        steps += self.nested_steps  # counted already (see the nested case of commit)
+        self.nested_steps = 0
+        if own and actor.record.step + steps > actor.graph.max_steps:
+            # Checked under the lock: branches running at once cannot pass it together.
+            # The step does not start: its node_started (the last event) is not written.
+            node = events[-1][3] or self.node.id
+            raise _BranchFailed(actor.max_steps_failure(node), list(events[:-1]))
+        tags: dict[str, Any] = {} if branch is None else {"branch": branch.label}
+        if branch is not None and branch.item is not None:
+            tags["item"] = branch.item
+        entries = [
+            actor.make_entry(ev, message, level, node, {**data, **tags} if tags else data)
+            for ev, message, level, node, data in events
+        ]
+        record = actor.record
+        fanout = record.fanout if not start and record.fanout is not None else None
+        if fanout is None or fanout.get("node") != self.node.id:
+            fanout = {
+                "node": self.node.id,
+                "kind": self.fan.kind,
+                "size": len(self.branches),
+                "branches": {},
+            }
+        if branch is not None:
+            progress = {**fanout["branches"], branch.key: branch.stored()}
+            if self.fan.kind == "parallel" and len(progress) > len(fanout["branches"]):
+                # In declaration order (a map's keys are its item indexes: the
+                # record's reader orders them, see runs.fanout_view).
+                progress = {k: progress[k] for k in self.branches if k in progress}
+            fanout = {**fanout, "branches": progress}
+        # Shielded: a cancel (the run's, or a sibling's failure) cannot land between
+        # the store taking the checkpoint and the actor knowing it did.
+        with trio.CancelScope(shield=True):
             await actor.save_checkpoint(entries, fanout=fanout, step=record.step + steps)
 
     # -- one branch --------------------------------------------------------------------
@@ -479,23 +574,24 @@ class FanOutRun:
         self, branch: _Branch, base: dict[str, Any], items: list[Any], limiter: trio.CapacityLimiter
     ) -> None:
         try:
-            async with limiter:
-                await self.walk(branch, base, items)
-        except _BranchFailed as exc:
-            branch.status = "failed"
-            branch.error = exc.failure.as_dict()
-            self.failed.append(branch)
-            self.failed.sort(key=lambda b: b.order)
-            data = {"error": branch.error}
-            event: Event_ = (
-                Event.BRANCH_FAILED,
-                f"branch {branch.label} failed: {exc.failure.message}",
-                Level.ERROR,
-                exc.failure.node,
-                data,
-            )
-            await self.commit(branch, [*exc.events, event])
-            self.check_tolerance()
+            try:
+                async with limiter:
+                    await self.walk(branch, base, items)
+            except _BranchFailed as exc:
+                branch.status = "failed"
+                branch.error = exc.failure.as_dict()
+                self.failed.append(branch)
+                self.failed.sort(key=lambda b: b.order)
+                data = {"error": branch.error}
+                event: Event_ = (
+                    Event.BRANCH_FAILED,
+                    f"branch {branch.label} failed: {exc.failure.message}",
+                    Level.ERROR,
+                    exc.failure.node,
+                    data,
+                )
+                await self.commit(branch, [*exc.events, event])
+                self.check_tolerance(branch)
         except BaseException as exc:
             if is_cancellation(exc):
                 raise
@@ -513,7 +609,7 @@ class FanOutRun:
         limits = actor.limits
         events: list[Event_] = []
         if branch.node is None:
-            state = copy.deepcopy(base)
+            state = pydantic_core.from_json(self.encoded_base(base))
             if self.fan.as_name is not None and branch.item is not None:
                 state[self.fan.as_name] = copy.deepcopy(items[branch.item])
             branch.state = state
@@ -665,11 +761,16 @@ class FanOutRun:
                 )
             )
             await self.commit(branch, events, steps=1)
-            await trio.lowlevel.checkpoint()
+            now = time.perf_counter()
+            if now - self.last_yield >= YIELD_INTERVAL_S:
+                # Inline tools on a memory store never block: yield now and then,
+                # so that siblings, other runs and a cancel get their turn.
+                self.last_yield = now
+                await trio.lowlevel.checkpoint()
 
     async def nested_fanout(self, node: Node, branch: _Branch) -> dict[str, Any]:
         assert node.fanout is not None
-        inner = FanOutRun(self.actor, node, node.fanout, nested=True)
+        inner = FanOutRun(self.actor, node, node.fanout, root=self.root)
         try:
             merged, _ = await inner.run(branch.state)
         except self.actor.run_failed_type as exc:
@@ -694,9 +795,21 @@ class FanOutRun:
             if ctx is not None:
                 ctx.attempt = attempt
             error: BaseException
+            model = branch.model
+            branch.model = None
+            if model is None:
+                try:
+                    model = actor.graph.state.load(branch.state)
+                except ValidationError as exc:
+                    raise _BranchFailed(
+                        RunFailure(
+                            "state_invalid",
+                            f"the branch's state does not fit the state model: {exc}",
+                            node=node.id,
+                        ),
+                        self.custom(ctx),
+                    ) from None
             try:
-                model = branch.model or actor.graph.state.load(branch.state)
-                branch.model = None
                 if node.timeout_s is None:
                     return await actor.invoke(node, model, ctx)
                 with trio.move_on_after(node.timeout_s):

@@ -309,7 +309,8 @@ class _Checker:
                 )
             kinds = [k for k in ("parallel", "map") if getattr(spec, k) is not None]
             if kinds:
-                others = [k for k in ("callable", "wait", *kinds[1:]) if getattr(spec, k)]
+                # A fan-out retries nothing as a whole (its branches' nodes may).
+                others = [k for k in ("callable", "wait", "retry", *kinds[1:]) if getattr(spec, k)]
                 if others:
                     self.add(
                         "invalid_fanout",

@@ -151,7 +151,9 @@ def fanout_view(fanout: dict[str, Any] | None) -> dict[str, Any] | None:
     branches = fanout.get("branches", {})
     kind = fanout.get("kind")
     view = []
-    for key, progress in branches.items():
+    keys = sorted(branches, key=int) if kind == "map" else list(branches)
+    for key in keys:
+        progress = branches[key]
         item: dict[str, Any] = {"branch": key}
         if kind == "map":
             item = {"branch": f"{fanout.get('node')}[{key}]", "item": int(key)}

@@ -608,6 +608,8 @@ async def test_after_a_crash_finished_branches_are_not_run_again(
                 "s2",
             )
             await trio.testing.wait_all_tasks_blocked()
+            # A signal stored during the fan-out waits for its join, even across a crash.
+            await engine.signal(started.run_id, "late", {"late": True})
         assert calls.calls == {"None": 1, "hold": 1}
         await _leave_a_dirty_session(path)
         async with open_engine(store=SQLiteStore(path), registry=registry) as engine:
@@ -629,6 +631,146 @@ async def test_after_a_crash_finished_branches_are_not_run_again(
             # After the resume, only the held branch's node starts again.
             after = [e for e in log if e.seq > resumed.seq and e.event == "node_started"]
             assert [(e.node, e.data.get("branch")) for e in after] == [("s2", "stuck")]
+            assert not any(e.event == "signal_received" for e in log)
+            assert "late" not in record.state
             await engine.cancel(started.run_id)
     # The finished branch's tool ran once; the held one resumed at its own node.
     assert calls.calls == {"None": 1, "hold": 2}
+
+
+# -- found by an adversarial pass -------------------------------------------------------
+
+
+async def test_a_reducer_that_raises_systemexit_fails_only_the_run(
+    autojump_clock: trio.testing.MockClock, registry: Registry
+) -> None:
+    def leave(base: Any, values: list[Any]) -> Any:
+        raise SystemExit(3)
+
+    registry.add_tool("t.leave", leave, inline=True)
+    async with open_engine(registry=registry) as engine:
+        final = await run(
+            engine, three(merge={"default": "replace", "keys": {"name": "t.leave"}}), {}
+        )
+    assert final.status == RunStatus.FAILED and final.error["code"] == "merge_failed"
+    assert "SystemExit" in final.error["message"]
+
+
+def test_reducers_refuse_values_of_the_wrong_type() -> None:
+    from trioflow.fanout import ReducerError, changes
+
+    with pytest.raises(ReducerError):
+        merge({"n": True}, [("a", {"n": 2})], {"n": "sum"}, "conflict")
+    with pytest.raises(ReducerError):
+        merge({"l": "start"}, [("a", {"l": ["x"]})], {"l": "extend"}, "conflict")
+    with pytest.raises(ReducerError):
+        merge({"l": []}, [("a", {"l": "x"})], {"l": "extend"}, "conflict")
+    # 1 -> True and 1 -> 1.0 are changes, though == says they are equal.
+    assert changes({"a": 1, "b": 1, "c": 1}, {"a": True, "b": 1.0, "c": 1}) == {"a": True, "b": 1.0}
+
+
+async def test_signals_wait_for_the_join(
+    autojump_clock: trio.testing.MockClock, engine: Engine
+) -> None:
+    document = map_graph(node("w", "t.work"), merge={"keys": {"n": "sum"}, "default": "replace"})
+    document["nodes"].append(node("end", "tools.noop"))
+    document["edges"] = [{"from": "each", "to": "end"}]
+    await engine.register_graph(document)
+    started = await engine.start_run("map", {"items": [1, 2], "n": 0, "delays": {"1": 5, "2": 5}})
+    await trio.sleep(1)
+    await engine.signal(started.run_id, "bump", {"n": 100})
+    final = await engine.wait(started.run_id)
+    log = await engine.read_log(final.run_id)
+    events = [e.event for e in log]
+    assert events.index("signal_received") > events.index("fanout_completed")
+    assert final.state["n"] == 100
+
+
+async def test_nested_fan_out_steps_count_toward_max_steps(engine: Engine) -> None:
+    inner = {
+        "id": "inner",
+        "map": {
+            "items": "state['inner']",
+            "branch": branch(
+                None,
+                node("b", "t.bump"),
+                edges=[{"from": "b", "to": "b", "type": "loop", "loop": {"max_iterations": 1000}}],
+            ),
+            "merge": {"default": "replace"},
+        },
+    }
+    document = {**map_graph(inner, merge={"default": "replace"}), "max_steps": 100}
+    final = await run(engine, document, {"items": [0], "inner": list(range(30))})
+    assert final.status == RunStatus.FAILED
+    assert final.error["code"] == "branch_failed", final.error
+    assert "max_steps=100" in str(final.error)
+    assert final.step <= 100
+
+
+async def test_a_tool_that_lets_cancelled_escape_does_not_drop_its_branch(
+    autojump_clock: trio.testing.MockClock, registry: Registry
+) -> None:
+    async def leak(state: BaseModel) -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await trio.sleep(1)
+            except trio.Cancelled as exc:
+                caught = exc
+        raise caught
+
+    registry.add_tool("t.leak", leak)
+    document = parallel_graph(
+        branch("ok", node("o", "t.name_a")), branch("leaky", node("l", "t.leak"))
+    )
+    async with open_engine(registry=registry) as engine:
+        final = await run(engine, document, {})
+    assert final.status == RunStatus.FAILED and final.error["code"] == "branch_failed"
+
+
+async def test_a_fan_out_node_times_out_as_a_whole(
+    autojump_clock: trio.testing.MockClock, engine: Engine, calls: Calls
+) -> None:
+    document = map_graph(node("w", "t.work"), merge={"default": "replace"})
+    document["nodes"][0]["timeout_s"] = 3
+    final = await run(engine, document, {"items": [1, 2], "delays": {"1": 1, "2": 100}})
+    assert final.status == RunStatus.FAILED and final.error["code"] == "node_timeout"
+    assert calls.cancelled == ["2"] and calls.running == 0
+
+
+def test_a_fan_out_node_takes_no_retry(registry: Registry) -> None:
+    document = map_graph(node("w", "tools.noop"))
+    document["nodes"][0]["retry"] = {"max_attempts": 3}
+    assert problems(registry, document) == [("invalid_fanout", "$.nodes[0].retry")]
+
+
+async def test_the_branch_that_goes_over_the_tolerance_is_named(
+    autojump_clock: trio.testing.MockClock, engine: Engine
+) -> None:
+    # Item 1 fails first (tolerated), item 0 later: it is the one over the tolerance.
+    document = map_graph(
+        node("w", "t.work"),
+        node("f", "t.fail_odd"),
+        edges=[{"from": "w", "to": "f"}],
+        failure={"tolerated_failures": 1},
+        merge={"default": "replace"},
+    )
+    final = await run(engine, document, {"items": [3, 1], "delays": {"3": 5, "1": 1}})
+    assert final.status == RunStatus.FAILED
+    assert final.error["details"]["branch"] == "each[0]"
+    assert final.error["details"]["failed"] == ["each[0]", "each[1]"]
+
+
+class Loose(BaseModel):
+    items: list[Any] = Field(default_factory=list)
+    item: int = 0
+    n: int = 0
+
+
+async def test_an_item_the_state_model_refuses_is_state_invalid(registry: Registry) -> None:
+    registry.add_model("test.Loose", Loose)
+    document = {**map_graph(node("w", "t.bump")), "state_model": "test.Loose"}
+    async with open_engine(registry=registry) as engine:
+        final = await run(engine, document, {"items": ["not an int"]})
+    assert final.status == RunStatus.FAILED
+    assert final.error["details"]["error"]["code"] == "state_invalid"
