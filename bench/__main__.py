@@ -21,6 +21,7 @@ from ._common import Row, fmt
 #: In the order they run. ``profile`` prints its own report and is not in the table.
 BENCHMARKS = (
     "per_step",
+    "fanout",
     "service",
     "auth",
     "observe",
