@@ -618,7 +618,10 @@ class SQLiteStore(Store):
         self._in_flight += 1
         writer.submit(job)
         if not job.wait:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            # Handed over, so it will be written: the call must return (a caller
+            # keeps its log's seqs only for checkpoints that returned). A cancel
+            # stays pending, for the caller's next checkpoint.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         # Shielded: a job handed to the writer will be written; its outcome
         # is the caller's, as with a thread that cannot be abandoned. A

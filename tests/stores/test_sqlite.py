@@ -161,6 +161,48 @@ def test_sqlite_urls_build_an_sqlite_store(tmp_path: pathlib.Path) -> None:
     store = open_store_from_url(f"sqlite:///{tmp_path}/x.db")
     assert isinstance(store, SQLiteStore)
     assert store.path == f"{tmp_path}/x.db"
+    store = open_store_from_url(f"sqlite:///{tmp_path}/x.db?durability=async&synchronous=FULL")
+    assert isinstance(store, SQLiteStore)
+    assert (store.path, store.durability) == (f"{tmp_path}/x.db", "async")
+    assert store._synchronous == "FULL"
+    for bad, why in (("?durability=later", "one of sync, async"), ("?fsync=1", "unknown")):
+        with pytest.raises(StoreError, match=why):
+            open_store_from_url(f"sqlite:///{tmp_path}/x.db{bad}")
+
+
+async def test_an_async_checkpoint_cancelled_after_it_was_handed_over_returns(
+    db: pathlib.Path,
+) -> None:
+    """With durability=async, a checkpoint that reached the writer returns, cancel or not
+    (the caller keeps its log's seqs only for checkpoints that returned)."""
+    store = SQLiteStore(str(db), durability="async")
+    await store.open()
+    try:
+        for i in range(30):
+            await store.create_run(_run(f"r{i:02d}", last_seq=1), [_entry(1)])
+        returned: set[str] = set()
+
+        async def save(run_id: str) -> None:
+            await store.save_run(
+                _run(run_id, step=2, last_seq=2, status=RunStatus.RUNNING), [_entry(2)]
+            )
+            returned.add(run_id)
+            await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(30):
+                    nursery.start_soon(save, f"r{i:02d}")
+                await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+            await store.probe()  # everything handed over is written by now
+        for i in range(30):
+            run = await store.get_run(f"r{i:02d}")
+            assert run is not None
+            written = run.step == 2
+            assert written == (run.run_id in returned), run.run_id
+    finally:
+        await store.aclose()
 
 
 async def test_concurrent_checkpoints_commit_together_but_fail_alone(db: pathlib.Path) -> None:
