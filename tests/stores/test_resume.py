@@ -43,12 +43,13 @@ CUSTOM = {
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    # Virtual time, but jumping only after 50 ms of real idleness. SQLite
+    # Virtual time, but jumping only after 500 ms of real idleness. SQLite
     # calls run in worker threads and a task waiting on a thread counts as
     # blocked, so with autojump_clock (threshold 0) the clock would jump to
     # the next deadline -- the parked tools.sleep, or a fail_after guard --
-    # while a store call is still running.
-    return trio.testing.MockClock(autojump_threshold=0.05)
+    # while a store call is still running. (50 ms was too little on a loaded
+    # 2-core machine: opening a store took longer, and fail_after fired.)
+    return trio.testing.MockClock(autojump_threshold=0.5)
 
 
 async def _hold(state: Any) -> None:
