@@ -45,7 +45,9 @@ def test_login_with_a_token_into_an_httponly_cookie(
         page.wait_for_url(re.compile(r".*/ui/login\?next=.*"))
         page.fill("#token", "tf_0123456789abcdef_" + "x" * 43)
         page.click("#login-form button[type=submit]")
-        assert "401" in page.locator("#login-problem").inner_text()
+        problem = page.locator("#login-problem")
+        problem.wait_for()  # shown once the server has answered
+        assert "401" in problem.inner_text()
         page.fill("#token", token.group(0))
         page.click("#login-form button[type=submit]")
         page.wait_for_url(re.compile(r".*/ui/graphs$"))
