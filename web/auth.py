@@ -188,6 +188,17 @@ def token_view(token: StoredToken, now: float) -> dict[str, object]:
     }
 
 
+def principal_view(principal: Principal, auth_required: bool) -> dict[str, object]:
+    """A principal as ``GET /auth/whoami`` (and ``POST /auth/session``) show it."""
+    return {
+        "auth_required": auth_required,
+        "token_id": principal.token_id,
+        "name": principal.name,
+        "role": principal.role,
+        "graphs": list(principal.graphs) if principal.graphs is not None else ["*"],
+    }
+
+
 def audit_view(entry: AuditEntry) -> dict[str, object]:
     """An audit entry as the API and the command line show it."""
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -13,6 +14,7 @@ from .auth import (
     audit_view,
     make_token,
     principal_of,
+    principal_view,
     require_every_graph,
     token_view,
 )
@@ -25,17 +27,8 @@ from .services import services
 
 async def whoami(request: Request) -> Response:
     """``GET /auth/whoami``: the token the request carries, as the server sees it."""
-    principal = principal_of(request)
     required = await services(request).authority.required()
-    return JSON(
-        {
-            "auth_required": required,
-            "token_id": principal.token_id,
-            "name": principal.name,
-            "role": principal.role,
-            "graphs": list(principal.graphs) if principal.graphs is not None else ["*"],
-        }
-    )
+    return JSON(principal_view(principal_of(request), required))
 
 
 async def open_session(request: Request) -> Response:
@@ -55,37 +48,26 @@ async def open_session(request: Request) -> Response:
     authority = services(request).authority
     principal = await authority.authenticate(body.token)
     authority.limit(principal)
-    response = JSON(
-        {
-            "auth_required": await authority.required(request),
-            "token_id": principal.token_id,
-            "name": principal.name,
-            "role": principal.role,
-            "graphs": list(principal.graphs) if principal.graphs is not None else ["*"],
-        }
-    )
-    response.set_cookie(
-        SESSION_COOKIE,
-        body.token,
-        path="/",
-        secure=request.url.scheme == "https",
-        httponly=True,
-        samesite="strict",
-    )
+    response = JSON(principal_view(principal, await authority.required(request)))
+    response.set_cookie(SESSION_COOKIE, body.token, **_session_cookie(request))
     return response
 
 
 async def close_session(request: Request) -> Response:
     """``POST /auth/logout``: forget the page session's cookie (204)."""
     response = Response(status_code=204)
-    response.delete_cookie(
-        SESSION_COOKIE,
-        path="/",
-        secure=request.url.scheme == "https",
-        httponly=True,
-        samesite="strict",
-    )
+    response.delete_cookie(SESSION_COOKIE, **_session_cookie(request))
     return response
+
+
+def _session_cookie(request: Request) -> dict[str, Any]:
+    """The session cookie's attributes: setting and deleting it must name the same."""
+    return {
+        "path": "/",
+        "secure": request.url.scheme == "https",
+        "httponly": True,
+        "samesite": "strict",
+    }
 
 
 async def issue_ticket(request: Request) -> Response:

@@ -117,15 +117,13 @@ def _read(path: str, content_type: str) -> StaticFile:
 @dataclass(frozen=True, slots=True)
 class _Static:
     files: dict[str, StaticFile]
+    urls: dict[str, str]
+    """``path`` -> ``/static/{path}?v={digest}`` for every file of :data:`STATIC_FILES`."""
     page: bytes
     chunk_names: frozenset[str] = frozenset()
     """The names of Mermaid's chunks shipped (the files in :data:`CHUNKS`)."""
     chunks: dict[str, StaticFile] = field(default_factory=dict)
     """Mermaid's chunks read so far (at most every shipped one)."""
-
-    def url(self, path: str) -> str:
-        """``/static/{path}?v={digest}`` of one of :data:`STATIC_FILES`."""
-        return f"{STATIC_PREFIX}{path}?v={self.files[path].digest}"
 
 
 _loaded: list[_Static] = []
@@ -137,7 +135,8 @@ def _load() -> _Static:
     names = frozenset(
         entry.name for entry in folder.iterdir() if _CHUNK_NAME.fullmatch(entry.name) is not None
     )
-    return _Static(files, _page(files), names)
+    urls = {path: f"{STATIC_PREFIX}{path}?v={file.digest}" for path, file in files.items()}
+    return _Static(files, urls, _page(urls), names)
 
 
 async def _static() -> _Static:
@@ -177,8 +176,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 async def asset_urls() -> dict[str, str]:
     """``path`` -> ``/static/{path}?v={digest}`` for every file of :data:`STATIC_FILES`."""
-    static = await _static()
-    return {path: static.url(path) for path in static.files}
+    return (await _static()).urls
 
 
 async def _file(path: str) -> StaticFile | None:
@@ -219,9 +217,9 @@ async def static_file(request: Request) -> Response:
     return Response(file.body, media_type=file.content_type, headers=headers)
 
 
-def _page(files: dict[str, StaticFile]) -> bytes:
+def _page(urls: dict[str, str]) -> bytes:
     def url(path: str) -> str:
-        return html.escape(f"{STATIC_PREFIX}{path}?v={files[path].digest}")
+        return html.escape(urls[path])
 
     title = html.escape(f"trioflow {trioflow.__version__}: HTTP API")
     return f"""\

@@ -141,15 +141,22 @@ INVALID_CURSOR = (
 )
 
 
-def engine_error_response(exc: EngineError) -> JSON:
+def engine_error_parts(
+    exc: EngineError,
+) -> tuple[int, str, str, dict[str, Any], dict[str, str] | None]:
+    """An engine error's status, code, message, details and headers (JSON or a page)."""
     if isinstance(exc, InvalidCursorError):
         # The store's message says why its decoder failed: nothing a client can act on.
-        return error_response(400, exc.code, INVALID_CURSOR)
+        return 400, exc.code, INVALID_CURSOR, {}, None
     status = engine_status(exc)
     if status >= 500:
         log.error("%s: %s", type(exc).__name__, exc.message)
     headers = {"Retry-After": "1"} if status == 429 else None
-    return error_response(status, exc.code, exc.message, exc.details, headers)
+    return status, exc.code, exc.message, exc.details, headers
+
+
+def engine_error_response(exc: EngineError) -> JSON:
+    return error_response(*engine_error_parts(exc))
 
 
 async def _on_engine_error(request: Request, exc: Exception) -> Response:

@@ -45,8 +45,8 @@ from trioflow import EngineError, RunRecord, RunStatus, StoreError, UnknownGraph
 from trioflow.logs import LogEntry
 
 from . import docs_page
-from .auth import Access, Principal, role_allows
-from .errors import RequestError, engine_status
+from .auth import Access, Principal, principal_of, role_allows
+from .errors import RequestError, engine_error_parts, request_invalid
 from .handlers import visible_run
 from .schemas import RunsQuery
 from .services import services
@@ -193,7 +193,7 @@ async def _render(
 ) -> Response:
     assets = await docs_page.asset_urls()
     context.setdefault("nav", "")
-    context.setdefault("principal", getattr(request.state, "principal", None) or _NOBODY)
+    context.setdefault("principal", principal_of(request))
     body = _env.get_template(template).render(asset=assets.__getitem__, **context).encode()
     headers = {**_HEADERS, **(extra_headers or {})}
     if len(body) >= GZIP_MIN_BYTES and docs_page.accepts_gzip(
@@ -204,9 +204,6 @@ async def _render(
     return Response(body, http_status, media_type="text/html; charset=utf-8", headers=headers)
 
 
-_NOBODY = Principal(None, "anonymous", "viewer", None)
-
-
 def _login_redirect(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     response = RedirectResponse("/ui/login?" + urlencode({"next": target}), status_code=303)
@@ -215,17 +212,23 @@ def _login_redirect(request: Request) -> Response:
 
 
 async def _error_page(request: Request, exc: Exception) -> Response:
-    headers: dict[str, str] = {}
+    """The HTML page of what the API would answer as JSON (the same status and headers)."""
     if isinstance(exc, RequestError):
         status, code, message, details = exc.status, exc.code, exc.message, exc.details
-        headers = dict(exc.headers or {})
+        headers = exc.headers
     elif isinstance(exc, EngineError):
-        status, code, message, details = engine_status(exc), exc.code, exc.message, exc.details
-        if status == 429:
-            headers["Retry-After"] = "1"
+        status, code, message, details, headers = engine_error_parts(exc)
     else:
         raise exc
-    problems = details.get("problems") if isinstance(details, Mapping) else None
+    # A document's problems, or a request's invalid fields (web.errors.request_invalid).
+    problems = details.get("problems")
+    if not isinstance(problems, list):
+        errors = details.get("errors")
+        problems = [
+            {"path": e.get("field", ""), "message": e.get("message", "")}
+            for e in (errors if isinstance(errors, list) else [])
+            if isinstance(e, Mapping)
+        ]
     return await _render(
         request,
         "error.html",
@@ -234,7 +237,7 @@ async def _error_page(request: Request, exc: Exception) -> Response:
         status=status,
         code=code,
         message=message,
-        problems=problems if isinstance(problems, list) else [],
+        problems=problems,
     )
 
 
@@ -294,12 +297,7 @@ async def runs_page(request: Request, principal: Principal) -> Response:
     try:
         query = RunsQuery.model_validate({"limit": RUNS_PAGE, **params})
     except ValidationError as exc:
-        problems = [
-            {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
-        ]
-        raise RequestError(
-            422, "request_invalid", "the filters are not valid", {"problems": problems}
-        ) from None
+        raise request_invalid(exc, "query") from None
     engine = services(request).engine
     status = RunStatus(query.status) if query.status is not None else None
     page = await engine.list_runs(
@@ -541,7 +539,7 @@ async def graph_page(request: Request, principal: Principal) -> Response:
             raise
         no_picture = f"The graph cannot be drawn: {exc.message}"
     runs = await engine.list_runs(graph_id=graph_id, limit=20)
-    counts = await engine.count_runs(graph_id=graph_id)
+    counts = await _status_counts(request, graph_id, principal)
     document_text, _ = _json_text(stored.document, STATE_CHARS)
     return await _render(
         request,
@@ -551,7 +549,7 @@ async def graph_page(request: Request, principal: Principal) -> Response:
         mermaid=mermaid,
         no_picture=no_picture,
         runs=runs.items,
-        counts={s.value: n for s, n in counts.items()},
+        counts=counts,
         total=sum(counts.values()),
         statuses=STATUSES,
         document_text=document_text,
