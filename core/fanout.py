@@ -61,6 +61,7 @@ from .graph import Branch, FanOut, Graph, Node
 from .logs import Event, Level, bound_data, bound_text
 from .planning import decide
 from .registry import Tool
+from .runs import branch_label
 
 YIELD_INTERVAL_S = 0.002
 """A branch yields to the scheduler at least this often (as a run's steps do)."""
@@ -247,12 +248,10 @@ class FanOutRun:
         #: The outermost fan-out: a nested one (in a branch) is one step of its
         #: branch, not checkpointed; its steps are counted there (max_steps).
         self.root = root or self
-        nested = root is not None
         #: Steps of nested fan-outs not yet added to the run's step count.
         self.nested_steps = 0
         self.node = node
         self.fan = fan
-        self.nested = nested
         self.lock = trio.Lock()
         self.failed: list[_Branch] = []
         self.fatal: BaseException | None = None
@@ -267,6 +266,11 @@ class FanOutRun:
         if self._encoded is None:
             self._encoded = pydantic_core.to_json(base)
         return self._encoded
+
+    @property
+    def nested(self) -> bool:
+        """A fan-out inside a branch (one step of it, not checkpointed)."""
+        return self.root is not self
 
     # -- the whole node ------------------------------------------------------------
 
@@ -294,7 +298,7 @@ class FanOutRun:
         branches: dict[str, _Branch] = {}
         for index, key in enumerate(keys):
             spec = fan.branches[0] if fan.kind == "map" else fan.branches[index]
-            label = f"{node.id}[{index}]" if fan.kind == "map" else key
+            label = branch_label(node.id, fan.kind, key)
             branch = _Branch(key, label, index if fan.kind == "map" else None, spec, index)
             progress = stored["branches"].get(key) if resumed and stored is not None else None
             if progress is not None:

@@ -143,6 +143,12 @@ class RunRecord:
         }
 
 
+def branch_label(node: str, kind: str, key: str) -> str:
+    """How logs and views name a branch: a parallel branch's id; ``NODE[i]`` for a map's
+    item ``i``."""
+    return f"{node}[{key}]" if kind == "map" else key
+
+
 def fanout_view(fanout: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a client sees of a fan-out in progress: each started branch's status,
     node and step (not its state), and how many have not started."""
@@ -154,9 +160,9 @@ def fanout_view(fanout: dict[str, Any] | None) -> dict[str, Any] | None:
     keys = sorted(branches, key=int) if kind == "map" else list(branches)
     for key in keys:
         progress = branches[key]
-        item: dict[str, Any] = {"branch": key}
+        item: dict[str, Any] = {"branch": branch_label(str(fanout.get("node")), str(kind), key)}
         if kind == "map":
-            item = {"branch": f"{fanout.get('node')}[{key}]", "item": int(key)}
+            item["item"] = int(key)
         item.update(
             status=progress.get("status"), node=progress.get("node"), step=progress.get("step")
         )
