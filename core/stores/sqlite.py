@@ -619,9 +619,9 @@ class SQLiteStore(Store):
         writer.submit(job)
         if not job.wait:
             # Handed over, so it will be written: the call must return (a caller
-            # keeps its log's seqs only for checkpoints that returned). A cancel
-            # stays pending, for the caller's next checkpoint.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            # keeps its log's seqs only for checkpoints that returned). No
+            # checkpoint here: a cancel is delivered at the caller's next one, and
+            # the run goes on without a trip through the scheduler.
             return
         # Shielded: a job handed to the writer will be written; its outcome
         # is the caller's, as with a thread that cannot be abandoned. A
